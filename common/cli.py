@@ -1,0 +1,59 @@
+"""The ``sam2unet-assist`` command line: parses arguments and calls into the packages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def command(register: Callable[[argparse._SubParsersAction], None]):
+    """Register a function that adds one subcommand (with ``set_defaults(func=handler)``)."""
+    _COMMANDS.append(register)
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam2unet-assist",
+        description="SAM2-UNet annotation assist for Label Studio.",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from common import commands  # noqa: F401  (registers the subcommands)
+
+    for register in _COMMANDS:
+        register(sub)
+    return parser
+
+
+def setup_logging(level: str | None) -> None:
+    import os
+
+    level = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

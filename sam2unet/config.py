@@ -1,0 +1,102 @@
+"""Model configuration: a frozen dataclass saved inside every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class HieraSpec:
+    """Settings of SAM2's Hiera trunk for one model size."""
+
+    embed_dim: int
+    num_heads: int
+    stages: tuple[int, ...]
+    global_att_blocks: tuple[int, ...]
+    window_pos_embed_bkg_spatial_size: tuple[int, int]
+    window_spec: tuple[int, ...] = (8, 4, 14, 7)
+
+    @property
+    def depth(self) -> int:
+        return sum(self.stages)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Channels of the four stage outputs, finest first (dim doubles per stage)."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a SAM2-UNet model (besides the base trunk weights).
+
+    ``labels`` names the output channels in order; a single-label model has one channel.
+    ``image_size`` is the square side the network sees; it must be a multiple of 32.
+    """
+
+    size: str = "tiny"
+    image_size: int = 352
+    adapter_dim: int = 32
+    rfb_channels: int = 64
+    labels: tuple[str, ...] = ("object",)
+    hiera: HieraSpec | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        from sam2unet.exceptions import ConfigError
+
+        if self.image_size <= 0 or self.image_size % 32:
+            raise ConfigError(
+                f"image_size must be a positive multiple of 32 (Hiera's total stride), got {self.image_size}"
+            )
+        if not self.labels:
+            raise ConfigError("labels must name at least one output channel")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"labels must be unique, got {list(self.labels)}")
+        if self.hiera is None:
+            from sam2unet.build import HIERA_SPECS
+
+            if self.size not in HIERA_SPECS:
+                raise ConfigError(
+                    f"unknown model size {self.size!r}; known sizes: {', '.join(HIERA_SPECS)}"
+                )
+            object.__setattr__(self, "hiera", HIERA_SPECS[self.size])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            from sam2unet.exceptions import ConfigError
+
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        if d.get("hiera") is not None:
+            h = dict(d["hiera"])
+            for k in (
+                "stages",
+                "global_att_blocks",
+                "window_pos_embed_bkg_spatial_size",
+                "window_spec",
+            ):
+                if k in h:
+                    h[k] = tuple(h[k])
+            d["hiera"] = HieraSpec(**h)
+        if "labels" in d:
+            d["labels"] = tuple(d["labels"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        d = self.to_dict()
+        d.update(changes)
+        if "size" in changes and "hiera" not in changes:
+            d["hiera"] = None
+        return ModelConfig.from_dict(d)
