@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
-
-Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def command(register: Callable[[argparse._SubParsersAction], None]):
-    """Register a function that adds one subcommand (with ``set_defaults(func=handler)``)."""
-    _COMMANDS.append(register)
-    return register
+from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from common import commands  # noqa: F401  (registers the subcommands)
+    from common.commands import register_all
 
-    for register in _COMMANDS:
-        register(sub)
+    register_all(sub)
     return parser
 
 
