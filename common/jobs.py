@@ -1,0 +1,97 @@
+"""Queue names and job payloads shared by the backend (producer) and the workers (consumers).
+
+Payloads are small JSON-serialisable dicts carrying references (task id, image URL), never image
+bytes, and a version field. Results travel back on a per-request Redis list (``reply_key``):
+each finished job pushes one JSON message, so a waiting request wakes up at once.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from common.exceptions import BadRequest
+
+PAYLOAD_VERSION = 1
+
+QUEUE_INTERACTIVE = "sam2unet-interactive"  # drained first by every worker
+QUEUE_BATCH = "sam2unet-batch"
+QUEUES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
+
+PREDICT_FUNC = "worker.jobs.predict"
+REPLY_PREFIX = "sam2unet:reply:"
+LATE_PREFIX = "sam2unet:late:"  # set when the waiting request gave up: results go to Label Studio
+
+
+@dataclass(frozen=True)
+class PredictItem:
+    """One task to predict: its position in the request, its id and its image reference."""
+
+    index: int
+    url: str
+    task_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PredictPayload:
+    """What a predict job needs. ``target`` is a :class:`common.labelconfig.Target` as a dict;
+    ``context`` an interactive prompt (Label Studio's ``params.context``) or None."""
+
+    items: tuple[PredictItem, ...]
+    target: dict[str, Any]
+    reply_key: str
+    ls_base: str | None = None
+    project: int | None = None
+    model_version: str | None = None
+    context: dict[str, Any] | None = None
+    request_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    v: int = PAYLOAD_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["items"] = [asdict(i) for i in self.items]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PredictPayload:
+        if not isinstance(d, dict) or d.get("v") != PAYLOAD_VERSION:
+            raise BadRequest(f"unsupported job payload version {d.get('v') if isinstance(d, dict) else d!r}")
+        d = dict(d)
+        d["items"] = tuple(PredictItem(**i) for i in d["items"])
+        return cls(**d)
+
+
+@dataclass
+class ItemResult:
+    """The answer for one task: Label Studio result items, a score and the model version that
+    computed them; or an error message (then ``result`` is empty)."""
+
+    index: int
+    task_id: int | None
+    result: list[dict[str, Any]] = field(default_factory=list)
+    score: float | None = None
+    model_version: str | None = None
+    error: str | None = None
+    cached: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ItemResult:
+        return cls(**d)
+
+
+def new_reply_key() -> str:
+    return REPLY_PREFIX + secrets.token_hex(12)
+
+
+def encode_reply(job_id: str, results: list[ItemResult]) -> str:
+    return json.dumps({"job": job_id, "items": [r.to_json() for r in results]})
+
+
+def decode_reply(raw: bytes | str) -> tuple[str, list[ItemResult]]:
+    d = json.loads(raw)
+    return d["job"], [ItemResult.from_json(i) for i in d["items"]]

@@ -1,0 +1,129 @@
+"""Settings, read once from the environment at each service's entry point and passed down.
+
+The Label Studio ML backend ecosystem's names are used where they exist (``LABEL_STUDIO_URL``,
+``LABEL_STUDIO_API_KEY``, ``REDIS_URL``, ``MODEL_DIR``, ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``,
+``LOG_LEVEL``); everything specific to this service is prefixed ``SAM2UNET_``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def _tuple(v: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in v.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration of the backend, workers and trainer. See docs/configuration.md."""
+
+    # Label Studio
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    # infrastructure
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    model_dir: Path = Path("models")
+    log_level: str = "INFO"
+    # backend
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    predict_deadline: float = 80.0  # seconds; Label Studio gives up after 100 s
+    # model / worker
+    model_size: str = "tiny"
+    image_size: int = 352
+    device: str = "auto"
+    batch_size: int = 8
+    bf16: bool = False
+    init_checkpoint: str | None = None
+    job_timeout: int = 120  # seconds one job may run before rq kills it
+    job_lease: int = 15  # seconds a dead worker's job stays claimed before it is retried
+    job_retries: int = 2
+    result_ttl: int = 300  # seconds results stay in Redis
+    cache_ttl: int = 7 * 24 * 3600  # result cache per (image hash, model version)
+    threshold: float = 0.5
+    # image fetching
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    fetch_timeout: float = 15.0
+    allow_private_urls: bool = False
+    allow_hosts: tuple[str, ...] = ()
+    local_files_roots: tuple[str, ...] = ()
+    # trainer
+    train_min_new: int = 10
+    train_interval_min: float = 30.0
+    train_debounce: float = 5.0
+    train_epochs: int = 10
+    train_batch_size: int = 4
+    train_holdout: float = 0.2
+    promote_metric: str = "miou"
+    promote_tolerance: float = 0.0
+
+    _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``env`` (default ``os.environ``); ``overrides`` win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name.startswith("_"):
+                continue
+            name = _ENV_NAMES.get(f.name, "SAM2UNET_" + f.name.upper())
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _convert(f.name, raw)
+            except ValueError as e:
+                raise ValueError(f"invalid {name}: {e}") from e
+        values.update(overrides)
+        if values.get("label_studio_url"):
+            values["label_studio_url"] = str(values["label_studio_url"]).rstrip("/")
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+
+_ENV_NAMES = {
+    "label_studio_url": "LABEL_STUDIO_URL",
+    "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+    "redis_url": "REDIS_URL",
+    "model_dir": "MODEL_DIR",
+    "log_level": "LOG_LEVEL",
+    "basic_auth_user": "BASIC_AUTH_USER",
+    "basic_auth_pass": "BASIC_AUTH_PASS",
+}
+
+
+def _convert(name: str, raw: str) -> Any:
+    default = Settings.__dataclass_fields__[name].default
+    if name == "model_dir":
+        return Path(raw)
+    if isinstance(default, bool):
+        return _bool(raw)
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, tuple):
+        return _tuple(raw)
+    return raw
