@@ -57,7 +57,9 @@ class PredictPayload:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PredictPayload:
         if not isinstance(d, dict) or d.get("v") != PAYLOAD_VERSION:
-            raise BadRequest(f"unsupported job payload version {d.get('v') if isinstance(d, dict) else d!r}")
+            raise BadRequest(
+                f"unsupported job payload version {d.get('v') if isinstance(d, dict) else d!r}"
+            )
         d = dict(d)
         d["items"] = tuple(PredictItem(**i) for i in d["items"])
         return cls(**d)
@@ -95,3 +97,25 @@ def encode_reply(job_id: str, results: list[ItemResult]) -> str:
 def decode_reply(raw: bytes | str) -> tuple[str, list[ItemResult]]:
     d = json.loads(raw)
     return d["job"], [ItemResult.from_json(i) for i in d["items"]]
+
+
+def target_to_json(target: Any) -> dict[str, Any]:
+    """A :class:`common.labelconfig.Target` as a JSON-ready dict."""
+    return asdict(target)
+
+
+def target_from_json(d: dict[str, Any]) -> Any:
+    from common.labelconfig import Target
+
+    d = dict(d)
+    d["labels"] = tuple(d.get("labels") or ())
+    d["prompt_controls"] = tuple(d.get("prompt_controls") or ())
+    return Target(**d)
+
+
+def reap_abandoned(connection: Any, queue_names: tuple[str, ...] = QUEUES) -> None:
+    """Retry (or fail, when out of retries) jobs whose worker stopped renewing its lease."""
+    from rq.registry import StartedJobRegistry
+
+    for name in queue_names:
+        StartedJobRegistry(name, connection=connection).cleanup()

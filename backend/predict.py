@@ -1,0 +1,204 @@
+"""Turning a /predict request into queued jobs and the jobs' results into one answer per task.
+
+Tasks are split into jobs of ``batch_size`` (each job is one device batch on a worker). The
+request then waits on its reply list until every job answered or the deadline passed. A task that
+failed or did not finish in time gets an empty result, so the answer always has exactly one entry
+per task, in task order. Jobs still running at the deadline keep running: their results are
+written to Label Studio through its API when they finish (when an API key is configured).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+from rq.job import Job, JobStatus
+
+from backend.schemas import PredictRequest
+from common.jobs import (
+    LATE_PREFIX,
+    PREDICT_FUNC,
+    QUEUE_BATCH,
+    QUEUE_INTERACTIVE,
+    ItemResult,
+    PredictItem,
+    PredictPayload,
+    decode_reply,
+    new_reply_key,
+    reap_abandoned,
+    target_to_json,
+)
+from common.labelconfig import Target
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HOSTNAME_PREFIX = "sam2unet:project-host:"
+
+
+@dataclass
+class PredictOutcome:
+    results: list[ItemResult]
+    elapsed: float
+    late_tasks: int
+
+
+class PredictService:
+    """Enqueue prediction jobs and gather their results within a deadline."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = connection
+        self.queues = {
+            QUEUE_BATCH: Queue(QUEUE_BATCH, connection=connection),
+            QUEUE_INTERACTIVE: Queue(QUEUE_INTERACTIVE, connection=connection),
+        }
+
+    def remember_hostname(self, project: int | None, hostname: str | None) -> None:
+        """Keep the Label Studio URL that /setup reported for a project (for relative URLs)."""
+        if project is not None and hostname:
+            self.redis.set(f"{HOSTNAME_PREFIX}{project}", hostname.rstrip("/"), ex=30 * 24 * 3600)
+
+    def hostname(self, project: int | None) -> str | None:
+        if project is None:
+            return None
+        value = self.redis.get(f"{HOSTNAME_PREFIX}{project}")
+        return value.decode() if value else None
+
+    def predict(
+        self, req: PredictRequest, target: Target, model_version: str | None
+    ) -> PredictOutcome:
+        t0 = time.monotonic()
+        deadline = t0 + self.settings.predict_deadline
+        results: dict[int, ItemResult] = {}
+        items: list[PredictItem] = []
+        for i, task in enumerate(req.tasks):
+            task_id = task.get("id") if isinstance(task.get("id"), int) else None
+            url = task["data"].get(target.value_key)
+            if not isinstance(url, str) or not url:
+                results[i] = ItemResult(
+                    i, task_id, error=f"task data has no image under {target.value_key!r}"
+                )
+                log.warning("task %s: no image under %r", task_id, target.value_key)
+                continue
+            items.append(PredictItem(index=i, url=url, task_id=task_id))
+
+        interactive = req.context is not None
+        queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
+        reply_key = new_reply_key()
+        ls_base = self.hostname(req.project)
+        size = max(1, self.settings.batch_size)
+        pending: dict[str, list[PredictItem]] = {}
+        job_datas = []
+        for start in range(0, len(items), size):
+            chunk = tuple(items[start : start + size])
+            payload = PredictPayload(
+                items=chunk,
+                target=target_to_json(target),
+                reply_key=reply_key,
+                ls_base=ls_base,
+                project=req.project,
+                model_version=model_version,
+                context=req.context,
+            )
+            job_datas.append(
+                Queue.prepare_data(
+                    PREDICT_FUNC,
+                    args=(payload.to_json(),),
+                    timeout=self.settings.job_timeout,
+                    result_ttl=self.settings.result_ttl,
+                    failure_ttl=24 * 3600,
+                    ttl=max(int(self.settings.predict_deadline) * 10, 3600),
+                    retry=Retry(max=self.settings.job_retries),
+                    description=f"predict {len(chunk)} task(s) of project {req.project}",
+                )
+            )
+            pending_items = list(chunk)
+            job_datas[-1] = (job_datas[-1], pending_items)
+        if job_datas:
+            jobs = queue.enqueue_many([d for d, _ in job_datas])
+            for job, (_, chunk_items) in zip(jobs, job_datas, strict=True):
+                pending[job.id] = chunk_items
+        self._wait(pending, reply_key, deadline, results)
+        late = sum(len(v) for v in pending.values())
+        if pending:
+            self.redis.set(LATE_PREFIX + reply_key, 1, ex=24 * 3600)
+            for chunk_items in pending.values():
+                for it in chunk_items:
+                    results[it.index] = ItemResult(
+                        it.index,
+                        it.task_id,
+                        error="not finished before the deadline; computing in the background",
+                    )
+            log.warning(
+                "%d task(s) not finished within %.0fs; they continue in the background",
+                late,
+                self.settings.predict_deadline,
+            )
+        self.redis.delete(reply_key) if not pending else self.redis.expire(reply_key, 3600)
+        ordered = [results[i] for i in range(len(req.tasks))]
+        return PredictOutcome(ordered, time.monotonic() - t0, late)
+
+    def _wait(
+        self,
+        pending: dict[str, list[PredictItem]],
+        reply_key: str,
+        deadline: float,
+        results: dict[int, ItemResult],
+    ) -> None:
+        last_check = time.monotonic()
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            got = self.redis.blpop([reply_key], timeout=min(1.0, max(0.01, remaining)))
+            if got is not None:
+                job_id, items = decode_reply(got[1])
+                if pending.pop(job_id, None) is not None:
+                    for r in items:
+                        results[r.index] = r
+                continue
+            if time.monotonic() - last_check >= 1.0:
+                last_check = time.monotonic()
+                self._check_jobs(pending, results)
+
+    def _check_jobs(
+        self, pending: dict[str, list[PredictItem]], results: dict[int, ItemResult]
+    ) -> None:
+        """Retry jobs of dead workers; turn jobs that failed for good into per-task errors."""
+        reap_abandoned(self.redis)
+        jobs = Job.fetch_many(list(pending), connection=self.redis)
+        for job_id, job in zip(list(pending), jobs, strict=True):
+            status = job.get_status(refresh=False) if job is not None else None
+            if job is None or status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                reason = "prediction job failed" if job is not None else "prediction job vanished"
+                if job is not None and job.retries_left:
+                    continue
+                log.error("job %s %s (status %s)", job_id, reason, status)
+                for it in pending.pop(job_id):
+                    results[it.index] = ItemResult(it.index, it.task_id, error=reason)
+
+
+FAILED_SUFFIX = "/failed"
+
+
+def answer(results: list[ItemResult], model_version: str | None) -> dict[str, Any]:
+    """The /predict response body: exactly one prediction per task, in task order.
+
+    A task without a prediction (bad image, deadline) gets an empty result whose model_version
+    is marked ``<version>/failed``: Label Studio then stores nothing useful under the current
+    version and asks again next time, and a late result written back later is the task's only
+    prediction of the current version.
+    """
+    out = []
+    for r in results:
+        version = r.model_version or model_version
+        if r.error:
+            out.append({"result": [], "score": 0.0, "model_version": f"{version}{FAILED_SUFFIX}"})
+        else:
+            out.append({"result": r.result, "score": r.score, "model_version": version})
+    return {"results": out}

@@ -1,0 +1,174 @@
+"""The Label Studio ML backend protocol (v2): /health, /setup, /predict, /webhook, /versions."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from backend.auth import check_basic_auth
+from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
+from backend.predict import answer
+from backend.schemas import PredictRequest, SetupRequest, WebhookEvent
+from common.bootstrap import UNTRAINED_SOURCE
+from common.exceptions import BadRequest, NotFound
+from common.jobs import QUEUES
+from common.labelconfig import parse_label_config
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("protocol", __name__)
+
+MODEL_CLASS = "SAM2UNet"
+NO_VERSION = "none"
+
+
+def _ext() -> dict[str, Any]:
+    return current_app.extensions["sam2unet"]
+
+
+def _json_body() -> Any:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("the request body must be JSON")
+    return body
+
+
+def _require_auth() -> None:
+    s = _ext()["settings"]
+    if s.basic_auth_enabled:
+        check_basic_auth(request.headers.get("Authorization"), s.basic_auth_user, s.basic_auth_pass)
+
+
+def current_version() -> str:
+    return _ext()["registry"].current() or NO_VERSION
+
+
+@bp.get("/")
+@bp.get("/health")
+def health():
+    """Liveness for Label Studio (any 2xx JSON means connected) and for operators."""
+    from rq import Queue, Worker
+
+    ext = _ext()
+    conn = ext["redis"]
+    registry = ext["registry"]
+    version = registry.current()
+    warnings = []
+    info = None
+    if version is None:
+        warnings.append("no model version yet: start a worker (`sam2unet-assist worker`)")
+    else:
+        try:
+            info = registry.get(version)
+        except NotFound:
+            warnings.append(f"current version {version} is missing from MODEL_DIR")
+    if info is not None and info.source == UNTRAINED_SOURCE:
+        warnings.append(
+            "predictions come from an UNTRAINED encoder: no SAM2 checkpoint was found; "
+            "run `sam2unet-assist download`"
+        )
+    depth = {q: Queue(q, connection=conn).count for q in QUEUES}
+    workers = Worker.count(connection=conn)
+    if workers == 0:
+        warnings.append("no worker is running: predictions will wait until one starts")
+    body = {
+        "status": "UP",
+        "model_class": MODEL_CLASS,
+        "model_version": version or NO_VERSION,
+        "queue_depth": depth,
+        "workers": workers,
+        "warnings": warnings,
+    }
+    for w in warnings:
+        log.warning("health: %s", w)
+    return jsonify(body)
+
+
+@bp.post("/setup")
+def setup():
+    """Cheap by design: validates the label config and returns the current model version."""
+    _require_auth()
+    req = SetupRequest.parse(_json_body())
+    target = parse_label_config(req.schema)
+    _ext()["predict"].remember_hostname(req.project, req.hostname)
+    log.debug("setup for project %s: %s %s", req.project, target.kind, target.from_name)
+    return jsonify({"model_version": current_version()})
+
+
+@bp.post("/predict")
+def predict():
+    _require_auth()
+    req = PredictRequest.parse(_json_body())
+    target = parse_label_config(req.label_config)
+    version = current_version()
+    outcome = _ext()["predict"].predict(req, target, version)
+    failed = sum(1 for r in outcome.results if r.error)
+    log.info(
+        "predict: project %s, %d task(s), %d failed, %d late, %.2fs",
+        req.project,
+        len(req.tasks),
+        failed,
+        outcome.late_tasks,
+        outcome.elapsed,
+    )
+    return jsonify(answer(outcome.results, version))
+
+
+@bp.post("/webhook")
+def webhook():
+    """Record the event for the trainer and acknowledge at once (Label Studio waits 1 s)."""
+    event = WebhookEvent.parse(_json_body())
+    if event.action not in UNAUTHENTICATED_ACTIONS:
+        _require_auth()
+    if event.action not in TRAINER_ACTIONS:
+        log.info("webhook %s ignored", event.action)
+        return jsonify({"status": "ignored", "action": event.action})
+    event_id = record_event(_ext()["redis"], event)
+    log.info(
+        "webhook %s project %s annotations %s recorded as %s",
+        event.action,
+        event.project,
+        list(event.annotation_ids),
+        event_id,
+    )
+    return jsonify({"status": "recorded", "action": event.action, "event": event_id})
+
+
+@bp.post("/train")
+def train():
+    """Older Label Studio versions send POST /train for "Start Training": same as the webhook."""
+    _require_auth()
+    body = _json_body()
+    if not isinstance(body, dict):
+        raise BadRequest("/train: the body must be a JSON object")
+    event = WebhookEvent.parse({"action": "START_TRAINING", "project": body.get("project")})
+    event_id = record_event(_ext()["redis"], event)
+    return jsonify({"status": "recorded", "action": event.action, "event": event_id})
+
+
+@bp.get("/versions")
+def versions():
+    _require_auth()
+    registry = _ext()["registry"]
+    infos = registry.versions()
+    return jsonify(
+        {
+            "versions": [v.name for v in infos],
+            "current": registry.current(),
+            "details": [
+                {
+                    "version": v.name,
+                    "created_at": v.created_at,
+                    "parent": v.parent,
+                    "source": v.source,
+                    "base": v.base,
+                    "labels": list(v.labels),
+                    "train_size": v.train_size,
+                    "metrics": v.metrics,
+                }
+                for v in infos
+            ],
+        }
+    )

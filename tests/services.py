@@ -1,0 +1,183 @@
+"""Real processes for service tests: workers started as `sam2unet-assist worker` subprocesses
+against a real Redis, and a loopback HTTP server for task images."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import redis
+from PIL import Image
+from rq import Worker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM2UNET_", "LABEL_STUDIO"))}
+    env.update(
+        REDIS_URL=redis_url,
+        MODEL_DIR=str(model_dir),
+        SAM2UNET_MODEL_SIZE="test",
+        SAM2UNET_IMAGE_SIZE="64",
+        SAM2UNET_BATCH_SIZE="4",
+        SAM2UNET_ALLOW_HOSTS="127.0.0.1,localhost",
+        SAM2UNET_JOB_LEASE="3",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """One `sam2unet-assist worker` subprocess, its log in a file."""
+
+    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "common.cli", "worker", "--name", name],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, conn: redis.Redis, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
+            if any(w.name == self.name for w in Worker.all(connection=conn)):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready:\n{self.log()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@contextmanager
+def workers(
+    env: dict[str, str], conn: redis.Redis, n: int, log_dir: Path
+) -> Iterator[list[WorkerProcess]]:
+    procs = [
+        WorkerProcess(env, f"w{i}-{os.getpid()}-{time.time_ns() % 10**6}", log_dir)
+        for i in range(n)
+    ]
+    try:
+        for p in procs:
+            p.wait_ready(conn)
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def file_server(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` on 127.0.0.1; yields the base URL."""
+
+    def handler(*args, **kwargs):
+        return _QuietHandler(*args, directory=str(directory), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class LabelStudioLikeFiles:
+    """A loopback server answering Label Studio's image paths from a folder:
+    ``/data/upload/<path>`` -> ``root/upload/<path>``, ``/data/local-files/?d=<path>`` ->
+    ``root/local/<path>``, any other path -> ``root/<path>``. ``delay`` slows every answer."""
+
+    def __init__(self, root: Path, delay: float = 0.0) -> None:
+        self.root = root
+        self.delay = delay
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qs, unquote, urlsplit
+
+                owner.requests.append(self.path)
+                if owner.delay:
+                    time.sleep(owner.delay)
+                parts = urlsplit(self.path)
+                if parts.path.startswith("/data/upload/"):
+                    rel = "upload/" + unquote(parts.path[len("/data/upload/") :])
+                elif parts.path.rstrip("/") == "/data/local-files":
+                    rel = "local/" + parse_qs(parts.query).get("d", [""])[0]
+                else:
+                    rel = unquote(parts.path.lstrip("/"))
+                path = (owner.root / rel).resolve()
+                if owner.root.resolve() not in path.parents or not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, rel: str, data: bytes) -> str:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return rel
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,54 @@
+"""Job functions run by the workers. Thin: they parse the payload and call the pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rq import get_current_job
+
+from common.jobs import LATE_PREFIX, PredictPayload, encode_reply
+from worker.pipeline import StageTimes, run_predict
+from worker.runtime import get_context
+
+log = logging.getLogger(__name__)
+
+
+def predict(payload: dict[str, Any]) -> dict[str, Any]:
+    """Predict every item of a :class:`PredictPayload` and push the results to its reply list."""
+    p = PredictPayload.from_json(payload)
+    ctx = get_context()
+    rt = ctx.runtime
+    times = StageTimes()
+    results = run_predict(
+        p,
+        rt,
+        ctx.fetch,
+        ctx.redis,
+        threshold=rt.settings.threshold,
+        cache_ttl=rt.settings.cache_ttl,
+        max_pixels=rt.settings.max_image_pixels,
+        times=times,
+    )
+    job = get_current_job()
+    job_id = job.id if job is not None else "local"
+    late = ctx.redis.exists(LATE_PREFIX + p.reply_key)
+    with ctx.redis.pipeline() as pipe:
+        pipe.rpush(p.reply_key, encode_reply(job_id, results))
+        pipe.expire(p.reply_key, max(60, rt.settings.result_ttl))
+        pipe.execute()
+    if late and ctx.write_back is not None:
+        ctx.write_back(p, results)
+    log.info(
+        "request %s: %d items (%d cached, %d failed) fetch %.3fs decode %.3fs forward %.3fs "
+        "encode %.3fs",
+        p.request_id,
+        len(results),
+        times.cache_hits,
+        sum(1 for r in results if r.error),
+        times.fetch,
+        times.decode,
+        times.forward,
+        times.encode,
+    )
+    return {"items": len(results), "errors": sum(1 for r in results if r.error)}

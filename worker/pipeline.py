@@ -1,0 +1,178 @@
+"""One predict job: fetch images, run the model in device batches, encode Label Studio results.
+
+Per-task failures (unreachable or undecodable image) become an error on that task only.
+Results are cached per (image content hash, model version, target) in Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from common.codecs import brush_result, polygon_results, prediction_score
+from common.exceptions import AssistError
+from common.jobs import ItemResult, PredictPayload, target_from_json
+from common.labelconfig import Target
+from sam2unet.exceptions import ImageError
+from sam2unet.transforms import decode_image
+
+log = logging.getLogger(__name__)
+
+CACHE_PREFIX = "sam2unet:cache:"
+GENERIC_LABEL = "object"
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage of one job (summed over its images)."""
+
+    fetch: float = 0.0
+    decode: float = 0.0
+    forward: float = 0.0
+    encode: float = 0.0
+    cache_hits: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def label_channels(model_labels: tuple[str, ...], target: Target) -> list[tuple[int, str]]:
+    """Which model channel feeds which label of the project.
+
+    A one-channel model with the generic label predicts the project's first label; otherwise
+    channels are matched by label name, and project labels the model does not know get no
+    prediction until a training round adds their channel.
+    """
+    if tuple(model_labels) == (GENERIC_LABEL,) and GENERIC_LABEL not in target.labels:
+        return [(0, target.labels[0])]
+    return [(k, name) for k, name in enumerate(model_labels) if name in target.labels]
+
+
+def encode_results(
+    prob: np.ndarray, target: Target, channels: list[tuple[int, str]], threshold: float
+) -> tuple[list[dict[str, Any]], float]:
+    """K x H x W probabilities -> (Label Studio result items, prediction score).
+
+    One result per label with a non-empty mask (brush: one RLE item; polygon: one item per
+    component). The prediction's score is the mean of the per-label scores.
+    """
+    results: list[dict[str, Any]] = []
+    scores = []
+    for k, label in channels:
+        p = prob[k]
+        mask = p >= threshold
+        score = prediction_score(p, mask)
+        scores.append(score)
+        if not mask.any():
+            continue
+        if target.kind == "brush":
+            results.append(brush_result(mask, target, label, score))
+        else:
+            results.extend(polygon_results(mask, target, label, score))
+    return results, float(np.mean(scores)) if scores else 0.0
+
+
+def _cache_key(digest: str, version: str, target: Target, threshold: float) -> str:
+    sig = hashlib.sha1(
+        json.dumps(
+            [target.from_name, target.to_name, target.kind, list(target.labels), threshold]
+        ).encode()
+    ).hexdigest()[:16]
+    return f"{CACHE_PREFIX}{version}:{digest}:{sig}"
+
+
+def run_predict(
+    payload: PredictPayload,
+    runtime: Any,
+    fetch: Callable[[str, str | None], bytes],
+    redis_client: redis.Redis | None,
+    *,
+    threshold: float = 0.5,
+    cache_ttl: int = 0,
+    max_pixels: int = 64_000_000,
+    fetch_threads: int = 8,
+    times: StageTimes | None = None,
+) -> list[ItemResult]:
+    """Compute the results of every item of ``payload`` (never raises for a per-item problem)."""
+    times = times if times is not None else StageTimes()
+    target = target_from_json(payload.target)
+    version = runtime.ensure_current()
+    channels = label_channels(runtime.labels, target)
+    results = {
+        it.index: ItemResult(it.index, it.task_id, model_version=version) for it in payload.items
+    }
+
+    def load(item):  # runs in a thread: network I/O and decoding overlap
+        t0 = time.perf_counter()
+        data = fetch(item.url, payload.ls_base)
+        t1 = time.perf_counter()
+        digest = hashlib.sha256(data).hexdigest()
+        return data, digest, t1 - t0
+
+    fetched: dict[int, tuple[bytes, str]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(fetch_threads, len(payload.items)))) as pool:
+        futures = {it.index: pool.submit(load, it) for it in payload.items}
+        for index, fut in futures.items():
+            try:
+                data, digest, dt = fut.result()
+                times.fetch += dt
+                fetched[index] = (data, digest)
+            except AssistError as e:
+                results[index].error = e.message
+            except Exception as e:  # one bad task must not fail the others
+                log.exception("unexpected error fetching the image of item %d", index)
+                results[index].error = f"image fetch failed: {type(e).__name__}"
+
+    keys = {i: _cache_key(d, version, target, threshold) for i, (_, d) in fetched.items()}
+    if redis_client is not None and cache_ttl > 0 and keys:
+        order = list(keys)
+        for i, raw in zip(order, redis_client.mget([keys[i] for i in order]), strict=True):
+            if raw is not None:
+                cached = json.loads(raw)
+                for item in cached["result"]:  # ids stay unique across tasks
+                    item["id"] = secrets.token_urlsafe(8)
+                results[i].result, results[i].score = cached["result"], cached["score"]
+                results[i].cached = True
+                times.cache_hits += 1
+                del fetched[i]
+
+    images: list[np.ndarray] = []
+    order = []
+    t0 = time.perf_counter()
+    for i, (data, _) in fetched.items():
+        try:
+            images.append(decode_image(data, max_pixels=max_pixels))
+            order.append(i)
+        except ImageError as e:
+            results[i].error = str(e)
+    times.decode += time.perf_counter() - t0
+
+    if images:
+        t0 = time.perf_counter()
+        probs = runtime.predict(images)
+        times.forward += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        to_cache = {}
+        for i, prob in zip(order, probs, strict=True):
+            res, score = encode_results(prob, target, channels, threshold)
+            results[i].result, results[i].score = res, score
+            to_cache[keys[i]] = json.dumps({"result": res, "score": score})
+        times.encode += time.perf_counter() - t0
+        if redis_client is not None and cache_ttl > 0 and to_cache:
+            with redis_client.pipeline(transaction=False) as pipe:
+                for k, v in to_cache.items():
+                    pipe.set(k, v, ex=cache_ttl)
+                pipe.execute()
+
+    for r in results.values():
+        if r.error:
+            log.warning("task %s: no prediction: %s", r.task_id, r.error)
+    return [results[it.index] for it in payload.items]

@@ -1,0 +1,123 @@
+"""The worker process: an rq SimpleWorker (one model per process, no fork after CUDA is
+initialised) that holds a short lease on the job it runs, so that a killed worker's job is
+retried on another worker within seconds instead of rq's default of many minutes."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.job import Job
+from rq.worker import WorkerStatus
+
+from common.jobs import QUEUES
+from common.registry import ModelRegistry
+from common.settings import Settings
+from worker.runtime import ModelRuntime, WorkerContext, install_context
+
+log = logging.getLogger(__name__)
+
+
+class AssistWorker(SimpleWorker):
+    """SimpleWorker with a lease: while a job runs, a thread renews the job's entry in the
+    started-job registry every ``lease / 3`` seconds with a TTL of ``lease``. If the process
+    dies, the entry expires after at most ``lease`` seconds and the next registry cleanup (run by
+    idle workers every ``lease`` seconds and by waiting backend requests) retries the job.
+
+    Before each job, the model runtime reloads the registry's current version if it moved.
+    """
+
+    lease: int = 15
+    runtime: ModelRuntime | None = None
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.lease
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if self.runtime is not None:
+            try:
+                self.runtime.ensure_current()
+            except Exception:  # keep serving with the model held; the job reports its version
+                log.exception("model reload check failed before job %s", job.id)
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._renew_lease, args=(job, execution, stop), name="lease", daemon=True
+        )
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _renew_lease(self, job: Job, execution, stop: threading.Event) -> None:
+        interval = max(0.5, self.lease / 3)
+        while not stop.wait(interval):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.exceptions.RedisError as e:
+                log.warning("could not renew the lease of job %s: %s", job.id, e)
+
+
+def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
+    """The job context of a worker process: registry, model runtime, image fetcher."""
+    from common.fetch import FetchPolicy, ImageFetcher
+
+    from common.lsclient import LabelStudioClient
+
+    ls_client = None
+    if settings.label_studio_url:
+        ls_client = LabelStudioClient(
+            settings.label_studio_url, settings.label_studio_api_key, timeout=settings.fetch_timeout
+        )
+    policy = FetchPolicy(
+        max_bytes=settings.max_image_bytes,
+        timeout=settings.fetch_timeout,
+        max_pixels=settings.max_image_pixels,
+        allow_private=settings.allow_private_urls,
+        allow_hosts=settings.allow_hosts,
+        local_roots=settings.local_files_roots,
+    )
+    fetcher = ImageFetcher(ls_client, policy)
+    registry = ModelRegistry(settings.model_dir, connection)
+    runtime = ModelRuntime(settings, registry)
+    from worker.writeback import make_write_back
+
+    return WorkerContext(
+        settings=settings,
+        redis=connection,
+        runtime=runtime,
+        fetch=fetcher.fetch,
+        write_back=make_write_back(ls_client),
+    )
+
+
+def run_worker(
+    settings: Settings,
+    connection: redis.Redis,
+    queues: tuple[str, ...] = QUEUES,
+    burst: bool = False,
+    name: str | None = None,
+) -> None:
+    """Load the model, then work on ``queues`` (in priority order) until stopped."""
+    context = make_context(settings, connection)
+    install_context(context)
+    version = context.runtime.ensure_current()
+    log.info("worker ready with model version %s", version)
+    worker = AssistWorker(
+        [Queue(q, connection=connection) for q in queues],
+        connection=connection,
+        name=name or f"sam2unet-{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
+        maintenance_interval=max(1, settings.job_lease),
+        # a short TTL keeps the blocking dequeue short, so idle workers reap abandoned jobs often
+        worker_ttl=settings.job_lease + 15,
+    )
+    worker.lease = settings.job_lease
+    worker.runtime = context.runtime
+    worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level)

@@ -1,0 +1,119 @@
+"""The model of one worker process: loaded once, reloaded between jobs when the registry's
+current-version pointer moves."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from common.bootstrap import ensure_current_version
+from common.registry import ModelRegistry, VersionInfo
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelRuntime:
+    """Holds this process's predictor. ``ensure_current()`` is called between jobs, never
+    during one; a version that fails to load is logged and the previous one kept."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.version: str | None = None
+        self.info: VersionInfo | None = None
+        self.predictor: Any = None
+        self.labels: tuple[str, ...] = ()
+        self._trunk_cache: dict[str, Any] = {}
+        self._failed: set[str] = set()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def ensure_current(self) -> str:
+        """Load the registry's current version if it is not the one held; return the held one."""
+        name = self.registry.current()
+        if name is None:
+            name = ensure_current_version(self.registry, self.settings).name
+        if name == self.version or name in self._failed:
+            return self.version or name
+        with self._lock:
+            if name != self.version:
+                self._load(name)
+        return self.version or name
+
+    def _load(self, name: str) -> None:
+        from sam2unet.predictor import Predictor
+
+        t0 = time.perf_counter()
+        try:
+            loaded = self.registry.load(name, trunk_cache=self._trunk_cache)
+            info = self.registry.get(name)
+        except Exception as e:
+            self._failed.add(name)
+            if self.predictor is None:
+                raise
+            log.error("cannot load model version %s, keeping %s: %s", name, self.version, e)
+            return
+        # keep only the trunk that the new model uses
+        if loaded.base is not None:
+            self._trunk_cache = {loaded.base.sha256: self._trunk_cache[loaded.base.sha256]}
+        predictor = Predictor(
+            loaded.model,
+            loaded.config,
+            device=self.settings.device,
+            batch_size=self.settings.batch_size,
+            bf16=self.settings.bf16,
+        )
+        old = self.version
+        self.predictor, self.version, self.info = predictor, name, info
+        self.labels = tuple(loaded.config.labels)
+        self.loads += 1
+        log.info(
+            "loaded model version %s on %s in %.2fs (previous: %s)",
+            name,
+            predictor.device,
+            time.perf_counter() - t0,
+            old,
+        )
+
+    def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Per image, K x H x W probabilities at the image's size (K = number of labels)."""
+        if self.predictor is None:
+            self.ensure_current()
+        return self.predictor.predict(images)
+
+
+@dataclass
+class WorkerContext:
+    """What job functions of this process use: settings, Redis, the model runtime, the image
+    fetcher and (when configured) the Label Studio client for writing results back."""
+
+    settings: Settings
+    redis: redis.Redis
+    runtime: ModelRuntime
+    fetch: Callable[[str, str | None], bytes]
+    write_back: Callable[[Any, list[Any]], None] | None = None
+
+
+_context: WorkerContext | None = None
+
+
+def install_context(context: WorkerContext) -> None:
+    """Make ``context`` this process's job context (called by the worker entry point)."""
+    global _context
+    _context = context
+
+
+def get_context() -> WorkerContext:
+    if _context is None:
+        raise RuntimeError(
+            "no worker context in this process: predict jobs run in `sam2unet-assist worker`"
+        )
+    return _context

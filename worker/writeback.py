@@ -1,0 +1,31 @@
+"""Writing predictions to Label Studio through its API, for results that a waiting /predict
+request could not return in time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from common.exceptions import AssistError
+from common.jobs import ItemResult, PredictPayload
+
+log = logging.getLogger(__name__)
+
+
+def make_write_back(ls_client: Any) -> Callable[[PredictPayload, list[ItemResult]], None] | None:
+    """A function that stores each successful result as a prediction of its task, or None when
+    no Label Studio API is configured (then late results are only logged)."""
+    if ls_client is None:
+        return None
+
+    def write_back(payload: PredictPayload, results: list[ItemResult]) -> None:
+        for r in results:
+            if r.error or r.task_id is None:
+                continue
+            try:
+                ls_client.create_prediction(r.task_id, r.result, r.score, r.model_version)
+            except AssistError as e:
+                log.error("task %s: could not write the prediction back: %s", r.task_id, e.message)
+
+    return write_back
