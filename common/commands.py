@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: list[str] = ["backend.cli", "worker.cli"]
+COMMAND_MODULES: list[str] = ["backend.cli", "worker.cli", "sam2unet.cli"]
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam2unet.exceptions import ImageError
 from sam2unet.modeling.decoder import Up
 from sam2unet.modeling.rfb import RFB
 
@@ -42,6 +43,11 @@ class SAM2UNet(nn.Module):
         self.head = nn.Conv2d(c, num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % 32 or x.shape[3] % 32 or not x.numel():
+            raise ImageError(
+                "SAM2UNet takes B x 3 x H x W input with H and W positive multiples of 32 "
+                f"(Hiera's total stride), got {tuple(x.shape)}"
+            )
         size = x.shape[-2:]
         x1, x2, x3, x4 = self.encoder(x)
         x1, x2, x3, x4 = self.rfb1(x1), self.rfb2(x2), self.rfb3(x3), self.rfb4(x4)

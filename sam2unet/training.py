@@ -1,0 +1,467 @@
+"""The training loop, used by the ``train`` command and by the trainer service.
+
+As released: AdamW (lr 1e-3, weight decay 5e-4) over the trainable parameters (adapters and
+decoder), a cosine schedule stepped once per epoch down to 1e-7, the structure loss summed over
+the three deep-supervision outputs. Added here: validation with best-checkpoint keeping (by
+validation mIoU by default), checkpoints in our delta format after every epoch, and resuming
+from such a checkpoint exactly where it stopped (model, optimizer, schedule, epoch, best metric
+and RNG states are in its ``train_state``; data order and flips are functions of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sam2unet.build import LoadedModel, load_any, random_model, save_delta
+from sam2unet.config import ModelConfig
+from sam2unet.data import SegmentationDataset
+from sam2unet.exceptions import ConfigError
+from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES, MetricSuite, dice, iou
+from sam2unet.modeling.loss import BCEMode, deep_supervision_loss
+from sam2unet.modeling.sam2unet import SAM2UNet
+from sam2unet.predictor import Predictor, pick_device
+
+log = logging.getLogger(__name__)
+
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+HISTORY_NAME = "history.json"
+# Validation keys besides METRIC_NAMES: IoU / Dice of the map thresholded at 0.5.
+EXTRA_VAL_METRICS = ("iou", "dice")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run. ``select_metric`` picks the best checkpoint (a key of
+    :data:`sam2unet.metrics.METRIC_NAMES` or ``iou`` / ``dice``)."""
+
+    epochs: int = 20
+    batch_size: int = 12
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    eta_min: float = 1e-7
+    bce_mode: str = BCEMode.AS_RELEASED.value
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "auto"
+    bf16: bool = False
+    select_metric: str = "miou"
+    val_batch_size: int = 8
+    progress_bar: bool = True
+
+    # Settings a resumed run must share with the run it continues.
+    RESUME_FIXED = (
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "eta_min",
+        "bce_mode",
+        "seed",
+        "select_metric",
+    )
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"need lr > 0 and weight decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.num_workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.num_workers}")
+        object.__setattr__(self, "bce_mode", BCEMode(self.bce_mode).value)
+        if self.select_metric not in METRIC_NAMES and self.select_metric not in EXTRA_VAL_METRICS:
+            known = [*METRIC_NAMES, *EXTRA_VAL_METRICS]
+            raise ConfigError(f"unknown select metric {self.select_metric!r}; known: {known}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resume_config(train_state: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+    """The config of a run continued from ``train_state``: the saved one, with ``overrides``
+    (``None`` values ignored). Changing a :attr:`TrainConfig.RESUME_FIXED` setting is an error."""
+    saved = TrainConfig.from_dict(train_state["train_config"]).to_dict()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "bce_mode" in given:
+        given["bce_mode"] = BCEMode(given["bce_mode"]).value
+    clash = {
+        k: (saved[k], v)
+        for k, v in given.items()
+        if k in TrainConfig.RESUME_FIXED and saved[k] != v
+    }
+    if clash:
+        listed = ", ".join(f"{k} (checkpoint {a!r}, asked {b!r})" for k, (a, b) in clash.items())
+        raise ConfigError(f"a resumed run must keep the settings it started with: {listed}")
+    return TrainConfig.from_dict({**saved, **given})
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch. ``epoch`` counts from 1; ``lr`` is the rate used during it;
+    ``val`` is empty without a validation set."""
+
+    epoch: int
+    loss: float
+    lr: float
+    seconds: float
+    val: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainEvent:
+    """Progress report: ``kind`` is ``"step"`` (after each batch) or ``"epoch"`` (after
+    validation and checkpointing; ``record`` is set)."""
+
+    kind: str
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    record: EpochRecord | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``best_path`` is the best validation checkpoint, or the last
+    checkpoint when there is no validation set; paths are ``None`` without ``out_dir``."""
+
+    history: list[EpochRecord]
+    model: SAM2UNet
+    config: ModelConfig
+    best_path: Path | None
+    last_path: Path | None
+    best_metric: float | None
+    best_epoch: int | None
+    epochs_done: int
+    stopped: bool
+
+
+# --------------------------------------------------------------------------- starting points
+
+
+def initial_model(
+    config: ModelConfig,
+    sam2: str | Path | None = None,
+    init: str | Path | None = None,
+    search_dirs: Sequence[str | Path] = (),
+    seed: int = 0,
+) -> LoadedModel:
+    """The model a run starts from.
+
+    ``init`` (any checkpoint format, see :func:`sam2unet.build.load_any`) takes precedence;
+    otherwise fresh adapters and decoder on the trunk of the official SAM2 checkpoint ``sam2``;
+    otherwise a random trunk (useful for tests only). ``config`` gives the image size and
+    labels (and the size when no checkpoint is given); a delta keeps its own labels.
+    """
+    dirs = [*search_dirs, *([Path(sam2).parent] if sam2 else [])]
+    overrides = {
+        "image_size": config.image_size,
+        "labels": config.labels,
+        "adapter_dim": config.adapter_dim,
+        "rfb_channels": config.rfb_channels,
+    }
+    if init is not None:
+        loaded = load_any(init, dirs, **overrides)
+        if loaded.config.image_size != config.image_size:
+            loaded.config = loaded.config.replace(image_size=config.image_size)
+        loaded.train_state = None
+        return loaded
+    if sam2 is not None:
+        return load_any(sam2, dirs, **overrides)
+    log.warning("no SAM2 checkpoint given: training on a randomly initialised trunk")
+    return random_model(config, seed)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate(
+    model: SAM2UNet,
+    config: ModelConfig,
+    dataset: SegmentationDataset,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset``'s raw samples, compared at each sample's own size
+    (as the released test script does): the :class:`~sam2unet.metrics.MetricSuite` keys plus
+    ``iou`` / ``dice`` of the map thresholded at 0.5, averaged over samples and labels.
+    With several labels, ``<metric>/<label>`` keys give each label's value."""
+    was_training = model.training
+    predictor = Predictor(model, config, device=device, batch_size=batch_size, bf16=bf16)
+    labels = dataset.labels
+    suites = [MetricSuite() for _ in labels]
+    bin_scores: list[list[tuple[float, float]]] = [[] for _ in labels]
+    try:
+        for start in range(0, len(dataset), batch_size):
+            raws = [dataset.raw(i) for i in range(start, min(start + batch_size, len(dataset)))]
+            probs = predictor.predict([rgb for rgb, _ in raws])
+            for (_, mask), prob in zip(raws, probs, strict=True):
+                for k in range(len(labels)):
+                    gt = mask[k] > 128
+                    suites[k].step(prob[k], gt)
+                    bin_scores[k].append((iou(prob[k] > 0.5, gt), dice(prob[k] > 0.5, gt)))
+    finally:
+        model.train(was_training)
+    per_label = []
+    for suite, scores in zip(suites, bin_scores, strict=True):
+        r = suite.results()
+        r.pop("count")
+        r["iou"] = float(np.mean([s[0] for s in scores]))
+        r["dice"] = float(np.mean([s[1] for s in scores]))
+        per_label.append(r)
+    out = {k: float(np.mean([r[k] for r in per_label])) for k in per_label[0]}
+    if len(labels) > 1:
+        for label, r in zip(labels, per_label, strict=True):
+            out.update({f"{k}/{label}": v for k, v in r.items()})
+    return out
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([int(seed), int(epoch), 1]).generate_state(1)[0]))
+    return g
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(
+    loaded: LoadedModel,
+    train_data: SegmentationDataset,
+    val_data: SegmentationDataset | None,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume_state: Mapping[str, Any] | None = None,
+    progress: Callable[[TrainEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train ``loaded.model`` (in place) on ``train_data``; see the module docstring.
+
+    ``out_dir`` receives ``last.pt`` after every epoch (with the training state),
+    ``best.pt`` when the validation metric improves, and ``history.json``. Checkpoints name
+    ``loaded.base`` as their base, or embed the trunk when it is ``None``.
+    ``resume_state`` (a checkpoint's ``train_state``, with ``loaded`` holding that
+    checkpoint's model) continues an interrupted run. ``should_stop`` is asked after each
+    epoch; when it returns True the run ends there (and can be resumed).
+    """
+    model, mconfig = loaded.model, loaded.config
+    if train_data.image_size != mconfig.image_size:
+        raise ConfigError(
+            f"the data is resized to {train_data.image_size} but the model config says "
+            f"{mconfig.image_size}"
+        )
+    if tuple(train_data.labels) != tuple(mconfig.labels):
+        raise ConfigError(
+            f"the data has labels {list(train_data.labels)}, the model {list(mconfig.labels)}"
+        )
+    if len(train_data) == 0:
+        raise ConfigError("the training set is empty")
+    device = pick_device(config.device)
+    use_bf16 = config.bf16 and device.type == "cuda"
+    if config.bf16 and not use_bf16:
+        log.info("bf16 autocast is only used on CUDA; training in fp32 on %s", device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.eta_min)
+
+    history: list[EpochRecord] = []
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    start_epoch = 0
+    if resume_state is not None:
+        saved_cfg = TrainConfig.from_dict(resume_state["train_config"])
+        clash = [k for k in TrainConfig.RESUME_FIXED if getattr(saved_cfg, k) != getattr(config, k)]
+        if clash:
+            raise ConfigError(f"cannot resume with changed settings: {clash}")
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch = int(resume_state["epoch"])
+        best_metric = resume_state.get("best_metric")
+        best_epoch = resume_state.get("best_epoch")
+        history = [EpochRecord(**r) for r in resume_state.get("history", [])]
+        _set_rng_state(resume_state["rng"])
+        log.info("resuming after epoch %d of %d", start_epoch, config.epochs)
+    else:
+        torch.manual_seed(config.seed)
+
+    last_path = out / LAST_NAME if out is not None else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    stopped = False
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_data.set_epoch(epoch)
+        loader = DataLoader(
+            train_data,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=_epoch_generator(config.seed, epoch),
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        model.train()
+        total, seen = 0.0, 0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not config.progress_bar,
+            leave=False,
+        )
+        for step, (x, y) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                outputs = model(x)
+            loss = deep_supervision_loss([o.float() for o in outputs], y, config.bce_mode)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            total += value * x.shape[0]
+            seen += x.shape[0]
+            bar.set_postfix(loss=f"{value:.4f}")
+            if progress is not None:
+                progress(
+                    TrainEvent("step", epoch + 1, config.epochs, step + 1, len(loader), value, lr)
+                )
+        scheduler.step()
+        record = EpochRecord(epoch + 1, total / seen, lr, 0.0)
+        if val_data is not None:
+            record.val = validate(model, mconfig, val_data, device, config.val_batch_size, use_bf16)
+        record.seconds = time.perf_counter() - t0
+        history.append(record)
+        improved = val_data is not None and _is_better(
+            config.select_metric, record.val[config.select_metric], best_metric
+        )
+        if improved:
+            best_metric, best_epoch = record.val[config.select_metric], epoch + 1
+        if out is not None:
+            metrics = {"epoch": epoch + 1, "train_loss": record.loss, **record.val}
+            meta = {"train_config": config.to_dict(), "select_metric": config.select_metric}
+            if improved:
+                save_delta(out / BEST_NAME, model, mconfig, loaded.base, metrics, None, meta)
+            state = {
+                "epoch": epoch + 1,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best_metric": best_metric,
+                "best_epoch": best_epoch,
+                "history": [asdict(r) for r in history],
+                "train_config": config.to_dict(),
+                "rng": _rng_state(),
+            }
+            save_delta(last_path, model, mconfig, loaded.base, metrics, state, meta)
+            (out / HISTORY_NAME).write_text(
+                json.dumps([asdict(r) for r in history], indent=1) + "\n"
+            )
+        val_text = (
+            f", val {config.select_metric} {record.val[config.select_metric]:.4f}"
+            if record.val
+            else ""
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, lr %.2e%s (%.1fs)",
+            epoch + 1,
+            config.epochs,
+            record.loss,
+            lr,
+            val_text,
+            record.seconds,
+        )
+        if progress is not None:
+            progress(
+                TrainEvent(
+                    "epoch",
+                    epoch + 1,
+                    config.epochs,
+                    len(loader),
+                    len(loader),
+                    record.loss,
+                    lr,
+                    record,
+                )
+            )
+        if should_stop is not None and epoch + 1 < config.epochs and should_stop():
+            log.info("stopping after epoch %d as asked", epoch + 1)
+            stopped = True
+            break
+    model.eval()
+    if out is None:
+        best_path = None
+    elif val_data is None:
+        best_path = last_path
+    else:
+        best_path = out / BEST_NAME if best_epoch is not None else None
+    return TrainResult(
+        history=history,
+        model=model,
+        config=mconfig,
+        best_path=best_path,
+        last_path=last_path,
+        best_metric=best_metric,
+        best_epoch=best_epoch,
+        epochs_done=history[-1].epoch if history else start_epoch,
+        stopped=stopped,
+    )
