@@ -38,12 +38,25 @@ def redis_conn(redis_url: str):
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """MODEL_DIR with one promoted version of the test-size model (random trunk, made here)."""
+    """MODEL_DIR holding a test-size model (random trunk, made here) as the first version, and a
+    second version trained briefly on synthetic salient shapes, promoted: it segments them."""
     from common.bootstrap import ensure_current_version
     from common.registry import ModelRegistry
     from common.settings import Settings
+    from sam2unet.data import ArraySource, SegmentationDataset
+    from sam2unet.synthetic import generate
+    from sam2unet.training import TrainConfig, train
 
     d = tmp_path_factory.mktemp("models")
     settings = Settings(model_size="test", image_size=64, model_dir=d)
-    ensure_current_version(ModelRegistry(d, None), settings)
+    registry = ModelRegistry(d, None)
+    first = ensure_current_version(registry, settings)
+    loaded = registry.load(first.name)
+    data = SegmentationDataset(ArraySource(generate(48, 64, seed=1)), 64, train=True)
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=3e-3, device="cpu", progress_bar=False)
+    result = train(loaded, data, None, cfg)
+    info = registry.create_version(
+        result.model, loaded.config, loaded.base, parent=first.name, source="test-fixture"
+    )
+    registry.promote(info.name, reason="test fixture")
     return d

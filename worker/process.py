@@ -68,7 +68,6 @@ class AssistWorker(SimpleWorker):
 def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     """The job context of a worker process: registry, model runtime, image fetcher."""
     from common.fetch import FetchPolicy, ImageFetcher
-
     from common.lsclient import LabelStudioClient
 
     ls_client = None
@@ -76,15 +75,7 @@ def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
         ls_client = LabelStudioClient(
             settings.label_studio_url, settings.label_studio_api_key, timeout=settings.fetch_timeout
         )
-    policy = FetchPolicy(
-        max_bytes=settings.max_image_bytes,
-        timeout=settings.fetch_timeout,
-        max_pixels=settings.max_image_pixels,
-        allow_private=settings.allow_private_urls,
-        allow_hosts=settings.allow_hosts,
-        local_roots=settings.local_files_roots,
-    )
-    fetcher = ImageFetcher(ls_client, policy)
+    fetcher = ImageFetcher(ls_client, FetchPolicy.from_settings(settings))
     registry = ModelRegistry(settings.model_dir, connection)
     runtime = ModelRuntime(settings, registry)
     from worker.writeback import make_write_back
