@@ -1,0 +1,447 @@
+"""Guarded image fetching for task URLs: size, time and address limits.
+
+A task's image URL comes from whoever created the task, so fetching it must not become a way to
+reach the worker's private network (SSRF), exhaust its memory or hold it forever:
+
+- Label Studio URLs (``/data/upload/...``, ``/data/local-files/?d=...``, or absolute URLs on the
+  Label Studio origin) are fetched from the configured Label Studio with its API key; a
+  ``/data/local-files/`` file under one of ``local_roots`` is read from disk directly.
+- Other ``http(s)`` URLs are fetched without credentials. Their host is resolved and every
+  address is checked before connecting: private, loopback, link-local, multicast, reserved and
+  unspecified addresses are refused unless allow-listed. Redirects (at most 5) are followed by
+  hand and each hop is checked again.
+- DNS rebinding: the address checked before connecting could differ from the one connected to
+  if DNS answers differently the second time. Every new connection therefore checks the peer
+  address of its socket again, right after connecting and before sending a byte.
+- ``data:`` URIs with base64 data are decoded, size-capped. ``file:``, ``ftp:`` and cloud
+  storage URIs (``s3://``, ``gs://``, ``azure-blob://``) are refused.
+- Bodies are streamed and cut off past ``max_bytes``; the whole fetch, redirects included,
+  must finish within ``timeout`` seconds.
+
+Every failure is an ImageFetchError whose message names the URL without credentials or query
+tokens, except Label Studio refusing the API key or being unreachable, which is a
+LabelStudioError (a configuration problem that affects every task).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
+
+import numpy as np
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from common.exceptions import ImageFetchError, LabelStudioError
+from common.lsclient import origin, read_limited, redact_url
+from sam2unet.exceptions import ImageError
+from sam2unet.transforms import MAX_IMAGE_PIXELS, decode_image
+
+if TYPE_CHECKING:
+    from common.lsclient import LabelStudioClient
+    from common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+USER_AGENT = "sam2unet-assist"
+_CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "az", "wasb", "wasbs", "abfs", "abfss")
+# Address kinds that ``allow_private`` admits; multicast, reserved and unspecified never are.
+_PRIVATE_KINDS = ("private", "loopback", "link-local", "non-public")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits for fetching task images.
+
+    Attributes:
+        max_bytes: largest body accepted, in bytes.
+        timeout: seconds for a whole fetch (connect, redirects and body).
+        max_pixels: largest decoded image, in pixels (decompression bombs).
+        allow_private: admit private, loopback and link-local addresses.
+        allow_hosts: hosts admitted even when their addresses are not public: host names,
+            ``host:port``, IP addresses or CIDR networks. The Label Studio origin is always
+            admitted.
+        local_roots: Label Studio local-files document roots readable from disk here: a
+            ``/data/local-files/?d=<path>`` URL is read from ``<root>/<path>`` when that file
+            exists under a root, else fetched from Label Studio.
+    """
+
+    max_bytes: int = 50 * 1024 * 1024
+    timeout: float = 15.0
+    max_pixels: int = MAX_IMAGE_PIXELS
+    allow_private: bool = False
+    allow_hosts: tuple[str, ...] = ()
+    local_roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.timeout <= 0 or self.max_pixels <= 0:
+            raise ValueError("max_bytes, timeout and max_pixels must be positive")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FetchPolicy:
+        return cls(
+            max_bytes=settings.max_image_bytes,
+            timeout=settings.fetch_timeout,
+            max_pixels=settings.max_image_pixels,
+            allow_private=settings.allow_private_urls,
+            allow_hosts=tuple(settings.allow_hosts),
+            local_roots=tuple(settings.local_files_roots),
+        )
+
+
+def address_kind(ip: IPAddress) -> str | None:
+    """Why an address is not a public unicast one (``"loopback"``, ``"private"``, ...), or None
+    for a public address. IPv4-mapped IPv6 addresses are judged as their IPv4 address."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    if not ip.is_global:
+        return "non-public"
+    return None
+
+
+class _AddressRefused(Exception):
+    """Raised inside a connection whose peer address is refused (before anything is sent)."""
+
+
+class _PeerCheck:
+    """Mixin for urllib3 connections: check the connected socket's peer address."""
+
+    check: Callable[[str, int | None, str], str | None]
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        peer = sock.getpeername()[0]
+        reason = type(self).check(self.host, self.port, peer)
+        if reason:
+            sock.close()
+            raise _AddressRefused(f"connected to {peer}, a {reason} address")
+        return sock
+
+
+def _guarded_adapter(check: Callable[[str, int | None, str], str | None]) -> HTTPAdapter:
+    """A requests adapter whose new connections refuse peers for which ``check(host, port,
+    peer_ip)`` gives a reason."""
+    conn = type(
+        "GuardedHTTPConnection", (_PeerCheck, HTTPConnection), {"check": staticmethod(check)}
+    )
+    sconn = type(
+        "GuardedHTTPSConnection", (_PeerCheck, HTTPSConnection), {"check": staticmethod(check)}
+    )
+    pool = type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": conn})
+    spool = type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": sconn})
+
+    class GuardedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": pool, "https": spool}
+
+    return GuardedAdapter()
+
+
+def _parse_allow(
+    entries: tuple[str, ...],
+) -> tuple[set[str], set[tuple[str, int]], list[IPNetwork]]:
+    names: set[str] = set()
+    origins: set[tuple[str, int]] = set()
+    nets: list[IPNetwork] = []
+    for raw in entries:
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            continue
+        except ValueError:
+            pass
+        host, sep, port = entry.rpartition(":")
+        if sep and port.isdigit() and (host.startswith("[") or ":" not in host):
+            origins.add((host.strip("[]"), int(port)))
+        else:
+            names.add(entry.strip("[]"))
+    return names, origins, nets
+
+
+class ImageFetcher:
+    """Fetches task images under a FetchPolicy.
+
+    Args:
+        ls_client: the Label Studio client, for Label Studio URLs (None: relative URLs need
+            ``ls_base`` and are fetched without credentials).
+        policy: size, time and address limits.
+    """
+
+    def __init__(
+        self, ls_client: LabelStudioClient | None = None, policy: FetchPolicy | None = None
+    ) -> None:
+        self.client = ls_client
+        self.policy = policy or FetchPolicy()
+        self._names, self._origins, self._nets = _parse_allow(self.policy.allow_hosts)
+        if ls_client is not None:
+            _, host, port = origin(ls_client.url)
+            self._origins.add((host, port or 80))
+        self._roots = [os.path.realpath(r) for r in self.policy.local_roots]
+        self.session = requests.Session()
+        self.session.trust_env = False  # a proxy would hide the peer address being checked
+        self.session.headers["User-Agent"] = USER_AGENT
+        adapter = _guarded_adapter(self._refusal)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self.session.close()
+
+    # --- address policy --------------------------------------------------------------------
+    def _refusal(self, host: str, port: int | None, ip_text: str) -> str | None:
+        """Why connecting to ``ip_text`` for ``host:port`` is refused, or None if allowed."""
+        host = host.lower().strip("[]").rstrip(".")
+        if host in self._names or (host, port) in self._origins:
+            return None
+        ip = ipaddress.ip_address(ip_text.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self._nets):
+            return None
+        kind = address_kind(ip)
+        if kind is None or (self.policy.allow_private and kind in _PRIVATE_KINDS):
+            return None
+        return kind
+
+    def _check_url(self, url: str) -> None:
+        """Refuse ``url`` (ImageFetchError) unless it is http(s) with an admitted host; names are
+        resolved here and every address they resolve to must be admitted."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ImageFetchError(f"{redact_url(url)}: redirect to a {parts.scheme!r} URL refused")
+        host = (parts.hostname or "").rstrip(".")
+        if not host:
+            raise ImageFetchError(f"{redact_url(url)}: URL without a host")
+        try:
+            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        except ValueError as e:
+            raise ImageFetchError(f"{redact_url(url)}: invalid port") from e
+        if host in self._names or (host, port) in self._origins:
+            return
+        try:
+            addrs = [ipaddress.ip_address(host.split("%", 1)[0])]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as e:
+                raise ImageFetchError(f"{redact_url(url)}: cannot resolve host {host!r}") from e
+            addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+        for ip in addrs:
+            reason = self._refusal(host, port, str(ip))
+            if reason:
+                raise ImageFetchError(
+                    f"{redact_url(url)}: host {host} is a {reason} address ({ip}); refused "
+                    "(allow it with SAM2UNET_ALLOW_HOSTS or SAM2UNET_ALLOW_PRIVATE_URLS)"
+                )
+
+    # --- fetching --------------------------------------------------------------------------
+    def fetch(self, url: str, ls_base: str | None = None) -> bytes:
+        """The bytes at ``url`` (see the module docstring for what is accepted).
+
+        Args:
+            url: a task's image reference: relative Label Studio URL, http(s) URL or data URI.
+            ls_base: Label Studio's own base URL as it names itself (``hostname`` from
+                ``/setup``). Relative URLs use the client's URL when there is a client, else
+                this; absolute URLs on this origin are fetched from the client's URL instead.
+        """
+        if not isinstance(url, str) or not url.strip():
+            raise ImageFetchError("the task has no image URL")
+        url = url.strip()
+        t0 = time.monotonic()
+        scheme = urlsplit(url).scheme.lower() if ":" in url[:20] else ""
+        if scheme == "data":
+            data = self._from_data_uri(url)
+        elif scheme in ("http", "https") or (not scheme and url.startswith("/")):
+            data = self._from_http(self._resolve(url, ls_base))
+        elif scheme in _CLOUD_SCHEMES:
+            raise ImageFetchError(
+                f"{redact_url(url)}: {scheme}:// URIs are resolved by Label Studio's storage "
+                "proxy, not fetched here: connect the bucket as cloud storage in Label Studio "
+                "(so that tasks carry Label Studio or presigned URLs) or use http(s) URLs"
+            )
+        elif scheme:
+            raise ImageFetchError(
+                f"{redact_url(url)}: the {scheme!r} scheme is not allowed; use http(s) URLs, "
+                "data URIs or Label Studio URLs"
+            )
+        else:
+            raise ImageFetchError(f"{redact_url(url)}: not a URL")
+        logger.debug(
+            "fetched %s: %d bytes in %.2f s", redact_url(url), len(data), time.monotonic() - t0
+        )
+        return data
+
+    def fetch_image(self, url: str, ls_base: str | None = None) -> np.ndarray:
+        """``fetch`` and decode: H x W x 3 uint8. Empty, corrupt, truncated or oversized images
+        (more than ``policy.max_pixels``) raise ImageFetchError."""
+        data = self.fetch(url, ls_base)
+        try:
+            return decode_image(data, max_pixels=self.policy.max_pixels)
+        except ImageError as e:
+            raise ImageFetchError(f"{redact_url(url)}: {e}") from e
+
+    def _resolve(self, url: str, ls_base: str | None) -> str:
+        """Make a Label Studio URL absolute, pointing at the client's URL where possible."""
+        base = ls_base.rstrip("/") if ls_base else None
+        if url.startswith("/") and not url.startswith("//"):
+            if self.client is not None:
+                return self.client.absolute_url(url)
+            if base:
+                return base + url
+            raise ImageFetchError(
+                f"{redact_url(url)}: a relative Label Studio URL needs Label Studio's URL "
+                "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
+            )
+        if url.startswith("//"):
+            raise ImageFetchError(f"{redact_url(url)}: scheme-relative URLs are not supported")
+        if self.client is not None and base and origin(url) == origin(base):
+            parts = urlsplit(url)
+            return self.client.url + parts.path + (f"?{parts.query}" if parts.query else "")
+        return url
+
+    def _local_file(self, url: str) -> str | None:
+        """The path of a ``/data/local-files/?d=...`` URL's file under a local root, if any."""
+        if not self._roots:
+            return None
+        parts = urlsplit(url)
+        if parts.path.rstrip("/") != "/data/local-files":
+            return None
+        if self.client is not None and not self.client.is_label_studio_url(url):
+            return None
+        rel = parse_qs(parts.query).get("d", [""])[0]
+        if not rel:
+            return None
+        for root in self._roots:
+            path = os.path.realpath(os.path.join(root, rel))
+            if os.path.commonpath([path, root]) == root and os.path.isfile(path):
+                return path
+        return None
+
+    def _read_file(self, path: str, url: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(self.policy.max_bytes + 1)
+        except OSError as e:
+            raise ImageFetchError(f"{redact_url(url)}: cannot read local file: {e.strerror}") from e
+        if len(data) > self.policy.max_bytes:
+            raise ImageFetchError(f"{redact_url(url)}: file exceeds {self.policy.max_bytes} bytes")
+        return data
+
+    def _from_http(self, url: str) -> bytes:
+        path = self._local_file(url)
+        if path is not None:
+            return self._read_file(path, url)
+        deadline = time.monotonic() + self.policy.timeout
+        current, hops, retried = url, 0, False
+        while True:
+            self._check_url(current)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ImageFetchError(f"{redact_url(url)}: timed out after {self.policy.timeout} s")
+            is_ls = self.client is not None and self.client.is_label_studio_url(current)
+            headers = {"Accept-Encoding": "identity"}
+            if is_ls:
+                headers.update(self.client.auth_header())
+            try:
+                r = self.session.get(
+                    current,
+                    headers=headers,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(left, left),
+                )
+            except _AddressRefused as e:
+                raise ImageFetchError(f"{redact_url(current)}: {e}; refused") from e
+            except requests.Timeout as e:
+                raise ImageFetchError(
+                    f"{redact_url(current)}: timed out after {self.policy.timeout} s"
+                ) from e
+            except requests.RequestException as e:
+                if is_ls:
+                    raise LabelStudioError(f"Label Studio unreachable at {self.client.url}") from e
+                raise ImageFetchError(
+                    f"{redact_url(current)}: cannot connect ({type(e).__name__})"
+                ) from e
+            if (
+                r.status_code == 401
+                and is_ls
+                and not retried
+                and self.client.handle_unauthorized(headers)
+            ):
+                r.close()
+                retried = True
+                continue
+            if r.is_redirect:
+                location = r.headers.get("Location", "")
+                r.close()
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise ImageFetchError(f"{redact_url(url)}: more than {MAX_REDIRECTS} redirects")
+                current = urljoin(current, location)
+                logger.debug("redirect %d to %s", hops, redact_url(current))
+                continue
+            if r.status_code != 200:
+                try:
+                    if is_ls and r.status_code in (401, 403):
+                        raise self.client.api_error("GET", redact_url(current), r)
+                    raise ImageFetchError(f"{redact_url(current)} answered HTTP {r.status_code}")
+                finally:
+                    r.close()
+            return read_limited(r, self.policy.max_bytes, deadline, redact_url(current))
+
+    def _from_data_uri(self, url: str) -> bytes:
+        head, sep, payload = url[5:].partition(",")
+        what = redact_url(url)
+        if not sep:
+            raise ImageFetchError(f"{what}: malformed data URI (no comma)")
+        params = [p.strip().lower() for p in head.split(";")]
+        if "base64" not in params[1:]:
+            raise ImageFetchError(f"{what}: only base64 data URIs are supported")
+        mime = params[0]
+        if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
+            raise ImageFetchError(f"{what}: data URI of type {mime!r} is not an image")
+        # generous bound before decoding (line breaks, percent-encoding); exact check after
+        if len(payload) > self.policy.max_bytes * 2 + 1024:
+            raise ImageFetchError(f"{what}: data exceeds {self.policy.max_bytes} bytes")
+        if "%" in payload:
+            payload = unquote(payload)
+        payload = "".join(payload.split())
+        try:
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageFetchError(f"{what}: invalid base64 data") from e
+        if not data:
+            raise ImageFetchError(f"{what}: empty data URI")
+        if len(data) > self.policy.max_bytes:
+            raise ImageFetchError(f"{what}: data exceeds {self.policy.max_bytes} bytes")
+        return data

@@ -1,0 +1,438 @@
+"""Label Studio REST API client with either kind of API key.
+
+A key is either a legacy token, sent as ``Authorization: Token <key>`` (Label Studio 1.23
+organizations have these off by default), or a personal access token (PAT): a JWT refresh token
+that Label Studio does not accept directly. A PAT is exchanged at ``POST /api/token/refresh/`` for
+an access token valid five minutes, sent as ``Authorization: Bearer <access>``; the client
+refreshes it shortly before it expires and once more when Label Studio answers 401.
+
+The key is sent only to the Label Studio origin (scheme, host and port of ``url``), never to
+another host, and never appears in errors or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ReadTimeoutError
+
+from common.exceptions import ImageFetchError, LabelStudioError
+
+logger = logging.getLogger(__name__)
+
+# Refresh the access token this many seconds before its ``exp``.
+REFRESH_MARGIN = 30.0
+# Lifetime assumed for an access token whose ``exp`` cannot be read.
+DEFAULT_ACCESS_LIFETIME = 240.0
+MAX_REDIRECTS = 5
+_CHUNK = 64 * 1024
+
+
+def jwt_claims(token: str) -> dict[str, Any] | None:
+    """The payload of a JWT, decoded **without** verifying its signature; None if ``token`` is
+    not shaped like a JWT (three base64url segments with a JSON object in the middle)."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload.encode("ascii")))
+    except (binascii.Error, UnicodeError, ValueError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of a URL, with the default port made explicit."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def redact_url(url: str, keep_params: tuple[str, ...] = ("d",)) -> str:
+    """A URL safe for messages and logs: no user info, query values other than ``keep_params``
+    replaced by ``...``, data URIs shortened, at most 200 characters."""
+    if url[:5].lower() == "data:":
+        head = url.split(",", 1)[0]
+        return f"{head[:60]},<{len(url)} chars>"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(
+        p if p.split("=", 1)[0] in keep_params else p.split("=", 1)[0] + "=..."
+        for p in parts.query.split("&")
+        if p
+    )
+    text = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def read_limited(response: requests.Response, max_bytes: int, deadline: float, what: str) -> bytes:
+    """Read a streamed response body, at most ``max_bytes``, before ``deadline``
+    (``time.monotonic()``); ``what`` names the URL in errors.
+
+    Each socket read is given only the time left, so a server that trickles bytes cannot hold
+    the caller past the deadline. Raises ImageFetchError when the body is larger than
+    ``max_bytes``, too slow, or cut short.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise ImageFetchError(f"{what}: body of {int(declared)} bytes exceeds {max_bytes} bytes")
+    raw = response.raw
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ImageFetchError(f"{what}: download timed out")
+            if sock is not None:
+                sock.settimeout(left)
+            chunk = raw.read1(_CHUNK) if hasattr(raw, "read1") else raw.read(_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageFetchError(f"{what}: body exceeds {max_bytes} bytes")
+            chunks.append(chunk)
+    except ImageFetchError:
+        response.close()
+        raise
+    except (ReadTimeoutError, TimeoutError) as e:
+        response.close()
+        raise ImageFetchError(f"{what}: download timed out") from e
+    except (Urllib3Error, OSError) as e:
+        # urllib3 reports a body shorter than its Content-Length as a ProtocolError
+        response.close()
+        raise ImageFetchError(f"{what}: download failed or cut short ({type(e).__name__})") from e
+    return b"".join(chunks)
+
+
+class LabelStudioClient:
+    """A Label Studio API client.
+
+    Args:
+        url: Label Studio's base URL, e.g. ``http://labelstudio:8080``.
+        api_key: a legacy token or a personal access token (detected by shape).
+        timeout: seconds for connect and for each read of an API call.
+        session: a ``requests.Session`` to use (default: a new one).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        timeout: float = 10.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        url = (url or "").strip().rstrip("/")
+        scheme, host, _ = origin(url)
+        if scheme not in ("http", "https") or not host:
+            raise ValueError(f"Label Studio URL must be http(s)://host[:port], got {url!r}")
+        if not api_key or not api_key.strip():
+            raise ValueError("a Label Studio API key is required")
+        self.url = url
+        self.host = host
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self._origin = origin(url)
+        self._key = api_key.strip()
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._access_exp = 0.0
+        self.refreshes = 0  # number of access tokens obtained
+        claims = jwt_claims(self._key)
+        if claims is None:
+            self.auth_kind = "legacy"
+        elif claims.get("token_type") == "refresh":
+            self.auth_kind = "pat"
+            exp = claims.get("exp")
+            if isinstance(exp, (int, float)) and exp < time.time():
+                raise ValueError("the Label Studio personal access token has expired")
+        else:
+            raise ValueError(
+                f"the Label Studio API key is a JWT of type {claims.get('token_type')!r}; "
+                "use a personal access token (refresh token) or a legacy token"
+            )
+
+    def __repr__(self) -> str:
+        return f"LabelStudioClient({self.url!r}, auth={self.auth_kind})"
+
+    # --- authentication --------------------------------------------------------------------
+    def _refresh_locked(self) -> None:
+        try:
+            r = self.session.post(
+                self.url + "/api/token/refresh/",
+                json={"refresh": self._key},
+                timeout=self.timeout,
+            )
+        except requests.RequestException as e:
+            raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
+        if r.status_code in (401, 403):
+            raise LabelStudioError(
+                f"Label Studio refused the personal access token (HTTP {r.status_code}): "
+                "it is invalid, revoked or expired, or personal tokens are disabled"
+            )
+        if r.status_code != 200:
+            raise LabelStudioError(f"token refresh failed: HTTP {r.status_code}")
+        try:
+            access = r.json()["access"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise LabelStudioError("token refresh answered without an access token") from e
+        exp = (jwt_claims(access) or {}).get("exp")
+        now = time.time()
+        self._access = access
+        self._access_exp = (
+            float(exp) if isinstance(exp, (int, float)) else now + (DEFAULT_ACCESS_LIFETIME)
+        )
+        self.refreshes += 1
+        logger.debug("Label Studio access token refreshed, valid %.0f s", self._access_exp - now)
+
+    def auth_header(self) -> dict[str, str]:
+        """The ``Authorization`` header for Label Studio, refreshing the access token if due."""
+        if self.auth_kind == "legacy":
+            return {"Authorization": f"Token {self._key}"}
+        with self._lock:
+            if self._access is None or time.time() >= self._access_exp - REFRESH_MARGIN:
+                self._refresh_locked()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def handle_unauthorized(self, sent: dict[str, str]) -> bool:
+        """Called after Label Studio answered 401 to a request that carried the headers
+        ``sent``: forgets that access token so that the next ``auth_header()`` refreshes it.
+        True if a retry with a fresh token may succeed (personal access tokens only)."""
+        if self.auth_kind != "pat":
+            return False
+        with self._lock:
+            if sent.get("Authorization") == f"Bearer {self._access}":
+                self._access = None
+        return True
+
+    def is_label_studio_url(self, url: str) -> bool:
+        """Whether ``url`` points at this Label Studio (same scheme, host and port)."""
+        return origin(url) == self._origin
+
+    def auth_headers_for(self, url: str) -> dict[str, str]:
+        """Auth headers for ``url``: Label Studio's own when ``url`` is on the Label Studio
+        origin, none for any other host."""
+        return self.auth_header() if self.is_label_studio_url(url) else {}
+
+    def absolute_url(self, path_or_url: str) -> str:
+        """``/data/upload/...`` or ``/data/local-files/?d=...`` prefixed with the base URL;
+        absolute URLs are returned unchanged."""
+        if path_or_url.startswith("/") and not path_or_url.startswith("//"):
+            return self.url + path_or_url
+        return path_or_url
+
+    # --- API calls -------------------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        ok: tuple[int, ...] = (200, 201),
+    ) -> requests.Response:
+        """An authenticated API call; one retry with a fresh access token after a 401.
+
+        Raises LabelStudioError for connection errors and for statuses not in ``ok``.
+        """
+        url = self.absolute_url(path)
+        for attempt in (1, 2):
+            headers = self.auth_header()
+            try:
+                r = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=json_body,
+                    headers=headers,
+                    timeout=self.timeout,
+                )
+            except requests.RequestException as e:
+                raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
+            if r.status_code == 401 and attempt == 1 and self.handle_unauthorized(headers):
+                logger.info(
+                    "Label Studio answered 401 to %s %s; refreshing the token", method, path
+                )
+                continue
+            break
+        if r.status_code not in ok:
+            raise self.api_error(method, path, r)
+        return r
+
+    def api_error(self, method: str, path: str, r: requests.Response) -> LabelStudioError:
+        """The LabelStudioError for Label Studio's error answer ``r`` (logged, without secrets)."""
+        path = redact_url(path)
+        detail = ""
+        try:
+            body = r.json()
+            if isinstance(body, dict):
+                detail = str(body.get("detail") or body.get("error") or "")[:200]
+        except ValueError:
+            pass
+        if r.status_code == 401:
+            if self.auth_kind == "legacy":
+                hint = (
+                    "legacy tokens are off in Label Studio 1.23 organizations by default: "
+                    "enable them (Organization > API tokens settings) or use a personal "
+                    "access token"
+                )
+            else:
+                hint = "the personal access token was refused"
+            msg = f"Label Studio refused the API key (HTTP 401) for {method} {path}: {hint}"
+        else:
+            msg = f"Label Studio answered HTTP {r.status_code} to {method} {path}"
+            if detail:
+                msg += f": {detail}"
+        logger.warning("%s", msg)
+        return LabelStudioError(msg)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = self.request(method, path, **kwargs)
+        try:
+            return r.json()
+        except ValueError as e:
+            raise LabelStudioError(f"{method} {path}: Label Studio answered non-JSON") from e
+
+    def get_project(self, project: int) -> dict[str, Any]:
+        """``GET /api/projects/{id}`` (includes ``label_config``)."""
+        return self._json("GET", f"/api/projects/{int(project)}")
+
+    def iter_tasks(
+        self, project: int, page_size: int = 100, fields: str = "all"
+    ) -> Iterator[dict[str, Any]]:
+        """All tasks of a project, fetched page by page from ``GET /api/tasks``.
+
+        Label Studio 1.23 answers ``{"tasks": [...], "total": N, "total_annotations": ...,
+        "total_predictions": ...}`` and 404 for a page past the end.
+        """
+        page, seen = 1, 0
+        while True:
+            params = {"project": int(project), "page": page, "page_size": page_size}
+            if fields:
+                params["fields"] = fields
+            r = self.request("GET", "/api/tasks", params=params, ok=(200, 404))
+            if r.status_code == 404:
+                if page == 1:
+                    raise self.api_error("GET", f"/api/tasks?project={int(project)}", r)
+                return
+            try:
+                body = r.json()
+            except ValueError as e:
+                raise LabelStudioError("GET /api/tasks: Label Studio answered non-JSON") from e
+            tasks = body.get("tasks", []) if isinstance(body, dict) else body
+            yield from tasks
+            seen += len(tasks)
+            total = body.get("total") if isinstance(body, dict) else None
+            if not tasks or (isinstance(total, int) and seen >= total) or len(tasks) < page_size:
+                return
+            page += 1
+
+    def get_task(self, task: int) -> dict[str, Any]:
+        """``GET /api/tasks/{id}``."""
+        return self._json("GET", f"/api/tasks/{int(task)}")
+
+    def create_prediction(
+        self,
+        task: int,
+        result: list[dict[str, Any]],
+        score: float | None,
+        model_version: str,
+    ) -> dict[str, Any]:
+        """``POST /api/predictions``; returns the stored prediction."""
+        body = {"task": int(task), "result": result, "score": score, "model_version": model_version}
+        return self._json("POST", "/api/predictions", json_body=body)
+
+    def list_predictions(self, task: int) -> list[dict[str, Any]]:
+        """``GET /api/predictions?task=ID``."""
+        return self._json("GET", "/api/predictions", params={"task": int(task)})
+
+    def list_annotations(self, task: int) -> list[dict[str, Any]]:
+        """``GET /api/tasks/{id}/annotations``."""
+        return self._json("GET", f"/api/tasks/{int(task)}/annotations")
+
+    def export_project(self, project: int) -> list[dict[str, Any]]:
+        """``GET /api/projects/{id}/export?exportType=JSON``: the annotated tasks, each with its
+        annotations (Label Studio leaves out tasks without annotations)."""
+        return self._json(
+            "GET", f"/api/projects/{int(project)}/export", params={"exportType": "JSON"}
+        )
+
+    # --- downloads -------------------------------------------------------------------------
+    def download(self, url: str, max_bytes: int, timeout: float) -> bytes:
+        """GET a file, e.g. a task image, at most ``max_bytes`` within ``timeout`` seconds.
+
+        Relative URLs are resolved against the Label Studio URL. Redirects (at most 5) are
+        followed by hand; the key goes only with requests to the Label Studio origin.
+        Raises LabelStudioError when Label Studio is unreachable or answers an error,
+        ImageFetchError when the body is too large, too slow or cut short.
+        """
+        deadline = time.monotonic() + timeout
+        current = self.absolute_url(url)
+        retried = False
+        hops = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ImageFetchError(f"{redact_url(current)}: download timed out")
+            headers = self.auth_headers_for(current)
+            try:
+                r = self.session.get(
+                    current,
+                    headers=headers,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(min(left, self.timeout), left),
+                )
+            except requests.RequestException as e:
+                if self.is_label_studio_url(current):
+                    raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
+                raise ImageFetchError(f"{redact_url(current)}: {type(e).__name__}") from e
+            if (
+                r.status_code == 401
+                and headers
+                and not retried
+                and self.handle_unauthorized(headers)
+            ):
+                r.close()
+                retried = True
+                continue
+            if r.is_redirect:
+                r.close()
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise ImageFetchError(f"{redact_url(url)}: more than {MAX_REDIRECTS} redirects")
+                current = urljoin(current, r.headers["Location"])
+                continue
+            if r.status_code != 200:
+                try:
+                    if self.is_label_studio_url(current):
+                        raise self.api_error("GET", current[len(self.url) :] or "/", r)
+                    raise ImageFetchError(f"{redact_url(current)} answered HTTP {r.status_code}")
+                finally:
+                    r.close()
+            return read_limited(r, max_bytes, deadline, redact_url(current))
+
+    def close(self) -> None:
+        self.session.close()
