@@ -25,6 +25,7 @@ from common.jobs import ItemResult, PredictPayload, target_from_json
 from common.labelconfig import Target
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
+from worker.prompts import apply_prompts
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def run_predict(
     target = target_from_json(payload.target)
     version = runtime.ensure_current()
     channels = label_channels(runtime.labels, target)
+    if payload.context is not None:  # a prompted result depends on the prompts: not cached
+        cache_ttl = 0
     results = {
         it.index: ItemResult(it.index, it.task_id, model_version=version) for it in payload.items
     }
@@ -157,11 +160,30 @@ def run_predict(
 
     if images:
         t0 = time.perf_counter()
-        probs = runtime.predict(images)
+        if payload.context is None:
+            probs = runtime.predict(images)
+        else:  # interactive call: prompts applied around the model
+            probs = []
+            for i, rgb in zip(order, images, strict=True):
+                try:
+                    prob, info = apply_prompts(
+                        rgb,
+                        payload.context,
+                        runtime.predict,
+                        threshold,
+                        channels=channels,
+                        to_name=target.to_name,
+                    )
+                    log.info("task %s: prompts: %s", results[i].task_id, info)
+                except AssistError as e:
+                    results[i].error, prob = e.message, None
+                probs.append(prob)
         times.forward += time.perf_counter() - t0
         t0 = time.perf_counter()
         to_cache = {}
         for i, prob in zip(order, probs, strict=True):
+            if prob is None:
+                continue
             res, score = encode_results(prob, target, channels, threshold)
             results[i].result, results[i].score = res, score
             to_cache[keys[i]] = json.dumps({"result": res, "score": score})
