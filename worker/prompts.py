@@ -202,17 +202,25 @@ def parse_context(context: Any, height: int, width: int, to_name: str | None = N
         w, h = _number(value, "width", rid), _number(value, "height", rid)
         if w <= 0 or h <= 0:
             raise BadRequest(f"interactive prompt {rid!r}: rectangle width and height must be > 0")
-        rotation = value.get("rotation", 0) or 0
-        if isinstance(rotation, bool) or not isinstance(rotation, (int, float)):
-            raise BadRequest(f"interactive prompt {rid!r}: value.rotation must be a number")
+        rotation = value.get("rotation")
+        if rotation is None:
+            rotation = 0.0
+        if (
+            isinstance(rotation, bool)
+            or not isinstance(rotation, (int, float))
+            or not math.isfinite(rotation)
+        ):
+            raise BadRequest(f"interactive prompt {rid!r}: value.rotation must be a finite number")
         x, y, w, h = x * ow / 100, y * oh / 100, w * ow / 100, h * oh / 100
         theta = math.radians(rotation)
-        rotated = abs(math.sin(theta)) > 1e-9
-        cos, sin = (math.cos(theta), math.sin(theta)) if rotated else (1.0, 0.0)
+        cos, sin = round(math.cos(theta), 12), round(math.sin(theta), 12)
+        rotated = cos * sin != 0  # not a multiple of 90 degrees
         local = ((0.0, 0.0), (w, 0.0), (w, h), (0.0, h))
         corners = tuple(
             ((x + u * cos - v * sin) * sx, (y + u * sin + v * cos) * sy) for u, v in local
         )
+        if not all(math.isfinite(c) for corner in corners for c in corner):
+            raise BadRequest(f"interactive prompt {rid!r}: rectangle is out of range")
         box = Box(corners, _label(value, RECTANGLE_TYPES[kind], rid), rotated)
         x0, y0, x1, y1 = box.bounds(height, width)
         if x1 <= x0 or y1 <= y0:
