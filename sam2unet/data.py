@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -257,7 +258,18 @@ class ArraySource:
         return self.samples[index]
 
 
-Source = FolderSource | ArraySource
+class Source(Protocol):
+    """What a :class:`SegmentationDataset` reads: labelled raw samples by index."""
+
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def name(self, index: int) -> str: ...
+
+    def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H x W x 3 uint8 image, K x H x W uint8 mask 0..255), K = ``len(labels)``."""
+        ...
 
 
 # --------------------------------------------------------------------------- transforms
