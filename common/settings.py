@@ -37,6 +37,7 @@ class Settings:
     # infrastructure
     redis_url: str = "redis://127.0.0.1:6379/0"
     model_dir: Path = Path("models")
+    data_dir: Path | None = None  # derived training data cache; default MODEL_DIR/dataset
     log_level: str = "INFO"
     # backend
     basic_auth_user: str | None = None
@@ -63,14 +64,16 @@ class Settings:
     allow_hosts: tuple[str, ...] = ()
     local_files_roots: tuple[str, ...] = ()
     # trainer
-    train_min_new: int = 10
-    train_interval_min: float = 30.0
-    train_debounce: float = 5.0
+    train_min_new: int = 10  # corrections that start a round
+    train_min_samples: int = 4  # fewest annotated tasks worth a round
+    train_interval_min: float = 30.0  # minutes; a round then runs if anything changed
+    train_debounce: float = 5.0  # seconds of quiet that close a burst of webhooks
     train_epochs: int = 10
     train_batch_size: int = 4
-    train_holdout: float = 0.2
+    train_holdout: float = 0.2  # share of annotated tasks held out for evaluation
     promote_metric: str = "miou"
-    promote_tolerance: float = 0.0
+    promote_tolerance: float = 0.0  # promote if candidate >= current - tolerance
+    active_learning: bool = True  # after a promotion, re-predict unlabeled tasks
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -99,6 +102,10 @@ class Settings:
         return replace(self, **changes)
 
     @property
+    def dataset_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.model_dir / "dataset"
+
+    @property
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)
 
@@ -116,7 +123,7 @@ _ENV_NAMES = {
 
 def _convert(name: str, raw: str) -> Any:
     default = Settings.__dataclass_fields__[name].default
-    if name == "model_dir":
+    if name in ("model_dir", "data_dir"):
         return Path(raw)
     if isinstance(default, bool):
         return _bool(raw)

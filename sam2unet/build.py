@@ -529,3 +529,47 @@ def trunk_state_of(model: SAM2UNet) -> dict[str, torch.Tensor]:
                 bare = bare.replace(".block.", ".", 1)
             out[bare] = v
     return out
+
+
+GENERIC_LABEL = "object"
+
+
+def relabel(loaded: LoadedModel, labels: Iterable[str]) -> LoadedModel:
+    """The same model with one output channel per label of ``labels``, in that order.
+
+    Channels of labels the model already has keep their weights; a one-channel model with the
+    generic label ``"object"`` hands its channel to the first new label; any other new label's
+    channel starts fresh; channels of labels not in ``labels`` are dropped. Returns ``loaded``
+    itself when nothing changes.
+    """
+    labels = tuple(labels)
+    old = tuple(loaded.config.labels)
+    if labels == old:
+        return loaded
+    config = loaded.config.replace(labels=labels)  # validates
+    source: dict[int, int] = {}
+    for k, name in enumerate(labels):
+        if name in old:
+            source[k] = old.index(name)
+        elif old == (GENERIC_LABEL,) and k == 0 and GENERIC_LABEL not in labels:
+            source[k] = 0
+    model = loaded.model
+    for attr in ("side1", "side2", "head"):
+        conv: nn.Conv2d = getattr(model, attr)
+        new = nn.Conv2d(conv.in_channels, len(labels), kernel_size=1).to(conv.weight.device)
+        with torch.no_grad():
+            for k, j in source.items():
+                new.weight[k].copy_(conv.weight[j])
+                new.bias[k].copy_(conv.bias[j])
+        setattr(model, attr, new)
+    kept = [labels[k] for k in source]
+    log.info("relabelled model %s -> %s (weights kept for %s)", list(old), list(labels), kept)
+    return LoadedModel(
+        model,
+        config,
+        loaded.base,
+        loaded.source_format,
+        dict(loaded.metrics),
+        None,
+        dict(loaded.meta),
+    )
