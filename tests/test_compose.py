@@ -556,9 +556,7 @@ def test_dockerfile_install_order_and_pins() -> None:
     sam2 = runs[sam2_at].split()
     assert sam2[:2] == ["SAM2_BUILD_CUDA=0", "pip"]
     assert {"--no-build-isolation", "--no-deps", "sam2==1.1.0"} <= set(sam2)
-    args = dict(
-        re.findall(r"^ARG (\w+)=(\S+)", text, re.M),
-    )
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
     setup = (ROOT / "scripts/setup.sh").read_text()
     assert f"torch=={args['TORCH_VERSION']}" in setup, "Dockerfile and setup.sh torch differ"
     assert _pins(setup)["sam2"] == "1.1.0"
