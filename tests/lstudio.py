@@ -1,9 +1,13 @@
 """A real Label Studio 1.23.2 for tests: installed in its own venv, started on loopback.
 
 ``running_label_studio(tmp_dir)`` installs Label Studio into ``<repo>/.lsvenv`` when it is not
-there yet (about 1 GB, a minute or two), starts it on 127.0.0.1 on a free port with a fresh data
-directory, a headless admin user, a legacy token and a personal access token, and kills its whole
-process group on exit. The first start on an empty data directory runs the migrations (40-80 s).
+there yet (about 1 GB, one to two minutes), starts it on 127.0.0.1 on a free port with its data in
+``tmp_dir``, a headless admin user, a legacy token and a personal access token, and kills its
+whole process group on exit.
+
+The first start on an empty data directory runs the migrations (40-80 s, more on a loaded
+machine). That happens once: the result is kept as a template in the venv and each fresh Label
+Studio starts from a copy of it (about 5-15 s).
 
 The organization is left as Label Studio 1.23 creates it by default: legacy tokens **off**,
 personal access tokens on. ``enable_legacy_tokens()`` turns legacy tokens on.
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,14 +45,27 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LS_VENV = REPO_ROOT / ".lsvenv"
 _INSTALLED_MARKER = LS_VENV / f".installed-label-studio-{LS_VERSION}"
 _INSTALL_LOCK = Path(tempfile.gettempdir()) / "sam2unet-assist-lsvenv.lock"
+TEMPLATE_DIR = LS_VENV / f"template-data-{LS_VERSION}"
+_STATE = "harness-tokens.json"  # the admin's tokens, kept in the data directory
+_DB = "label_studio.sqlite3"
 
 ADMIN_EMAIL = "admin@example.com"
-START_TIMEOUT = 240.0  # seconds; the first start on an empty data dir migrates (40-80 s)
+START_TIMEOUT = 300.0  # seconds; the first start on an empty data dir migrates (40-150 s)
 
 # Environment variables Label Studio reads that must not leak in from the caller's environment:
-# ``label-studio start`` takes bare HOST/PORT/USERNAME/PASSWORD as its defaults.
-_SCRUBBED = ("HOST", "PORT", "USERNAME", "PASSWORD", "DJANGO_DB", "DJANGO_SETTINGS_MODULE")
-_SCRUBBED_PREFIXES = ("LABEL_STUDIO_", "POSTGRE_", "LS_")
+# ``label-studio start`` takes bare HOST/PORT/USERNAME/PASSWORD as its defaults, and each setting
+# X is read from LABEL_STUDIO_X, HEARTEX_X or a bare X.
+_SCRUBBED = (
+    "HOST",
+    "PORT",
+    "USERNAME",
+    "PASSWORD",
+    "DEBUG",
+    "SECRET_KEY",
+    "DJANGO_DB",
+    "DJANGO_SETTINGS_MODULE",
+)
+_SCRUBBED_PREFIXES = ("LABEL_STUDIO_", "HEARTEX_", "POSTGRE_", "LS_")
 
 
 class LabelStudioStartError(RuntimeError):
@@ -154,15 +172,13 @@ class LabelStudio:
                     break
             except (requests.RequestException, ValueError):
                 pass
+            # a busy port makes Label Studio print "Port N is in use" and move to N+1
             log = self.log_tail(200)
-            moved = [
-                line
-                for line in log.splitlines()
-                if "127.0.0.1:" in line and "Starting" in line and f":{port}" not in line
-            ]
-            if moved:
+            if f"Port {port} is in use" in log or (
+                "Starting development server at" in log and f"127.0.0.1:{port}/" not in log
+            ):
                 raise LabelStudioStartError(
-                    f"Label Studio did not start on port {port}: {moved[-1]}; log tail:\n"
+                    f"port {port} was busy and Label Studio moved to another one; log tail:\n"
                     + self.log_tail()
                 )
             if time.monotonic() > deadline:
@@ -172,11 +188,11 @@ class LabelStudio:
                 )
             time.sleep(0.5)
         # The health check may answer from another server on that port: prove it is ours.
-        r = self.session.get(
-            self.url + "/api/current-user/whoami",
-            headers={"Authorization": f"Token {self.legacy_token}"},
-            timeout=10,
-        )
+        try:
+            auth = self._headers() if self.pat else {"Authorization": f"Token {self.legacy_token}"}
+            r = self.session.get(self.url + "/api/current-user/whoami", headers=auth, timeout=10)
+        except requests.HTTPError as e:  # the PAT refresh failed
+            r = e.response
         if r.status_code != 200 or r.json().get("email") != ADMIN_EMAIL:
             raise LabelStudioStartError(
                 f"{self.url} is not the Label Studio just started (whoami: HTTP {r.status_code})"
@@ -329,22 +345,77 @@ def running_label_studio(
     port: int | None = None,
     extra_env: dict[str, str] | None = None,
     timeout: float = START_TIMEOUT,
+    template: bool = True,
 ) -> Iterator[LabelStudio]:
     """Install (if needed) and start a Label Studio 1.23.2 on 127.0.0.1; stop it on exit.
 
     Args:
-        tmp_dir: an empty directory for Label Studio's data (database, uploads, log).
+        tmp_dir: a directory for Label Studio's data (database, uploads, log): empty for a
+            fresh Label Studio, or one used before by this function to restart that one.
         port: the port to use (default: a free one); Label Studio would silently move to
             another port if it were busy, which ``wait_ready`` detects.
-        extra_env: more environment variables for Label Studio.
+        extra_env: more environment variables for Label Studio (at run time: the
+            organization comes from the template when ``template`` is true).
         timeout: seconds to wait for it to answer.
+        template: start an empty ``tmp_dir`` from a copy of a freshly migrated data directory
+            made once (``ensure_template``): about 5-15 s instead of 40-150 s.
     """
     exe = ensure_installed()
     data_dir = Path(tmp_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if template and not (data_dir / _STATE).exists() and not (data_dir / _DB).exists():
+        shutil.copytree(ensure_template(timeout), data_dir, dirs_exist_ok=True)
+    with _start(exe, data_dir, port, extra_env, timeout) as ls:
+        yield ls
+
+
+def _template_ready(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / _STATE).read_text()).get("pat")) and (path / _DB).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_template(timeout: float = START_TIMEOUT) -> Path:
+    """A data directory of a Label Studio that started once (migrated, admin and tokens made,
+    legacy tokens off), kept in the Label Studio venv and copied for each fresh start."""
+    exe = ensure_installed()
+    if _template_ready(TEMPLATE_DIR):
+        return TEMPLATE_DIR
+    with open(_INSTALL_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _template_ready(TEMPLATE_DIR):
+            return TEMPLATE_DIR
+        work = Path(tempfile.mkdtemp(prefix=".template-", dir=LS_VENV))
+        try:
+            t0 = time.monotonic()
+            with _start(exe, work, None, None, timeout):
+                pass
+            (work / "label-studio.log").unlink(missing_ok=True)
+            shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
+            os.rename(work, TEMPLATE_DIR)
+            logger.info("Label Studio data template made in %.0f s", time.monotonic() - t0)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return TEMPLATE_DIR
+
+
+@contextlib.contextmanager
+def _start(
+    exe: Path,
+    data_dir: Path,
+    port: int | None,
+    extra_env: dict[str, str] | None,
+    timeout: float,
+) -> Iterator[LabelStudio]:
     (data_dir / "files").mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    legacy_token = secrets.token_hex(20)
+    # a data dir used before keeps its admin and tokens: reuse them
+    state_path = data_dir / _STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    legacy_token = state.get("legacy_token") or secrets.token_hex(20)
+    state_path.write_text(json.dumps({"legacy_token": legacy_token, "pat": state.get("pat", "")}))
     env = {
         k: v
         for k, v in os.environ.items()
@@ -363,7 +434,11 @@ def running_label_studio(
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(data_dir / "files"),
             "ML_BLOCK_LOCAL_IP": "false",
             "SSRF_PROTECTION_ENABLED": "false",
+            # no calls out: the pypi.org version check at startup, analytics, Sentry
+            "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -392,10 +467,13 @@ def running_label_studio(
             start_new_session=True,
         )
     ls = LabelStudio(url, legacy_token, data_dir, proc, log_path)
+    ls.pat = state.get("pat", "")
     try:
         ls.wait_ready(timeout)
-        ls.pat = ls._create_pat()
-        ls.disable_legacy_tokens()
+        if not ls.pat:
+            ls.pat = ls._create_pat()
+            ls.disable_legacy_tokens()
+            state_path.write_text(json.dumps({"legacy_token": legacy_token, "pat": ls.pat}))
         ls.start_seconds = time.monotonic() - t0
         logger.info("Label Studio up at %s in %.1f s (pid %d)", url, ls.start_seconds, ls.pid)
         yield ls

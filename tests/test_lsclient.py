@@ -1,0 +1,307 @@
+"""The Label Studio client against a real Label Studio 1.23.2 (started once for the module)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.exceptions import LabelStudioError
+from common.fetch import FetchPolicy, ImageFetcher
+from common.lsclient import LabelStudioClient, jwt_claims
+from tests.lstudio import LabelStudio, free_port, running_label_studio
+
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="tag" toName="image"><Label value="obj"/></PolygonLabels>
+</View>"""
+
+
+def png_bytes(seed: int, h: int = 32, w: int = 48) -> bytes:
+    arr = (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def polygon(label: str = "obj") -> dict:
+    return {
+        "from_name": "tag",
+        "to_name": "image",
+        "type": "polygonlabels",
+        "original_width": 48,
+        "original_height": 32,
+        "image_rotation": 0,
+        "value": {
+            "points": [[10.0, 10.0], [60.0, 10.0], [60.0, 70.0]],
+            "closed": True,
+            "polygonlabels": [label],
+        },
+    }
+
+
+def forge(token: str) -> str:
+    """The same JWT with a broken signature."""
+    head, payload, sig = token.split(".")
+    return f"{head}.{payload}.{'A' * len(sig)}"
+
+
+@pytest.fixture(scope="module")
+def ls(tmp_path_factory) -> Iterator[LabelStudio]:
+    with running_label_studio(tmp_path_factory.mktemp("label-studio")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def project(ls: LabelStudio) -> tuple[int, list[int], list[bytes]]:
+    """A project with 7 uploaded images: (project id, task ids, image bytes)."""
+    images = [png_bytes(i) for i in range(7)]
+    pid = ls.create_project(LABEL_CONFIG)
+    ids = ls.import_images(pid, [(f"im{i}.png", data) for i, data in enumerate(images)])
+    return pid, ids, images
+
+
+@pytest.fixture
+def legacy_on(ls: LabelStudio) -> Iterator[None]:
+    ls.enable_legacy_tokens()
+    yield
+    ls.disable_legacy_tokens()
+
+
+@pytest.mark.e2e
+def test_harness_starts_label_studio_as_1_23_creates_it(ls: LabelStudio) -> None:
+    assert ls.token_settings() == {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
+    assert jwt_claims(ls.pat)["token_type"] == "refresh"
+    assert ls.proc.poll() is None and ls.start_seconds > 0
+
+
+@pytest.mark.e2e
+def test_legacy_token_refused_while_legacy_tokens_are_off(ls: LabelStudio, project) -> None:
+    client = LabelStudioClient(ls.url, ls.legacy_token)
+    assert client.auth_kind == "legacy"
+    with pytest.raises(LabelStudioError, match=r"HTTP 401.*legacy tokens are off") as e:
+        client.get_project(project[0])
+    assert ls.legacy_token not in e.value.message
+
+
+@pytest.mark.e2e
+def test_legacy_token_works_while_legacy_tokens_are_on(ls: LabelStudio, project, legacy_on) -> None:
+    pid, ids, images = project
+    client = LabelStudioClient(ls.url, ls.legacy_token)
+    assert client.get_project(pid)["label_config"].strip().startswith("<View>")
+    task = client.get_task(ids[0])
+    assert client.download(task["data"]["image"], 10**6, 10) == images[0]
+    ls.disable_legacy_tokens()
+    with pytest.raises(LabelStudioError, match="401"):
+        client.get_task(ids[0])
+
+
+@pytest.mark.e2e
+def test_pat_is_exchanged_and_refreshed(ls: LabelStudio, project) -> None:
+    pid, ids, _ = project
+    client = LabelStudioClient(ls.url, ls.pat)
+    assert client.auth_kind == "pat"
+    assert client.get_project(pid)["id"] == pid
+    assert client.refreshes == 1
+    first = client._access
+    assert jwt_claims(first)["token_type"] == "access"
+    assert client._access_exp - time.time() == pytest.approx(300, abs=15)
+    client.get_task(ids[0])
+    assert client.refreshes == 1  # still valid: no refresh
+
+    # an access token about to expire (within the 30 s margin) is refreshed before use
+    client._access_exp = time.time() + 10
+    client.get_task(ids[0])
+    assert client.refreshes == 2 and client._access != first
+
+    # a token Label Studio refuses (401) is refreshed once and the call retried
+    client._access = forge(client._access)
+    client._access_exp = time.time() + 3600
+    assert client.get_task(ids[0])["id"] == ids[0]
+    assert client.refreshes == 3
+    assert len(client._access.split(".")[2]) > 0 and "AAAA" not in client._access
+
+
+@pytest.mark.e2e
+def test_pat_401_after_refresh_is_a_clear_error(ls: LabelStudio) -> None:
+    # a well-formed refresh token that Label Studio did not sign
+    client = LabelStudioClient(ls.url, forge(ls.pat))
+    with pytest.raises(LabelStudioError, match="refused the personal access token"):
+        client.get_project(1)
+
+
+@pytest.mark.e2e
+def test_download_uploaded_image_with_both_token_kinds(ls: LabelStudio, project) -> None:
+    _, ids, images = project
+    pat_client = LabelStudioClient(ls.url, ls.pat)
+    url = pat_client.get_task(ids[1])["data"]["image"]
+    assert url.startswith("/data/upload/")
+    assert pat_client.absolute_url(url) == ls.url + url
+    assert pat_client.download(url, 10**6, 10) == images[1]
+    assert pat_client.download(ls.url + url, 10**6, 10) == images[1]
+
+    # the fetcher: Label Studio's loopback origin is allowed without any allow-list
+    fetcher = ImageFetcher(pat_client, FetchPolicy())
+    assert fetcher.fetch(url) == images[1]
+    rgb = fetcher.fetch_image(url)
+    assert rgb.shape == (32, 48, 3)
+    assert np.array_equal(rgb, np.asarray(Image.open(io.BytesIO(images[1])).convert("RGB")))
+    # an expired access token is refreshed by the fetcher too
+    pat_client._access = forge(pat_client._access)
+    assert fetcher.fetch(url) == images[1]
+
+    legacy_client = LabelStudioClient(ls.url, ls.legacy_token)
+    legacy_fetcher = ImageFetcher(legacy_client, FetchPolicy())
+    with pytest.raises(LabelStudioError, match="401"):
+        legacy_fetcher.fetch(url)
+    ls.enable_legacy_tokens()
+    try:
+        assert legacy_fetcher.fetch(url) == images[1]
+        assert legacy_client.download(url, 10**6, 10) == images[1]
+    finally:
+        ls.disable_legacy_tokens()
+
+    with pytest.raises(Exception, match="exceeds 100 bytes"):
+        pat_client.download(url, 100, 10)
+
+
+@pytest.mark.e2e
+def test_iter_tasks_pages(ls: LabelStudio, project) -> None:
+    pid, ids, _ = project
+    client = LabelStudioClient(ls.url, ls.pat)
+    for page_size in (1, 2, 3, 7, 100):
+        tasks = list(client.iter_tasks(pid, page_size=page_size))
+        assert [t["id"] for t in tasks] == ids, page_size
+    tasks = list(client.iter_tasks(pid, page_size=3, fields="all"))
+    assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)
+    assert all("predictions" in t and "annotations" in t for t in tasks)
+    empty = ls.create_project(LABEL_CONFIG, title="empty")
+    assert list(client.iter_tasks(empty)) == []
+    with pytest.raises(LabelStudioError, match="404"):
+        list(client.iter_tasks(99999))
+
+
+@pytest.mark.e2e
+def test_predictions_roundtrip(ls: LabelStudio, project) -> None:
+    _, ids, _ = project
+    client = LabelStudioClient(ls.url, ls.pat)
+    created = client.create_prediction(ids[2], [polygon()], 0.75, "v7")
+    assert created["task"] == ids[2] and created["model_version"] == "v7"
+    listed = client.list_predictions(ids[2])
+    assert [p["id"] for p in listed] == [created["id"]]
+    assert listed[0]["score"] == pytest.approx(0.75)
+    assert listed[0]["result"][0]["value"]["polygonlabels"] == ["obj"]
+    assert ls.predictions(ids[2])[0]["id"] == created["id"]  # seen by the harness too
+    client.create_prediction(ids[2], [], None, "v8")
+    assert {p["model_version"] for p in client.list_predictions(ids[2])} == {"v7", "v8"}
+    assert client.list_predictions(ids[3]) == []
+    with pytest.raises(LabelStudioError, match="HTTP 400"):
+        client.create_prediction(999999, [], 0.5, "v7")
+
+
+@pytest.mark.e2e
+def test_annotations_and_export(ls: LabelStudio, project) -> None:
+    pid, ids, _ = project
+    client = LabelStudioClient(ls.url, ls.pat)
+    assert client.list_annotations(ids[4]) == []
+    ann = ls.annotate(ids[4], [polygon()])
+    listed = client.list_annotations(ids[4])
+    assert [a["id"] for a in listed] == [ann["id"]]
+    assert listed[0]["result"][0]["type"] == "polygonlabels"
+    exported = client.export_project(pid)
+    by_id = {t["id"]: t for t in exported}
+    assert ids[4] in by_id
+    assert [a["id"] for a in by_id[ids[4]]["annotations"]] == [ann["id"]]
+    assert ids[5] not in by_id  # unannotated tasks are left out
+
+
+@pytest.mark.e2e
+def test_missing_things_are_label_studio_errors(ls: LabelStudio) -> None:
+    client = LabelStudioClient(ls.url, ls.pat)
+    with pytest.raises(LabelStudioError, match="HTTP 404 to GET /api/tasks/999999"):
+        client.get_task(999999)
+    # Label Studio 1.23.2 answers 500 for an upload that does not exist
+    with pytest.raises(LabelStudioError, match=r"HTTP (404|500) to GET /data/upload/1/nothing"):
+        client.download("/data/upload/1/nothing-here.png", 10**6, 10)
+
+
+@pytest.mark.e2e
+def test_no_secret_in_logs(ls: LabelStudio, project, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = LabelStudioClient(ls.url, ls.pat)
+    client.get_project(project[0])
+    client._access = forge(client._access)
+    client.get_task(project[1][0])
+    with pytest.raises(LabelStudioError):
+        LabelStudioClient(ls.url, ls.legacy_token).get_project(project[0])
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "401" in text  # something was logged
+    for secret in (ls.pat, ls.legacy_token, client._access, ls.pat.split(".")[2]):
+        assert secret not in text
+        assert secret not in repr(client)
+
+
+# --- no Label Studio needed --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pat"])
+def test_unreachable_label_studio_fails_fast(kind: str) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    key = "0" * 40 if kind == "legacy" else make_jwt({"token_type": "refresh", "exp": 2**33})
+    client = LabelStudioClient(url, key, timeout=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(LabelStudioError, match=f"Label Studio unreachable at {url}"):
+        client.get_project(1)
+    with pytest.raises(LabelStudioError, match="unreachable"):
+        client.download("/data/upload/1/x.png", 1000, 2.0)
+    with pytest.raises(LabelStudioError, match="unreachable"):
+        ImageFetcher(client, FetchPolicy()).fetch("/data/upload/1/x.png")
+    assert time.monotonic() - t0 < 2.0
+
+
+def make_jwt(claims: dict) -> str:
+    def seg(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{seg({'alg': 'HS256', 'typ': 'JWT'})}.{seg(claims)}.c2lnbmF0dXJl"
+
+
+def test_key_kind_detection() -> None:
+    assert LabelStudioClient("http://ls:8080/", "ab12" * 10).auth_kind == "legacy"
+    pat = make_jwt({"token_type": "refresh", "exp": time.time() + 3600})
+    client = LabelStudioClient("http://ls:8080/", pat)
+    assert client.auth_kind == "pat" and client.url == "http://ls:8080"
+    assert jwt_claims(pat)["token_type"] == "refresh"
+    assert jwt_claims("not.a.jwt") is None and jwt_claims("abc") is None
+    with pytest.raises(ValueError, match="expired"):
+        LabelStudioClient("http://ls:8080", make_jwt({"token_type": "refresh", "exp": 1}))
+    with pytest.raises(ValueError, match="'access'"):
+        LabelStudioClient("http://ls:8080", make_jwt({"token_type": "access", "exp": 2**33}))
+    with pytest.raises(ValueError, match="http"):
+        LabelStudioClient("ls:8080", pat)
+    with pytest.raises(ValueError, match="API key"):
+        LabelStudioClient("http://ls:8080", " ")
+
+
+def test_auth_only_for_the_label_studio_origin() -> None:
+    client = LabelStudioClient("http://ls.example:8080", "k" * 40)
+    assert client.auth_headers_for("http://ls.example:8080/data/upload/1/a.png")
+    assert client.auth_headers_for("HTTP://LS.EXAMPLE:8080/x")
+    for other in (
+        "http://ls.example/x",  # other port
+        "https://ls.example:8080/x",  # other scheme
+        "http://ls.example.evil:8080/x",
+        "http://evil.example/?u=http://ls.example:8080",
+    ):
+        assert client.auth_headers_for(other) == {}, other
+    assert client.absolute_url("/data/local-files/?d=a/b.png") == (
+        "http://ls.example:8080/data/local-files/?d=a/b.png"
+    )
+    assert client.absolute_url("https://cdn.example/a.png") == "https://cdn.example/a.png"
