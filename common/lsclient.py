@@ -345,7 +345,11 @@ class LabelStudioClient:
             yield from tasks
             seen += len(tasks)
             total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or (isinstance(total, int) and seen >= total) or len(tasks) < page_size:
+            if not tasks:
+                return
+            # Label Studio may cap page_size (TASK_API_PAGE_SIZE_MAX): trust "total" when given
+            done = seen >= total if isinstance(total, int) else len(tasks) < page_size
+            if done:
                 return
             page += 1
 

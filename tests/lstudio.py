@@ -300,6 +300,12 @@ class LabelStudio:
         )
         return [int(i) for i in r.json()["task_ids"]]
 
+    def add_local_storage(self, project: int, path: Path, title: str = "local") -> dict[str, Any]:
+        """Connect a local-files storage to a project: Label Studio serves
+        ``/data/local-files/?d=<path below local_files_root>`` only for files inside one."""
+        body = {"project": project, "path": str(path), "use_blob_urls": True, "title": title}
+        return self.api("POST", "/api/storages/localfiles", json=body).json()
+
     def tasks(self, project: int) -> list[dict[str, Any]]:
         """All tasks of a project, every page."""
         out: list[dict[str, Any]] = []

@@ -173,6 +173,26 @@ def test_download_uploaded_image_with_both_token_kinds(ls: LabelStudio, project)
 
 
 @pytest.mark.e2e
+def test_local_files_through_label_studio_or_from_disk(ls: LabelStudio, project) -> None:
+    pid = project[0]
+    served, unserved = ls.local_files_root / "served", ls.local_files_root / "unserved"
+    served.mkdir(exist_ok=True)
+    unserved.mkdir(exist_ok=True)
+    (served / "a.png").write_bytes(png_bytes(10))
+    (unserved / "b.png").write_bytes(png_bytes(11))
+    ls.add_local_storage(pid, served)
+    client = LabelStudioClient(ls.url, ls.pat)
+    assert client.download("/data/local-files/?d=served/a.png", 10**6, 10) == png_bytes(10)
+    # Label Studio serves local files only inside a connected storage
+    with pytest.raises(LabelStudioError, match="HTTP 404"):
+        client.download("/data/local-files/?d=unserved/b.png", 10**6, 10)
+    # a worker beside Label Studio reads them from disk
+    fetcher = ImageFetcher(client, FetchPolicy(local_roots=(str(ls.local_files_root),)))
+    assert fetcher.fetch("/data/local-files/?d=unserved/b.png") == png_bytes(11)
+    assert fetcher.fetch(ls.url + "/data/local-files/?d=served/a.png") == png_bytes(10)
+
+
+@pytest.mark.e2e
 def test_iter_tasks_pages(ls: LabelStudio, project) -> None:
     pid, ids, _ = project
     client = LabelStudioClient(ls.url, ls.pat)
