@@ -201,9 +201,8 @@ class LabelStudioClient:
         exp = (jwt_claims(access) or {}).get("exp")
         now = time.time()
         self._access = access
-        self._access_exp = (
-            float(exp) if isinstance(exp, (int, float)) else now + (DEFAULT_ACCESS_LIFETIME)
-        )
+        lifetime = float(exp) - now if isinstance(exp, (int, float)) else DEFAULT_ACCESS_LIFETIME
+        self._access_exp = now + lifetime
         self.refreshes += 1
         logger.debug("Label Studio access token refreshed, valid %.0f s", self._access_exp - now)
 
@@ -253,13 +252,14 @@ class LabelStudioClient:
         json_body: Any = None,
         ok: tuple[int, ...] = (200, 201),
     ) -> requests.Response:
-        """An authenticated API call; one retry with a fresh access token after a 401.
+        """An authenticated API call (``path`` relative to the base URL); one retry with a
+        fresh access token after a 401.
 
         Raises LabelStudioError for connection errors and for statuses not in ``ok``.
         """
         url = self.absolute_url(path)
         for attempt in (1, 2):
-            headers = self.auth_header()
+            headers = self.auth_headers_for(url)
             try:
                 r = self.session.request(
                     method,

@@ -352,6 +352,7 @@ def test_http_errors_name_the_url_without_secrets(server: Server) -> None:
     ],
     ids=["zero-byte", "truncated", "corrupt", "html", "bomb-huge", "bomb-over-limit"],
 )
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_bad_image_bytes_are_refused_on_decode(server: Server, data: bytes, match: str) -> None:
     assert len(data) < 10_000
     server.routes["/img"] = body(data)
