@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, jsonify, request
 from backend.auth import check_basic_auth
 from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
 from backend.predict import answer
-from backend.schemas import PredictRequest, SetupRequest, WebhookEvent
+from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
 from common.bootstrap import UNTRAINED_SOURCE
 from common.exceptions import BadRequest, NotFound
 from common.jobs import QUEUES
@@ -150,25 +150,61 @@ def train():
 
 @bp.get("/versions")
 def versions():
+    """Label Studio reads ``versions``; ``details`` has each version's metrics, base
+    checkpoint, training data size and correction rate."""
+    from trainer.versions import versions_json
+
     _require_auth()
-    registry = _ext()["registry"]
-    infos = registry.versions()
+    ext = _ext()
+    details = versions_json(ext["registry"], ext["settings"])
     return jsonify(
         {
-            "versions": [v.name for v in infos],
-            "current": registry.current(),
-            "details": [
-                {
-                    "version": v.name,
-                    "created_at": v.created_at,
-                    "parent": v.parent,
-                    "source": v.source,
-                    "base": v.base,
-                    "labels": list(v.labels),
-                    "train_size": v.train_size,
-                    "metrics": v.metrics,
-                }
-                for v in infos
-            ],
+            "versions": [d["version"] for d in details],
+            "current": ext["registry"].current(),
+            "details": details,
         }
     )
+
+
+@bp.post("/preannotate")
+def preannotate_start():
+    """Start pre-annotating a whole project (``{"project": ID}``); answers the run's status."""
+    from common import preannotate as runs
+
+    _require_auth()
+    body = _json_body()
+    if not isinstance(body, dict):
+        raise BadRequest("/preannotate: the body must be a JSON object")
+    project = parse_project_id(body.get("project"))
+    if project is None:
+        raise BadRequest("/preannotate: 'project' (a Label Studio project id) is required")
+    page_size = body.get("page_size", 100)
+    if not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+        raise BadRequest("/preannotate: 'page_size' must be an integer in 1..1000")
+    conn = _ext()["redis"]
+    run_id, started = runs.start_run(conn, project, page_size=page_size)
+    return jsonify({"started": started, **runs.status(conn, run_id)}), 202 if started else 200
+
+
+@bp.get("/preannotate")
+def preannotate_list():
+    from common import preannotate as runs
+
+    _require_auth()
+    return jsonify({"runs": runs.list_runs(_ext()["redis"])})
+
+
+@bp.get("/preannotate/<run_id>")
+def preannotate_status(run_id: str):
+    from common import preannotate as runs
+
+    _require_auth()
+    return jsonify(runs.status(_ext()["redis"], run_id))
+
+
+@bp.post("/preannotate/<run_id>/cancel")
+def preannotate_cancel(run_id: str):
+    from common import preannotate as runs
+
+    _require_auth()
+    return jsonify(runs.cancel(_ext()["redis"], run_id))

@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMAND_MODULES: list[str] = ["backend.cli", "worker.cli", "sam2unet.cli"]
+COMMAND_MODULES: list[str] = [
+    "backend.cli",
+    "worker.cli",
+    "trainer.cli",
+    "common.ops_cli",
+    "sam2unet.cli",
+]
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:

@@ -17,8 +17,9 @@ from common.exceptions import BadRequest
 PAYLOAD_VERSION = 1
 
 QUEUE_INTERACTIVE = "sam2unet-interactive"  # drained first by every worker
-QUEUE_BATCH = "sam2unet-batch"
-QUEUES = (QUEUE_INTERACTIVE, QUEUE_BATCH)
+QUEUE_BATCH = "sam2unet-batch"  # /predict requests from Label Studio
+QUEUE_BACKGROUND = "sam2unet-background"  # project-wide pre-annotation, active learning
+QUEUES = (QUEUE_INTERACTIVE, QUEUE_BATCH, QUEUE_BACKGROUND)
 
 PREDICT_FUNC = "worker.jobs.predict"
 REPLY_PREFIX = "sam2unet:reply:"
@@ -37,16 +38,21 @@ class PredictItem:
 @dataclass(frozen=True)
 class PredictPayload:
     """What a predict job needs. ``target`` is a :class:`common.labelconfig.Target` as a dict;
-    ``context`` an interactive prompt (Label Studio's ``params.context``) or None."""
+    ``context`` an interactive prompt (Label Studio's ``params.context``) or None.
+    ``reply_key`` is the waiting request's reply list (None: nobody waits); ``write_back``
+    stores the results in Label Studio through its API; ``run_id`` names the pre-annotation
+    run whose progress the job counts."""
 
     items: tuple[PredictItem, ...]
     target: dict[str, Any]
-    reply_key: str
+    reply_key: str | None
     ls_base: str | None = None
     project: int | None = None
     model_version: str | None = None
     context: dict[str, Any] | None = None
     request_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    write_back: bool = False
+    run_id: str | None = None
     v: int = PAYLOAD_VERSION
 
     def to_json(self) -> dict[str, Any]:

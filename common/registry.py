@@ -138,7 +138,9 @@ class ModelRegistry:
         name = entries[-1]["version"]
         if self.redis is not None:
             self.redis.set(POINTER_KEY, name, nx=True)
-            log.warning("current-version pointer was missing in Redis; restored %s from the log", name)
+            log.warning(
+                "current-version pointer was missing in Redis; restored %s from the log", name
+            )
         return name
 
     def current_info(self) -> VersionInfo | None:
@@ -228,12 +230,19 @@ class ModelRegistry:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def promote(self, name: str, reason: str = "promoted", metrics: dict[str, Any] | None = None) -> None:
+    def promote(
+        self, name: str, reason: str = "promoted", metrics: dict[str, Any] | None = None
+    ) -> None:
         """Make ``name`` current: append to the promotion log, then flip the Redis pointer."""
         info = self.get(name)
         if not self.model_path(name).is_file():
             raise NotFound(f"model version {name!r} has no model file")
-        entry = {"version": info.name, "at": time.time(), "reason": reason, "metrics": metrics or {}}
+        entry = {
+            "version": info.name,
+            "at": time.time(),
+            "reason": reason,
+            "metrics": metrics or {},
+        }
         self.model_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
@@ -252,7 +261,9 @@ class ModelRegistry:
         from sam2unet.build import load_delta
 
         return load_delta(
-            self.model_path(name), search_dirs=[self.base_dir, self.model_dir], trunk_cache=trunk_cache
+            self.model_path(name),
+            search_dirs=[self.base_dir, self.model_dir],
+            trunk_cache=trunk_cache,
         )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from rq import get_current_job
 
+from common import preannotate as runs
 from common.jobs import LATE_PREFIX, PredictPayload, encode_reply
 from worker.pipeline import StageTimes, run_predict
 from worker.runtime import get_context
@@ -19,6 +20,9 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     p = PredictPayload.from_json(payload)
     ctx = get_context()
     rt = ctx.runtime
+    if p.run_id and not runs.is_running(ctx.redis, p.run_id):
+        log.info("request %s: run %s is no longer running; skipped", p.request_id, p.run_id)
+        return {"items": 0, "skipped": len(p.items)}
     times = StageTimes()
     results = run_predict(
         p,
@@ -30,15 +34,6 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         max_pixels=rt.settings.max_image_pixels,
         times=times,
     )
-    job = get_current_job()
-    job_id = job.id if job is not None else "local"
-    late = ctx.redis.exists(LATE_PREFIX + p.reply_key)
-    with ctx.redis.pipeline() as pipe:
-        pipe.rpush(p.reply_key, encode_reply(job_id, results))
-        pipe.expire(p.reply_key, max(60, rt.settings.result_ttl))
-        pipe.execute()
-    if late and ctx.write_back is not None:
-        ctx.write_back(p, results)
     log.info(
         "request %s: %d items (%d cached, %d failed) fetch %.3fs decode %.3fs forward %.3fs "
         "encode %.3fs",
@@ -51,4 +46,29 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         times.forward,
         times.encode,
     )
+    job = get_current_job()
+    job_id = job.id if job is not None else "local"
+    if p.reply_key:
+        late = ctx.redis.exists(LATE_PREFIX + p.reply_key)
+        with ctx.redis.pipeline() as pipe:
+            pipe.rpush(p.reply_key, encode_reply(job_id, results))
+            pipe.expire(p.reply_key, max(60, rt.settings.result_ttl))
+            pipe.execute()
+    else:
+        late = False
+    written = 0
+    if (p.write_back or late) and ctx.write_back is not None:
+        written = ctx.write_back(p, results)
+    elif p.write_back:
+        log.error("request %s: no Label Studio API configured to write results to", p.request_id)
+    if p.run_id:
+        runs.record(ctx.redis, p.run_id, done=written, failed=len(results) - written)
     return {"items": len(results), "errors": sum(1 for r in results if r.error)}
+
+
+def preannotate_page(run_id: str, page: int) -> dict[str, Any]:
+    """Read one page of a pre-annotation run's project and enqueue predictions for the tasks
+    that have none of the current model version; then enqueue the next page."""
+    from worker.preannotate import process_page
+
+    return process_page(get_context(), run_id, page)

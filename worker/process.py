@@ -85,6 +85,7 @@ def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
         redis=connection,
         runtime=runtime,
         fetch=fetcher.fetch,
+        ls_client=ls_client,
         write_back=make_write_back(ls_client),
     )
 

@@ -99,6 +99,7 @@ class WorkerContext:
     redis: redis.Redis
     runtime: ModelRuntime
     fetch: Callable[[str, str | None], bytes]
+    ls_client: Any = None
     write_back: Callable[[Any, list[Any]], None] | None = None
 
 

@@ -13,19 +13,22 @@ from common.jobs import ItemResult, PredictPayload
 log = logging.getLogger(__name__)
 
 
-def make_write_back(ls_client: Any) -> Callable[[PredictPayload, list[ItemResult]], None] | None:
-    """A function that stores each successful result as a prediction of its task, or None when
-    no Label Studio API is configured (then late results are only logged)."""
+def make_write_back(ls_client: Any) -> Callable[[PredictPayload, list[ItemResult]], int] | None:
+    """A function that stores each successful result as a prediction of its task and returns
+    how many it stored, or None when no Label Studio API is configured."""
     if ls_client is None:
         return None
 
-    def write_back(payload: PredictPayload, results: list[ItemResult]) -> None:
+    def write_back(payload: PredictPayload, results: list[ItemResult]) -> int:
+        written = 0
         for r in results:
             if r.error or r.task_id is None:
                 continue
             try:
                 ls_client.create_prediction(r.task_id, r.result, r.score, r.model_version)
+                written += 1
             except AssistError as e:
                 log.error("task %s: could not write the prediction back: %s", r.task_id, e.message)
+        return written
 
     return write_back

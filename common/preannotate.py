@@ -1,0 +1,192 @@
+"""Project-wide pre-annotation runs, beyond Label Studio's 100 s /predict limit.
+
+A run pages through a project's tasks with the Label Studio API (one small job per page, so no
+worker is held for the whole run), skips tasks that already have a prediction of the current
+model version, and enqueues prediction jobs whose results the workers write back through
+``POST /api/predictions``. Its state lives in a Redis hash; everything it does is idempotent, so
+after a restart a new run of the same project only does what is left.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import redis
+from rq import Queue, Retry
+
+from common.exceptions import NotFound
+from common.jobs import QUEUE_BACKGROUND
+
+RUN_PREFIX = "sam2unet:preannotate:run:"
+ACTIVE_PREFIX = "sam2unet:preannotate:active:"
+RUNS_KEY = "sam2unet:preannotate:runs"
+PAGE_FUNC = "worker.jobs.preannotate_page"
+RUN_TTL = 30 * 24 * 3600
+
+RUNNING, COMPLETED, CANCELLED, FAILED = "running", "completed", "cancelled", "failed"
+
+
+def _key(run_id: str) -> str:
+    return RUN_PREFIX + run_id
+
+
+def start_run(
+    conn: redis.Redis,
+    project: int,
+    *,
+    page_size: int = 100,
+    reason: str = "requested",
+    job_timeout: int = 300,
+) -> tuple[str, bool]:
+    """Start pre-annotating ``project``, or return its run in progress: (run id, started)."""
+    active = conn.get(ACTIVE_PREFIX + str(project))
+    if active is not None:
+        run_id = active.decode()
+        if _field(conn, run_id, "status") == RUNNING:
+            return run_id, False
+    run_id = f"{project}-{int(time.time())}-{secrets.token_hex(3)}"
+    now = time.time()
+    with conn.pipeline() as pipe:
+        pipe.hset(
+            _key(run_id),
+            mapping={
+                "id": run_id,
+                "project": project,
+                "status": RUNNING,
+                "reason": reason,
+                "created_at": now,
+                "updated_at": now,
+                "total": -1,
+                "pages": 0,
+                "paged": 0,
+                "queued": 0,
+                "done": 0,
+                "failed": 0,
+                "skipped": 0,
+                "error": "",
+                "model_version": "",
+                "page_size": page_size,
+            },
+        )
+        pipe.expire(_key(run_id), RUN_TTL)
+        pipe.set(ACTIVE_PREFIX + str(project), run_id, ex=RUN_TTL)
+        pipe.zadd(RUNS_KEY, {run_id: now})
+        pipe.execute()
+    enqueue_page(conn, run_id, 1, job_timeout)
+    return run_id, True
+
+
+def enqueue_page(conn: redis.Redis, run_id: str, page: int, job_timeout: int = 300) -> None:
+    Queue(QUEUE_BACKGROUND, connection=conn).enqueue(
+        PAGE_FUNC,
+        run_id,
+        page,
+        job_timeout=job_timeout,
+        result_ttl=600,
+        failure_ttl=24 * 3600,
+        retry=Retry(max=3, interval=[5, 30, 120]),
+        description=f"pre-annotation {run_id} page {page}",
+    )
+
+
+def _field(conn: redis.Redis, run_id: str, name: str) -> str | None:
+    v = conn.hget(_key(run_id), name)
+    return v.decode() if v is not None else None
+
+
+def _num(d: dict[str, str], name: str) -> float:
+    try:
+        return float(d.get(name, 0))
+    except ValueError:
+        return 0.0
+
+
+def status(conn: redis.Redis, run_id: str) -> dict[str, Any]:
+    """Progress of a run: counts, rate (tasks/s), ETA (s) and state."""
+    raw = conn.hgetall(_key(run_id))
+    if not raw:
+        raise NotFound(f"no pre-annotation run {run_id!r}")
+    d = {k.decode(): v.decode() for k, v in raw.items()}
+    total = int(_num(d, "total"))
+    done, failed, skipped = (int(_num(d, k)) for k in ("done", "failed", "skipped"))
+    elapsed = max(
+        1e-6,
+        (time.time() if d["status"] == RUNNING else _num(d, "updated_at")) - _num(d, "created_at"),
+    )
+    finished = done + failed + skipped
+    remaining = max(0, total - finished) if total >= 0 else None
+    rate = done / elapsed
+    eta = (remaining / rate) if (remaining is not None and rate > 0) else None
+    return {
+        "id": run_id,
+        "project": int(_num(d, "project")),
+        "status": d["status"],
+        "model_version": d.get("model_version") or None,
+        "total": total if total >= 0 else None,
+        "done": done,
+        "failed": failed,
+        "skipped": skipped,
+        "queued": int(_num(d, "queued")),
+        "remaining": remaining,
+        "rate": round(rate, 3),
+        "eta_seconds": None if eta is None else round(eta, 1),
+        "elapsed_seconds": round(elapsed, 1),
+        "error": d.get("error") or None,
+        "reason": d.get("reason"),
+    }
+
+
+def cancel(conn: redis.Redis, run_id: str) -> dict[str, Any]:
+    """Stop a run: pages not yet read are not read, queued jobs of the run do nothing."""
+    if not conn.exists(_key(run_id)):
+        raise NotFound(f"no pre-annotation run {run_id!r}")
+    if _field(conn, run_id, "status") == RUNNING:
+        conn.hset(_key(run_id), mapping={"status": CANCELLED, "updated_at": time.time()})
+    return status(conn, run_id)
+
+
+def list_runs(conn: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
+    out = []
+    for run_id in conn.zrevrange(RUNS_KEY, 0, limit - 1):
+        try:
+            out.append(status(conn, run_id.decode()))
+        except NotFound:
+            conn.zrem(RUNS_KEY, run_id)
+    return out
+
+
+def is_running(conn: redis.Redis, run_id: str) -> bool:
+    return _field(conn, run_id, "status") == RUNNING
+
+
+def record(conn: redis.Redis, run_id: str, **increments: int) -> None:
+    """Add to a run's counters; mark it completed when every task is accounted for."""
+    key = _key(run_id)
+    with conn.pipeline() as pipe:
+        for name, n in increments.items():
+            if n:
+                pipe.hincrby(key, name, n)
+        pipe.hset(key, "updated_at", time.time())
+        pipe.execute()
+    maybe_complete(conn, run_id)
+
+
+def maybe_complete(conn: redis.Redis, run_id: str) -> None:
+    d = {k.decode(): v.decode() for k, v in conn.hgetall(_key(run_id)).items()}
+    if not d or d.get("status") != RUNNING:
+        return
+    total = int(_num(d, "total"))
+    finished = sum(int(_num(d, k)) for k in ("done", "failed", "skipped"))
+    if total >= 0 and d.get("paged") == "1" and finished >= total:
+        conn.hset(_key(run_id), mapping={"status": COMPLETED, "updated_at": time.time()})
+        conn.delete(ACTIVE_PREFIX + d["project"])
+
+
+def fail(conn: redis.Redis, run_id: str, error: str) -> None:
+    conn.hset(_key(run_id), mapping={"status": FAILED, "error": error, "updated_at": time.time()})
+
+
+def update(conn: redis.Redis, run_id: str, **fields: Any) -> None:
+    conn.hset(_key(run_id), mapping={**fields, "updated_at": time.time()})

@@ -1,0 +1,97 @@
+"""``sam2unet-assist trainer`` and ``sam2unet-assist versions``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trainer", help="run the trainer service (webhook events -> rounds)")
+    p.add_argument(
+        "--once", type=int, metavar="PROJECT", help="run one round for a project and exit"
+    )
+    p.set_defaults(func=_trainer)
+
+    v = sub.add_parser("versions", help="list model versions, show one, or roll back")
+    v.add_argument("action", nargs="?", default="list", choices=["list", "show", "rollback"])
+    v.add_argument("version", nargs="?", help="version name (show, rollback)")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(func=_versions)
+
+
+def _services(settings):
+    from backend.app import redis_client
+    from common.fetch import FetchPolicy, ImageFetcher
+    from common.lsclient import LabelStudioClient
+
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        raise SystemExit("the trainer needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    fetcher = ImageFetcher(client, FetchPolicy.from_settings(settings))
+    return redis_client(settings.redis_url), client, fetcher
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    from common.bootstrap import ensure_current_version
+    from common.settings import Settings
+    from trainer.service import TrainerService
+
+    settings = Settings.from_env()
+    conn, client, fetcher = _services(settings)
+    service = TrainerService(settings, conn, client, fetcher.fetch)
+    ensure_current_version(service.registry, settings)
+    if args.once is not None:
+        report = service.round(args.once, "requested from the command line")
+        print(json.dumps({k: report.to_json()[k] for k in ("status", "reason", "candidate")}))
+        return 0 if report.status != "skipped" else 1
+
+    def stop(*_: object) -> None:
+        service.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    service.run_forever()
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from common.exceptions import NotFound
+    from common.registry import ModelRegistry
+    from common.settings import Settings
+    from trainer.versions import version_table, versions_json
+
+    settings = Settings.from_env()
+    try:
+        import redis
+
+        conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        conn.ping()
+    except redis.exceptions.ConnectionError:
+        conn = None
+    registry = ModelRegistry(settings.model_dir, conn)
+    try:
+        if args.action == "rollback":
+            if not args.version:
+                raise SystemExit("usage: sam2unet-assist versions rollback VERSION")
+            registry.rollback(args.version)
+            print(f"current version: {registry.current()}")
+            if conn is None:
+                print("warning: Redis unreachable; the pointer will be restored from the log")
+            return 0
+        data = versions_json(registry, settings)
+        if args.action == "show":
+            if not args.version:
+                raise SystemExit("usage: sam2unet-assist versions show VERSION")
+            data = [d for d in data if d["version"] == args.version]
+            if not data:
+                raise NotFound(f"no model version {args.version!r}")
+        print(
+            json.dumps(data, indent=2)
+            if args.json or args.action == "show"
+            else version_table(data)
+        )
+    except NotFound as e:
+        raise SystemExit(e.message) from None
+    return 0

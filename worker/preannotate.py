@@ -1,0 +1,124 @@
+"""The worker side of project-wide pre-annotation runs (see :mod:`common.preannotate`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rq import Queue, Retry
+
+from common import preannotate as runs
+from common.exceptions import AssistError
+from common.jobs import (
+    PREDICT_FUNC,
+    QUEUE_BACKGROUND,
+    PredictItem,
+    PredictPayload,
+    target_to_json,
+)
+from common.labelconfig import parse_label_config
+from worker.runtime import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def has_prediction_of(task: dict[str, Any], version: str) -> bool:
+    """Whether Label Studio already holds a prediction of ``version`` for the task."""
+    for p in task.get("predictions") or []:
+        if isinstance(p, dict) and p.get("model_version") == version:
+            return True
+    return False
+
+
+def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
+    conn = ctx.redis
+    if not runs.is_running(conn, run_id):
+        return {"skipped": "run not running"}
+    if ctx.ls_client is None:
+        runs.fail(
+            conn, run_id, "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set on the workers"
+        )
+        return {"error": "no Label Studio API"}
+    st = runs.status(conn, run_id)
+    project = st["project"]
+    page_size = int(conn.hget(runs.RUN_PREFIX + run_id, "page_size") or 100)
+    try:
+        version = ctx.runtime.ensure_current()
+        target = parse_label_config(ctx.ls_client.get_project(project)["label_config"])
+        r = ctx.ls_client.request(
+            "GET",
+            "/api/tasks",
+            params={"project": project, "page": page, "page_size": page_size, "fields": "all"},
+            ok=(200, 404),
+        )
+    except AssistError as e:
+        if page == 1:
+            runs.fail(conn, run_id, e.message)
+            return {"error": e.message}
+        raise  # a later page: rq retries it
+    body = r.json() if r.status_code == 200 else {"tasks": [], "total": None}
+    tasks = body.get("tasks", []) if isinstance(body, dict) else body
+    total = body.get("total") if isinstance(body, dict) else None
+    fields: dict[str, Any] = {"model_version": version, "pages": page}
+    if isinstance(total, int):
+        fields["total"] = total
+    last = (
+        not tasks
+        or len(tasks) < page_size
+        or (isinstance(total, int) and (page - 1) * page_size + len(tasks) >= total)
+    )
+    todo, skipped = [], 0
+    for i, task in enumerate(tasks):
+        url = (task.get("data") or {}).get(target.value_key)
+        if has_prediction_of(task, version):
+            skipped += 1
+        elif not isinstance(url, str) or not url:
+            runs.record(conn, run_id, failed=1)
+        else:
+            todo.append(PredictItem(index=i, url=url, task_id=task.get("id")))
+    if not isinstance(total, int) and last:
+        fields["total"] = (page - 1) * page_size + len(tasks)
+    runs.update(conn, run_id, **fields)
+    queue = Queue(QUEUE_BACKGROUND, connection=conn)
+    size = max(1, ctx.settings.batch_size)
+    jobs = []
+    for start in range(0, len(todo), size):
+        chunk = tuple(todo[start : start + size])
+        payload = PredictPayload(
+            items=chunk,
+            target=target_to_json(target),
+            reply_key=None,
+            project=project,
+            model_version=version,
+            write_back=True,
+            run_id=run_id,
+        )
+        jobs.append(
+            Queue.prepare_data(
+                PREDICT_FUNC,
+                args=(payload.to_json(),),
+                timeout=ctx.settings.job_timeout,
+                result_ttl=60,
+                failure_ttl=24 * 3600,
+                retry=Retry(max=ctx.settings.job_retries),
+                description=f"pre-annotation {run_id}: {len(chunk)} task(s)",
+            )
+        )
+    if jobs:
+        queue.enqueue_many(jobs)
+    runs.record(conn, run_id, queued=len(todo), skipped=skipped)
+    if last:
+        runs.update(conn, run_id, paged=1)
+        runs.maybe_complete(conn, run_id)
+    else:
+        runs.enqueue_page(conn, run_id, page + 1)
+    log.info(
+        "pre-annotation %s page %d: %d task(s), %d queued, %d already predicted by %s",
+        run_id,
+        page,
+        len(tasks),
+        len(todo),
+        skipped,
+        version,
+    )
+    return {"tasks": len(tasks), "queued": len(todo), "skipped": skipped}
