@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from sam2unet.build import LoadedModel, load_any, random_model, save_delta
 from sam2unet.config import ModelConfig
