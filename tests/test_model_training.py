@@ -6,15 +6,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from model_helpers import cpu_config, torch_threads, write_official_checkpoint
 
-from sam2unet.build import load_delta, random_model, read_delta
-from sam2unet.data import ArraySource, SegmentationDataset
+from sam2unet.build import load_delta, random_model, read_delta, save_delta
+from sam2unet.data import ArraySource, SegmentationDataset, train_val_datasets
 from sam2unet.exceptions import ConfigError
 from sam2unet.modeling.sam2unet import is_frozen_key
-from sam2unet.synthetic import generate
+from sam2unet.synthetic import SHAPE_CLASSES, generate
 from sam2unet.training import (
     TrainConfig,
     TrainEvent,
@@ -192,3 +193,31 @@ def test_loader_workers_do_not_change_the_result() -> None:
     a, b = (trainable(r.model) for r in results)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert results[0].history[0].loss == results[1].history[0].loss
+
+
+def test_multi_label_training_reports_each_label(tmp_path: Path) -> None:
+    samples = generate(6, 96, seed=3, classes=SHAPE_CLASSES, max_objects=3)
+    source = ArraySource(samples, labels=SHAPE_CLASSES)
+    train_ds, val_ds = train_val_datasets(source, SIDE, 0.34, seed=0)
+    loaded = random_model(cpu_config(labels=SHAPE_CLASSES))
+    result = train(loaded, train_ds, val_ds, quiet(epochs=1, batch_size=2), tmp_path)
+    val = result.history[0].val
+    for label in SHAPE_CLASSES:
+        assert 0 <= val[f"miou/{label}"] <= 1
+    assert val["miou"] == pytest.approx(np.mean([val[f"miou/{c}"] for c in SHAPE_CLASSES]))
+    assert load_delta(result.last_path).config.labels == SHAPE_CLASSES
+
+
+def test_initial_model_from_a_delta_or_released_file(tmp_path: Path) -> None:
+    start = random_model(cpu_config(image_size=96), seed=4)
+    delta = save_delta(tmp_path / "d.pt", start.model, start.config, None, train_state={"x": 1})
+    loaded = initial_model(cpu_config(), init=delta)
+    assert loaded.config.image_size == 64 and loaded.train_state is None
+    torch.save(start.model.state_dict(), tmp_path / "released.pth")
+    released = initial_model(cpu_config(), init=tmp_path / "released.pth")
+    assert released.source_format == "released" and released.config.image_size == 64
+    x = torch.randn(1, 3, SIDE, SIDE)
+    with torch.no_grad():
+        ref = start.model.eval()(x)[0]
+        assert torch.equal(loaded.model.eval()(x)[0], ref)
+        assert torch.equal(released.model.eval()(x)[0], ref)
