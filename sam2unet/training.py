@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sam2unet.build import LoadedModel, load_any, random_model, save_delta
+from sam2unet.build import LoadedModel, build_from_sam2, load_any, random_model, save_delta
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
 from sam2unet.exceptions import ConfigError
@@ -193,7 +193,7 @@ def initial_model(
         loaded.train_state = None
         return loaded
     if sam2 is not None:
-        return load_any(sam2, dirs, **overrides)
+        return build_from_sam2(sam2, **overrides)
     log.warning("no SAM2 checkpoint given: training on a randomly initialised trunk")
     return random_model(config, seed)
 
