@@ -323,7 +323,11 @@ class LabelStudio:
             page += 1
 
     def add_ml_backend(
-        self, project: int, url: str, basic_auth: tuple[str, str] | None = None, title: str = "ml"
+        self,
+        project: int,
+        url: str,
+        basic_auth: tuple[str, str] | None = None,
+        title: str = "ml backend",
     ) -> dict[str, Any]:
         """Register an ML backend with a project; returns Label Studio's ML backend object."""
         body: dict[str, Any] = {"url": url, "project": project, "title": title}

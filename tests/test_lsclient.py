@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -80,6 +82,45 @@ def test_harness_starts_label_studio_as_1_23_creates_it(ls: LabelStudio) -> None
     assert ls.token_settings() == {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
     assert jwt_claims(ls.pat)["token_type"] == "refresh"
     assert ls.proc.poll() is None and ls.start_seconds > 0
+
+
+@pytest.mark.e2e
+def test_harness_registers_an_ml_backend(ls: LabelStudio) -> None:
+    calls: list[tuple[str, str, str | None]] = []
+
+    class Backend(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def answer(self, obj: dict) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            calls.append(("GET", self.path, self.headers.get("Authorization")))
+            self.answer({"status": "UP"})
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            calls.append(("POST", self.path, self.headers.get("Authorization")))
+            self.answer({"model_version": "stub-1"})
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        pid = ls.create_project(LABEL_CONFIG, title="ml backend")
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        backend = ls.add_ml_backend(pid, url, basic_auth=("user", "pw"))
+        assert backend["url"] == url and backend["model_version"] == "stub-1"
+        basic = "Basic " + base64.b64encode(b"user:pw").decode()
+        assert ("GET", "/health", basic) in calls and ("POST", "/setup", basic) in calls
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.e2e
