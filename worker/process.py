@@ -71,7 +71,12 @@ def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     from common.lsclient import LabelStudioClient
 
     ls_client = None
-    if settings.label_studio_url:
+    if settings.label_studio_url and not settings.label_studio_api_key:
+        log.warning(
+            "LABEL_STUDIO_URL is set without LABEL_STUDIO_API_KEY: Label Studio images are fetched "
+            "without credentials and results cannot be written back"
+        )
+    elif settings.label_studio_url:
         ls_client = LabelStudioClient(
             settings.label_studio_url, settings.label_studio_api_key, timeout=settings.fetch_timeout
         )
