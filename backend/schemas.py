@@ -15,6 +15,16 @@ def _obj(body: Any, what: str) -> dict[str, Any]:
     return body
 
 
+def _list(body: dict[str, Any], key: str, what: str) -> list[Any]:
+    """``body[key]`` as a list: [] when absent or null, BadRequest when not a list."""
+    value = body.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"{what}: {key!r} must be a list")
+    return value
+
+
 def parse_project_id(value: Any) -> int | None:
     """Label Studio sends ``project`` as ``"<id>.<created_at>"`` (a string), sometimes an int
     or a full project object (webhooks)."""
@@ -122,7 +132,7 @@ class WebhookEvent:
                 updated_at = ann["updated_at"]
             if project is None:
                 project = parse_project_id(ann.get("project"))
-        for a in b.get("annotations") or []:
+        for a in _list(b, "annotations", "/webhook"):
             if isinstance(a, dict) and isinstance(a.get("id"), int):
                 ann_ids.append(a["id"])
         task = b.get("task")
@@ -132,7 +142,7 @@ class WebhookEvent:
             and task["id"] not in task_ids
         ):
             task_ids.append(task["id"])
-        for t in b.get("tasks") or []:
+        for t in _list(b, "tasks", "/webhook"):
             if isinstance(t, dict) and isinstance(t.get("id"), int):
                 task_ids.append(t["id"])
         return cls(action, project, tuple(ann_ids), tuple(task_ids), updated_at)
