@@ -9,6 +9,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from backend.auth import check_basic_auth
 from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
+from backend.metrics import record_answer
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
 from common.bootstrap import UNTRAINED_SOURCE
@@ -104,6 +105,7 @@ def predict():
     target = parse_label_config(req.label_config)
     version = current_version()
     outcome = _ext()["predict"].predict(req, target, version)
+    record_answer(_ext()["redis"], outcome.results)
     failed = sum(1 for r in outcome.results if r.error)
     log.info(
         "predict: project %s, %d task(s), %d failed, %d late, %.2fs",

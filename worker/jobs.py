@@ -7,6 +7,7 @@ from typing import Any
 
 from rq import get_current_job
 
+from backend.metrics import record_job
 from common import preannotate as runs
 from common.jobs import LATE_PREFIX, PredictPayload, encode_reply
 from worker.pipeline import StageTimes, run_predict
@@ -47,6 +48,7 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         times.encode,
     )
     job = get_current_job()
+    record_job(ctx.redis, job, times, results)
     job_id = job.id if job is not None else "local"
     if p.reply_key:
         late = ctx.redis.exists(LATE_PREFIX + p.reply_key)
