@@ -14,6 +14,7 @@ COMMAND_MODULES: list[str] = [
     "worker.cli",
     "trainer.cli",
     "common.ops_cli",
+    "common.up_cli",
     "sam2unet.cli",
 ]
 
