@@ -1,0 +1,334 @@
+"""Metrics against real components: a real Redis, a real worker process running the test-size
+model and the Flask app; /metrics scraped before and after real predictions. And no secret in
+any log line of the backend or the worker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+
+import pytest
+import redis
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
+
+from backend import metrics
+from backend.app import create_app
+from common import preannotate as runs
+from common.jobs import QUEUE_BACKGROUND, QUEUE_BATCH
+from common.redis_server import EmbeddedRedis, free_port
+from common.settings import Settings
+from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.test_serving import fixture, red_circle
+
+CFG = fixture("post_setup.json")["json"]["schema"]
+
+
+@pytest.fixture(scope="module")
+def own_redis():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(own_redis, model_dir, tmp_path_factory):
+    """One real worker on a Redis of this module's own, and Label Studio-like image paths."""
+    url = own_redis.url
+    conn = redis.Redis.from_url(url)
+    files = LabelStudioLikeFiles(tmp_path_factory.mktemp("metrics-files"))
+    env = service_env(url, model_dir)
+    with workers(env, conn, 1, tmp_path_factory.mktemp("metrics-logs")) as procs:
+        yield {"conn": conn, "files": files, "env": env, "workers": procs}
+    files.close()
+
+
+def scrape(client, **headers) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    r = client.get("/metrics", headers=headers)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert r.content_type.startswith("text/plain")
+    out = {}
+    for fam in text_string_to_metric_families(r.get_data(as_text=True)):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_histogram_observations_become_cumulative_buckets(own_redis):
+    conn = redis.Redis.from_url(own_redis.url)
+    h = metrics.HistogramDef("sam2unet_test_seconds", "test", ("kind",), (0.1, 1.0, 10.0))
+    conn.delete(h.key)
+    with conn.pipeline() as pipe:
+        for v in (0.05, 0.1, 0.5, 3.0, 50.0, -1.0):  # a bound itself counts as "<= bound"
+            h.observe(pipe, v, "a")
+        h.observe(pipe, 2.0, "b")
+        pipe.execute()
+    fields = {k.decode(): v.decode() for k, v in conn.hgetall(h.key).items()}
+    fam = metrics.RedisCollector._histogram(h, fields, HistogramMetricFamily)
+    got = {(s.name, s.labels.get("kind"), s.labels.get("le")): s.value for s in fam.samples}
+    assert got[("sam2unet_test_seconds_bucket", "a", "0.1")] == 3  # -1 (clamped to 0), .05, .1
+    assert got[("sam2unet_test_seconds_bucket", "a", "1.0")] == 4
+    assert got[("sam2unet_test_seconds_bucket", "a", "10.0")] == 5
+    assert got[("sam2unet_test_seconds_bucket", "a", "+Inf")] == 6
+    assert got[("sam2unet_test_seconds_count", "a", None)] == 6
+    assert got[("sam2unet_test_seconds_sum", "a", None)] == pytest.approx(53.65)
+    assert got[("sam2unet_test_seconds_bucket", "b", "1.0")] == 0
+    assert got[("sam2unet_test_seconds_bucket", "b", "10.0")] == 1
+    conn.delete(h.key)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("task data has no image under 'image'", "no_image"),
+        ("not finished before the deadline; computing in the background", "deadline"),
+        ("prediction job failed", "job_failed"),
+        ("prediction job vanished", "job_failed"),
+        ("interactive prompt 'x': rectangle lies outside the image", "prompt"),
+        ("cannot decode image: cannot identify image file", "decode"),
+        ("empty image (0 bytes)", "decode"),
+        ("image of 9000x9000 pixels exceeds the 64000000 pixel limit", "decode"),
+        ("http://127.0.0.1:1/upload/x.png answered HTTP 404", "fetch"),
+        ("image fetch failed: OSError", "fetch"),
+        ("Label Studio unreachable at http://ls:8080", "fetch"),
+        ("something new", "other"),
+    ],
+)
+def test_failure_reasons(message, reason):
+    assert metrics.failure_reason(message) == reason
+
+
+def test_scrape_after_real_predictions_through_a_real_worker(stack, model_dir):
+    files = stack["files"]
+    settings = Settings.from_env(stack["env"])
+    client = create_app(settings, redis.Redis.from_url(settings.redis_url)).test_client()
+    good = [files.add(f"upload/3/g{i}.png", png_bytes(red_circle(seed=40 + i))) for i in range(3)]
+    files.add("upload/3/corrupt.png", b"\x89PNG\r\n\x1a\nnot a png")
+    tasks = [
+        {"id": 1, "data": {"image": f"{files.url}/{good[0]}"}},
+        {"id": 2, "data": {"image": f"{files.url}/upload/3/missing.png"}},  # 404: fetch
+        {"id": 3, "data": {"image": f"{files.url}/upload/3/corrupt.png"}},  # decode
+        {"id": 4, "data": {"image": f"{files.url}/{good[1]}"}},
+        {"id": 5, "data": {"other": "no image"}},  # no_image, on the backend
+        {"id": 6, "data": {"image": f"{files.url}/{good[2]}"}},
+    ]
+    before = scrape(client)
+    t0 = time.perf_counter()
+    r = client.post("/predict", json={"tasks": tasks, "label_config": CFG})
+    predict_s = time.perf_counter() - t0
+    assert r.status_code == 200
+    version = r.get_json()["results"][0]["model_version"]
+    assert [bool(x["result"]) for x in r.get_json()["results"]] == [1, 0, 0, 1, 0, 1]
+    t0 = time.perf_counter()
+    after = scrape(client)
+    scrape_ms = (time.perf_counter() - t0) * 1000
+
+    n_jobs = 2  # 5 tasks with an image, SAM2UNET_BATCH_SIZE=4
+    req = {"endpoint": "/predict", "method": "POST"}
+    assert delta(before, after, "sam2unet_http_requests_total", **req, status="200") == 1
+    assert delta(before, after, "sam2unet_http_request_duration_seconds_count", **req) == 1
+    assert delta(
+        before, after, "sam2unet_http_request_duration_seconds_sum", **req
+    ) == pytest.approx(predict_s, abs=0.25)
+    assert delta(before, after, "sam2unet_jobs_total", queue=QUEUE_BATCH) == n_jobs
+    for stage in metrics.STAGES:
+        labels = {"queue": QUEUE_BATCH, "stage": stage}
+        assert delta(before, after, "sam2unet_job_stage_duration_seconds_count", **labels) == n_jobs
+        inf = delta(
+            before, after, "sam2unet_job_stage_duration_seconds_bucket", **labels, le="+Inf"
+        )
+        assert inf == n_jobs
+    forward = delta(
+        before, after, "sam2unet_job_stage_duration_seconds_sum", queue=QUEUE_BATCH, stage="forward"
+    )
+    total = delta(
+        before, after, "sam2unet_job_stage_duration_seconds_sum", queue=QUEUE_BATCH, stage="total"
+    )
+    assert 0 < forward < total < predict_s
+    assert delta(before, after, "sam2unet_predictions_total", model_version=version) == 3
+    assert delta(before, after, "sam2unet_failed_tasks_total", reason="fetch") == 1
+    assert delta(before, after, "sam2unet_failed_tasks_total", reason="decode") == 1
+    assert delta(before, after, "sam2unet_failed_tasks_total", reason="no_image") == 1
+    assert delta(before, after, "sam2unet_cache_hits_total") == 0
+    # the scrape itself is counted too
+    assert delta(before, after, "sam2unet_http_requests_total", endpoint="/metrics",
+                 method="GET", status="200") == 1  # fmt: skip
+    # live gauges
+    assert value(after, "sam2unet_workers") == 1
+    assert value(after, "sam2unet_queue_depth", queue=QUEUE_BATCH) == 0
+    assert value(after, "sam2unet_model_version_info", version=version, source="test-fixture") == 1
+
+    # the same images again: all three from the cache
+    again = [t for t in tasks if t["id"] in (1, 4, 6)]
+    r = client.post("/predict", json={"tasks": again, "label_config": CFG})
+    assert all(x["result"] for x in r.get_json()["results"])
+    third = scrape(client)
+    assert delta(after, third, "sam2unet_cache_hits_total") == 3
+    assert delta(after, third, "sam2unet_predictions_total", model_version=version) == 3
+    assert delta(after, third, "sam2unet_jobs_total", queue=QUEUE_BATCH) == 1
+    assert delta(after, third, "sam2unet_http_requests_total", **req, status="200") == 1
+
+    # a bad request is counted under its status
+    client.post("/predict", data="not json", content_type="application/json")
+    client.get("/no-such-page")
+    fourth = scrape(client)
+    assert delta(third, fourth, "sam2unet_http_requests_total", **req, status="400") == 1
+    assert (
+        delta(third, fourth, "sam2unet_http_requests_total", endpoint="unmatched", method="GET",
+              status="404") == 1
+    )  # fmt: skip
+    print(f"/metrics scrape: {scrape_ms:.1f} ms")
+
+
+def test_training_and_preannotation_gauges(own_redis, model_dir):
+    from trainer.round import RoundReport
+    from trainer.service import ROUNDS_KEY, STATUS_KEY
+
+    assert (ROUNDS_KEY, STATUS_KEY) == (metrics.ROUNDS_KEY, metrics.TRAINER_STATUS_KEY)
+    conn = redis.Redis.from_url(f"redis://127.0.0.1:{own_redis.port}/3")
+    conn.flushdb()
+    client = create_app(Settings(model_dir=model_dir), conn).test_client()
+    before = scrape(client)
+    assert value(before, "sam2unet_workers") == 0
+    assert not any(k[0].startswith("sam2unet_training_last_round") for k in before)
+
+    reports = [
+        RoundReport("promoted", "miou: candidate 0.7, current 0.5", 1, "v1", "v2",
+                    current_metrics={"miou": 0.5, "sm": 0.6},
+                    candidate_metrics={"miou": 0.7, "sm": 0.8},
+                    train_size=12, val_size=3, seconds=42.5),
+        RoundReport("rejected", "miou: candidate 0.4, current 0.7", 1, "v2", "v3",
+                    current_metrics={"miou": 0.7}, candidate_metrics={"miou": 0.4},
+                    train_size=14, val_size=4, seconds=40.0),
+    ]  # fmt: skip
+    for rep in reports:  # as the trainer records a round
+        conn.lpush(ROUNDS_KEY, json.dumps({**rep.to_json(), "at": 1700000000.0}))
+        metrics.record_round(conn, rep)
+    conn.hset(STATUS_KEY, mapping={"state": "training", "project": 1, "epoch": 3, "epochs": 10,
+                                   "loss": "0.25"})  # fmt: skip
+    run_id, _ = runs.start_run(conn, 7, page_size=10)
+    runs.update(conn, run_id, total=20)
+    runs.record(conn, run_id, done=5, failed=1, skipped=2, queued=8)
+
+    after = scrape(client)
+    assert value(after, "sam2unet_training_rounds_total", status="promoted") == 1
+    assert value(after, "sam2unet_training_rounds_total", status="rejected") == 1
+    last = {"status": "rejected", "project": "1", "parent": "v2", "candidate": "v3"}
+    assert value(after, "sam2unet_training_last_round_info", **last) == 1
+    assert value(after, "sam2unet_training_last_round_metric", model="candidate",
+                 metric="miou") == 0.4  # fmt: skip
+    assert value(after, "sam2unet_training_last_round_metric", model="current",
+                 metric="miou") == 0.7  # fmt: skip
+    assert value(after, "sam2unet_training_last_round_samples", set="train") == 14
+    assert value(after, "sam2unet_training_last_round_duration_seconds") == 40.0
+    assert value(after, "sam2unet_training_last_round_timestamp_seconds") == 1700000000.0
+    assert value(after, "sam2unet_trainer_state_info", state="training", project="1") == 1
+    assert value(after, "sam2unet_trainer_epoch") == 3
+    assert value(after, "sam2unet_trainer_loss") == 0.25
+    assert value(after, "sam2unet_preannotate_runs", status="running") == 1
+    run = {"run": run_id, "project": "7"}
+    assert value(after, "sam2unet_preannotate_tasks", **run, state="total") == 20
+    assert value(after, "sam2unet_preannotate_tasks", **run, state="done") == 5
+    assert value(after, "sam2unet_preannotate_tasks", **run, state="skipped") == 2
+    assert value(after, "sam2unet_queue_depth", queue=QUEUE_BACKGROUND) == 1  # its first page
+    runs.cancel(conn, run_id)
+    done = scrape(client)
+    assert value(done, "sam2unet_preannotate_runs", status="cancelled") == 1
+    assert not any(k[0] == "sam2unet_preannotate_tasks" for k in done)
+    conn.flushdb()
+
+
+def test_metrics_behind_basic_auth_and_503_without_redis(own_redis, model_dir):
+    conn = redis.Redis.from_url(own_redis.url)
+    settings = Settings(model_dir=model_dir, basic_auth_user="prom", basic_auth_pass="pw")
+    client = create_app(settings, conn).test_client()
+    r = client.get("/metrics")
+    assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+    good = "Basic " + base64.b64encode(b"prom:pw").decode()
+    assert client.get("/metrics", headers={"Authorization": good}).status_code == 200
+
+    down = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", model_dir=model_dir)
+    client = create_app(down).test_client()
+    t0 = time.monotonic()
+    r = client.get("/metrics")
+    assert r.status_code == 503 and r.get_json()["error"] == "redis_unavailable"
+    assert client.get("/health").status_code == 503
+    assert time.monotonic() - t0 < 5
+
+
+def test_no_secret_in_any_log(own_redis, model_dir, tmp_path, caplog):
+    """A prediction with a Label Studio API key (used to fetch the image) and basic auth: neither
+    secret, nor the encoded credentials, appears in the backend's or the worker's log."""
+    api_key = "lskey" + secrets.token_hex(16)
+    password = "pw-" + secrets.token_hex(12)
+    setup_token = "setup" + secrets.token_hex(16)
+    basic = base64.b64encode(f"ls:{password}".encode()).decode()
+    url = f"redis://127.0.0.1:{own_redis.port}/4"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    files = LabelStudioLikeFiles(tmp_path / "files")
+    seen_auth: list[str | None] = []
+    handler = files.server.RequestHandlerClass
+
+    class Recording(handler):  # type: ignore[misc, valid-type]
+        def do_GET(self) -> None:
+            seen_auth.append(self.headers.get("Authorization"))
+            super().do_GET()
+
+    files.server.RequestHandlerClass = Recording
+    ref = files.add("upload/5/secret-test.png", png_bytes(red_circle(seed=7)))
+    env = service_env(
+        url,
+        model_dir,
+        LABEL_STUDIO_URL=files.url,
+        LABEL_STUDIO_API_KEY=api_key,
+        BASIC_AUTH_USER="ls",
+        BASIC_AUTH_PASS=password,
+        LOG_LEVEL="DEBUG",
+    )
+    settings = Settings.from_env(env)
+    caplog.set_level(logging.DEBUG)
+    auth = {"Authorization": f"Basic {basic}"}
+    try:
+        with workers(env, conn, 1, tmp_path) as procs:
+            client = create_app(settings, conn).test_client()
+            setup = fixture("post_setup.json")["json"]
+            setup.update(hostname=files.url, access_token=setup_token)
+            assert client.post("/setup", json=setup, headers=auth).status_code == 200
+            tasks = [
+                {"id": 11, "data": {"image": f"/data/upload/{ref[len('upload/') :]}"}},
+                {"id": 12, "data": {"image": "/data/upload/5/missing.png"}},
+            ]
+            body = {"tasks": tasks, "label_config": CFG, "project": setup["project"]}
+            r = client.post("/predict", json=body, headers=auth)
+            assert r.status_code == 200
+            results = r.get_json()["results"]
+            assert results[0]["result"] and not results[1]["result"]
+            assert client.get("/metrics", headers=auth).status_code == 200
+            bad = {"Authorization": "Basic " + base64.b64encode(b"ls:wrong").decode()}
+            assert client.post("/setup", json=setup, headers=bad).status_code == 401
+            worker_log = procs[0].log()
+    finally:
+        files.close()
+        conn.flushdb()
+    assert f"Token {api_key}" in seen_auth  # the key was really used, for the image
+    backend_log = "\n".join(
+        f"{rec.name} {rec.levelname} {rec.getMessage()} {rec.exc_text or ''}"
+        for rec in caplog.records
+    )
+    assert "DEBUG" in worker_log and backend_log
+    assert "task 12: no prediction" in worker_log  # failures name their task
+    for secret in (api_key, password, basic, setup_token):
+        assert secret not in backend_log
+        assert secret not in worker_log
