@@ -49,6 +49,7 @@ class Settings:
     device: str = "auto"
     batch_size: int = 8
     bf16: bool = False
+    torch_threads: int = 0  # CPU threads for torch in workers and trainer; 0 = torch's default
     init_checkpoint: str | None = None
     job_timeout: int = 120  # seconds one job may run before rq kills it
     job_lease: int = 15  # seconds a dead worker's job stays claimed before it is retried
@@ -70,6 +71,7 @@ class Settings:
     train_debounce: float = 5.0  # seconds of quiet that close a burst of webhooks
     train_epochs: int = 10
     train_batch_size: int = 4
+    train_lr: float = 1e-3
     train_holdout: float = 0.2  # share of annotated tasks held out for evaluation
     promote_metric: str = "miou"
     promote_tolerance: float = 0.0  # promote if candidate >= current - tolerance

@@ -14,6 +14,14 @@ from common.redis_server import EmbeddedRedis
 _db_numbers = itertools.count(1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests run many processes (workers, backend, Label Studio) on few cores: torch's thread
+    # pools then spin against each other and small ops get 100x slower. One thread each.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def redis_server():
     with EmbeddedRedis() as server:

@@ -39,6 +39,8 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
         SAM2UNET_BATCH_SIZE="4",
         SAM2UNET_ALLOW_HOSTS="127.0.0.1,localhost",
         SAM2UNET_JOB_LEASE="3",
+        SAM2UNET_TORCH_THREADS="1",
+        OMP_NUM_THREADS="1",
         LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
     )

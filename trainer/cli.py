@@ -37,8 +37,10 @@ def _trainer(args: argparse.Namespace) -> int:
     from common.bootstrap import ensure_current_version
     from common.settings import Settings
     from trainer.service import TrainerService
+    from worker.process import apply_torch_threads
 
     settings = Settings.from_env()
+    apply_torch_threads(settings)
     conn, client, fetcher = _services(settings)
     service = TrainerService(settings, conn, client, fetcher.fetch)
     ensure_current_version(service.registry, settings)

@@ -149,6 +149,7 @@ def run_round(
     cfg = TrainConfig(
         epochs=settings.train_epochs,
         batch_size=settings.train_batch_size,
+        lr=settings.train_lr,
         device=device,
         bf16=settings.bf16,
         select_metric=metric,

@@ -65,6 +65,15 @@ class AssistWorker(SimpleWorker):
                 log.warning("could not renew the lease of job %s: %s", job.id, e)
 
 
+def apply_torch_threads(settings: Settings) -> None:
+    """Limit torch's CPU threads when configured (several processes sharing few cores run
+    much faster with one thread each than with spinning thread pools)."""
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
 def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     """The job context of a worker process: registry, model runtime, image fetcher."""
     from common.fetch import FetchPolicy, ImageFetcher
@@ -103,6 +112,7 @@ def run_worker(
     name: str | None = None,
 ) -> None:
     """Load the model, then work on ``queues`` (in priority order) until stopped."""
+    apply_torch_threads(settings)
     context = make_context(settings, connection)
     install_context(context)
     version = context.runtime.ensure_current()
