@@ -214,6 +214,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "project": _ref("Project"),
             "page_size": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "unlabeled_only": {"type": "boolean", "default": True},
         },
     },
     "PreannotateRun": {

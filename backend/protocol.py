@@ -183,8 +183,13 @@ def preannotate_start():
     page_size = body.get("page_size", 100)
     if not isinstance(page_size, int) or not 1 <= page_size <= 1000:
         raise BadRequest("/preannotate: 'page_size' must be an integer in 1..1000")
+    unlabeled_only = body.get("unlabeled_only", True)
+    if not isinstance(unlabeled_only, bool):
+        raise BadRequest("/preannotate: 'unlabeled_only' must be true or false")
     conn = _ext()["redis"]
-    run_id, started = runs.start_run(conn, project, page_size=page_size)
+    run_id, started = runs.start_run(
+        conn, project, page_size=page_size, unlabeled_only=unlabeled_only
+    )
     return jsonify({"started": started, **runs.status(conn, run_id)}), 202 if started else 200
 
 

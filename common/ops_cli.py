@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list recent runs")
     p.add_argument("--no-follow", action="store_true", help="start the run and return at once")
     p.add_argument("--page-size", type=int, default=100)
+    p.add_argument(
+        "--include-labeled",
+        action="store_true",
+        help="also predict tasks that already have a label",
+    )
     p.set_defaults(func=_preannotate)
 
     d = sub.add_parser(
@@ -56,7 +61,12 @@ def _preannotate(args: argparse.Namespace) -> int:
         if args.status:
             run_id = args.status
         elif args.project is not None:
-            run_id, started = runs.start_run(conn, args.project, page_size=args.page_size)
+            run_id, started = runs.start_run(
+                conn,
+                args.project,
+                page_size=args.page_size,
+                unlabeled_only=not args.include_labeled,
+            )
             print(f"{'started' if started else 'following the run in progress'}: {run_id}")
         else:
             raise SystemExit("give --project ID (or --status / --cancel RUN, or --list)")

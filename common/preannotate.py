@@ -39,8 +39,12 @@ def start_run(
     page_size: int = 100,
     reason: str = "requested",
     job_timeout: int = 300,
+    unlabeled_only: bool = True,
 ) -> tuple[str, bool]:
-    """Start pre-annotating ``project``, or return its run in progress: (run id, started)."""
+    """Start pre-annotating ``project``, or return its run in progress: (run id, started).
+
+    With ``unlabeled_only`` (the default), tasks that already have a submitted annotation are
+    skipped: their label is known, a prediction would only be noise for annotators."""
     active = conn.get(ACTIVE_PREFIX + str(project))
     if active is not None:
         run_id = active.decode()
@@ -68,6 +72,7 @@ def start_run(
                 "error": "",
                 "model_version": "",
                 "page_size": page_size,
+                "unlabeled_only": int(bool(unlabeled_only)),
             },
         )
         pipe.expire(_key(run_id), RUN_TTL)

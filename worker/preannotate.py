@@ -22,6 +22,15 @@ from worker.runtime import WorkerContext
 log = logging.getLogger(__name__)
 
 
+def is_labeled(task: dict[str, Any]) -> bool:
+    """Whether the task already has a submitted (not cancelled) annotation."""
+    if task.get("is_labeled"):
+        return True
+    total = task.get("total_annotations") or 0
+    cancelled = task.get("cancelled_annotations") or 0
+    return isinstance(total, int) and isinstance(cancelled, int) and total - cancelled > 0
+
+
 def has_prediction_of(task: dict[str, Any], version: str) -> bool:
     """Whether Label Studio already holds a prediction of ``version`` for the task."""
     for p in task.get("predictions") or []:
@@ -42,6 +51,7 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     st = runs.status(conn, run_id)
     project = st["project"]
     page_size = int(conn.hget(runs.RUN_PREFIX + run_id, "page_size") or 100)
+    unlabeled_only = (conn.hget(runs.RUN_PREFIX + run_id, "unlabeled_only") or b"1") == b"1"
     try:
         version = ctx.runtime.ensure_current()
         target = parse_label_config(ctx.ls_client.get_project(project)["label_config"])
@@ -70,7 +80,7 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     todo, skipped = [], 0
     for i, task in enumerate(tasks):
         url = (task.get("data") or {}).get(target.value_key)
-        if has_prediction_of(task, version):
+        if has_prediction_of(task, version) or (unlabeled_only and is_labeled(task)):
             skipped += 1
         elif not isinstance(url, str) or not url:
             runs.record(conn, run_id, failed=1)
