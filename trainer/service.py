@@ -22,9 +22,11 @@ from typing import Any
 
 import redis
 
+from backend.metrics import record_round
 from common.registry import ModelRegistry
 from common.settings import Settings
 from trainer.dataset import DatasetCache, correction_rates
+from trainer.plots import write_versions_png
 from trainer.round import RoundReport, run_round
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class TrainerService:
         self.projects: dict[int, ProjectState] = {}
         self.stop_event = threading.Event()
         self._last_resync = time.monotonic()
+        self._recovered = False
 
     # ------------------------------------------------------------------ events
     def _ensure_group(self) -> None:
@@ -111,13 +114,22 @@ class TrainerService:
 
     def poll(self, block_ms: int = 1000) -> None:
         """Read new events (and, first, events this consumer got but never acknowledged)."""
-        self._ensure_group()
-        pending = self.redis.xreadgroup(GROUP, self.consumer, {EVENTS_STREAM: "0"}, count=1000)
-        if pending and any(msgs for _, msgs in pending):
-            self._take(pending)
-        entries = self.redis.xreadgroup(
-            GROUP, self.consumer, {EVENTS_STREAM: ">"}, count=1000, block=block_ms
-        )
+        if not self._recovered:
+            # once per process: what this consumer read before it died without acknowledging
+            self._ensure_group()
+            self._take(self.redis.xreadgroup(GROUP, self.consumer, {EVENTS_STREAM: "0"}))
+            self._recovered = True
+        try:
+            entries = self.redis.xreadgroup(
+                GROUP, self.consumer, {EVENTS_STREAM: ">"}, count=1000, block=block_ms
+            )
+        except redis.exceptions.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            log.warning("the event stream is gone (Redis lost its data?); recreating it")
+            self._ensure_group()
+            self._last_resync = 0.0  # changes may have been missed: resync soon
+            return
         self._take(entries)
 
     # ------------------------------------------------------------------ rounds
@@ -161,6 +173,9 @@ class TrainerService:
                 json.dumps({**report.to_json(), "at": time.time(), "sync": report_sync.__dict__}),
             )
             self.redis.ltrim(ROUNDS_KEY, 0, 199)
+            record_round(self.redis, report)
+            if report.status != "skipped":
+                write_versions_png(self.registry, self.settings)
             self._status("idle", None)
         if report.status == "promoted" and self.settings.active_learning:
             self.active_learning(project)
