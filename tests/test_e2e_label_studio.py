@@ -103,6 +103,7 @@ def e2e(tmp_path_factory, redis_server, model_dir):
                 "worker": worker,
                 "trainer": trainer,
                 "redis_url": redis_url,
+                "model_dir": model_dir,
             }
         finally:
             for p in (trainer, worker, backend):
@@ -231,3 +232,55 @@ def test_whole_project_preannotated_through_the_async_path(e2e):
     assert st2["skipped"] == n and st2["done"] == 0
     for tid in ids[:5]:
         assert len([p for p in our_predictions(ls, tid) if p["model_version"] == version]) == 1
+
+
+def test_predict_past_the_deadline_answers_in_time_and_writes_the_rest_back(e2e, tmp_path):
+    """A /predict too large for the deadline: what is done is answered, the rest is computed in
+    the background and written to Label Studio, so every task ends with exactly one prediction
+    of the current version."""
+    ls = e2e["ls"]
+    port = free_port()
+    env = service_env(
+        e2e["redis_url"],
+        e2e["model_dir"],
+        LABEL_STUDIO_URL=ls.url,
+        LABEL_STUDIO_API_KEY=ls.pat,
+        SAM2UNET_PREDICT_DEADLINE="0.3",
+        SAM2UNET_BATCH_SIZE="2",
+    )
+    quick = ServiceProcess(
+        ["backend", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env,
+        "quick",
+        tmp_path,
+    )
+    try:
+        quick.wait_http(f"http://127.0.0.1:{port}/health")
+        project = ls.create_project(BRUSH, title="e2e deadline")
+        n = 30
+        ids = ls.import_images(
+            project, [(f"d{i}.png", png_bytes(circle_sample(900 + i)[0])) for i in range(n)]
+        )
+        ls.add_ml_backend(project, f"http://127.0.0.1:{port}")
+        version = backend_get(e2e, "/versions")["current"]
+        r = ls.api(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        )
+        assert r.status_code == 200, r.text
+        quick.wait_log("not finished within", timeout=30)
+        for tid in ids:
+            preds = wait_until(
+                lambda t=tid: [p for p in our_predictions(ls, t) if p["model_version"] == version],
+                120,
+                f"a prediction of task {tid}",
+            )
+            assert len(preds) == 1, (tid, preds)
+            assert preds[0]["result"], tid
+        time.sleep(2)  # nothing arrives twice
+        for tid in ids:
+            assert len([p for p in our_predictions(ls, tid) if p["model_version"] == version]) == 1
+    finally:
+        quick.stop()
