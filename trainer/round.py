@@ -23,6 +23,7 @@ import numpy as np
 
 from common.registry import ModelRegistry, VersionInfo
 from common.settings import Settings
+from trainer.plots import TRAINING_PNG, safe_training_png
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ def run_round(
     report.candidate_metrics = validate(result.model, candidate.config, val_data, device=device)
     cand, cur = report.candidate_metrics[metric], report.current_metrics[metric]
     promote = is_not_worse(metric, cand, cur, settings.promote_tolerance)
+    png = safe_training_png(report, promote)
     info: VersionInfo = registry.create_version(
         result.model,
         candidate.config,
@@ -184,6 +186,7 @@ def run_round(
         },
         train_size=len(train_ids),
         note=("corrupted labels; " if corrupt_labels else "") + (reason or ""),
+        extra_files={TRAINING_PNG: png} if png else None,
     )
     report.candidate = info.name
     if promote:
