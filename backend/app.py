@@ -31,6 +31,7 @@ def redis_client(url: str) -> redis.Redis:
 def create_app(settings: Settings | None = None, connection: redis.Redis | None = None) -> Flask:
     """Build the app. ``settings`` default to the environment; ``connection`` to REDIS_URL."""
     from backend.metrics import init_app as init_metrics
+    from backend.openapi import bp as openapi_bp
     from backend.predict import PredictService
     from backend.protocol import bp
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, connection: redis.Redis | None 
         "predict": PredictService(settings, connection),
     }
     app.register_blueprint(bp)
+    app.register_blueprint(openapi_bp)
     _register_error_handlers(app)
     init_metrics(app)
     return app
