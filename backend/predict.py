@@ -15,19 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rq import Queue, Retry
+from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.schemas import PredictRequest
 from common.jobs import (
     LATE_PREFIX,
-    PREDICT_FUNC,
     QUEUE_BATCH,
     QUEUE_INTERACTIVE,
     ItemResult,
     PredictItem,
-    PredictPayload,
     decode_reply,
+    enqueue_predict,
     new_reply_key,
     reap_abandoned,
     target_to_json,
@@ -91,38 +90,20 @@ class PredictService:
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
         reply_key = new_reply_key()
         ls_base = self.hostname(req.project)
-        size = max(1, self.settings.batch_size)
-        pending: dict[str, list[PredictItem]] = {}
-        job_datas = []
-        for start in range(0, len(items), size):
-            chunk = tuple(items[start : start + size])
-            payload = PredictPayload(
-                items=chunk,
-                target=target_to_json(target),
-                reply_key=reply_key,
-                ls_base=ls_base,
-                project=req.project,
-                model_version=model_version,
-                context=req.context,
-            )
-            job_datas.append(
-                Queue.prepare_data(
-                    PREDICT_FUNC,
-                    args=(payload.to_json(),),
-                    timeout=self.settings.job_timeout,
-                    result_ttl=self.settings.result_ttl,
-                    failure_ttl=24 * 3600,
-                    ttl=max(int(self.settings.predict_deadline) * 10, 3600),
-                    retry=Retry(max=self.settings.job_retries),
-                    description=f"predict {len(chunk)} task(s) of project {req.project}",
-                )
-            )
-            pending_items = list(chunk)
-            job_datas[-1] = (job_datas[-1], pending_items)
-        if job_datas:
-            jobs = queue.enqueue_many([d for d, _ in job_datas])
-            for job, (_, chunk_items) in zip(jobs, job_datas, strict=True):
-                pending[job.id] = chunk_items
+        enqueued = enqueue_predict(
+            queue,
+            items,
+            self.settings,
+            f"predict for project {req.project}",
+            ttl=max(int(self.settings.predict_deadline) * 10, 3600),
+            target=target_to_json(target),
+            reply_key=reply_key,
+            ls_base=ls_base,
+            project=req.project,
+            model_version=model_version,
+            context=req.context,
+        )
+        pending: dict[str, list[PredictItem]] = {job.id: list(chunk) for job, chunk in enqueued}
         self._wait(pending, reply_key, deadline, results)
         late = sum(len(v) for v in pending.values())
         if pending:

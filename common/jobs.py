@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -125,3 +126,38 @@ def reap_abandoned(connection: Any, queue_names: tuple[str, ...] = QUEUES) -> No
 
     for name in queue_names:
         StartedJobRegistry(name, connection=connection).cleanup()
+
+
+def enqueue_predict(
+    queue: Any,
+    items: Sequence[PredictItem],
+    settings: Any,
+    description: str,
+    *,
+    ttl: int | None = None,
+    **payload_fields: Any,
+) -> list[tuple[Any, tuple[PredictItem, ...]]]:
+    """Enqueue ``items`` as predict jobs of ``settings.batch_size`` items each (one device
+    batch per job), retried on another worker if theirs dies. Returns (job, items) pairs."""
+    from rq import Queue, Retry
+
+    size = max(1, settings.batch_size)
+    datas, chunks = [], []
+    for start in range(0, len(items), size):
+        chunk = tuple(items[start : start + size])
+        payload = PredictPayload(items=chunk, **payload_fields)
+        datas.append(
+            Queue.prepare_data(
+                PREDICT_FUNC,
+                args=(payload.to_json(),),
+                timeout=settings.job_timeout,
+                result_ttl=settings.result_ttl,
+                failure_ttl=24 * 3600,
+                ttl=ttl,
+                retry=Retry(max=settings.job_retries),
+                description=f"{description}: {len(chunk)} task(s)",
+            )
+        )
+        chunks.append(chunk)
+    jobs = queue.enqueue_many(datas) if datas else []
+    return list(zip(jobs, chunks, strict=True))

@@ -48,56 +48,17 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
     return env
 
 
-class WorkerProcess:
-    """One `sam2unet-assist worker` subprocess, its log in a file."""
-
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "worker", "--name", name],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, conn: redis.Redis, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
-            if any(w.name == self.name for w in Worker.all(connection=conn)):
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"worker {self.name} not ready:\n{self.log()[-3000:]}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
+def worker_process(env: dict[str, str], name: str, log_dir: Path) -> ServiceProcess:
+    """One `sam2unet-assist worker` subprocess."""
+    return ServiceProcess(["worker", "--name", name], env, name, log_dir)
 
 
 @contextmanager
 def workers(
     env: dict[str, str], conn: redis.Redis, n: int, log_dir: Path
-) -> Iterator[list[WorkerProcess]]:
+) -> Iterator[list[ServiceProcess]]:
     procs = [
-        WorkerProcess(env, f"w{i}-{os.getpid()}-{time.time_ns() % 10**6}", log_dir)
+        worker_process(env, f"w{i}-{os.getpid()}-{time.time_ns() % 10**6}", log_dir)
         for i in range(n)
     ]
     try:
@@ -218,6 +179,22 @@ class ServiceProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} did not answer {url}:\n{self.log()[-3000:]}")
+
+    def wait_ready(self, conn: redis.Redis, timeout: float = 60.0) -> None:
+        """For a worker: wait until it registered with rq under its name."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
+            if any(w.name == self.name for w in Worker.all(connection=conn)):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready:\n{self.log()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
 
     def wait_log(self, text: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

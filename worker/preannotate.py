@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from rq import Queue, Retry
+from rq import Queue
 
 from common import preannotate as runs
 from common.exceptions import AssistError
 from common.jobs import (
-    PREDICT_FUNC,
     QUEUE_BACKGROUND,
     PredictItem,
-    PredictPayload,
+    enqueue_predict,
     target_to_json,
 )
 from common.labelconfig import parse_label_config
@@ -90,32 +89,18 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         fields["total"] = (page - 1) * page_size + len(tasks)
     runs.update(conn, run_id, **fields)
     queue = Queue(QUEUE_BACKGROUND, connection=conn)
-    size = max(1, ctx.settings.batch_size)
-    jobs = []
-    for start in range(0, len(todo), size):
-        chunk = tuple(todo[start : start + size])
-        payload = PredictPayload(
-            items=chunk,
-            target=target_to_json(target),
-            reply_key=None,
-            project=project,
-            model_version=version,
-            write_back=True,
-            run_id=run_id,
-        )
-        jobs.append(
-            Queue.prepare_data(
-                PREDICT_FUNC,
-                args=(payload.to_json(),),
-                timeout=ctx.settings.job_timeout,
-                result_ttl=60,
-                failure_ttl=24 * 3600,
-                retry=Retry(max=ctx.settings.job_retries),
-                description=f"pre-annotation {run_id}: {len(chunk)} task(s)",
-            )
-        )
-    if jobs:
-        queue.enqueue_many(jobs)
+    enqueue_predict(
+        queue,
+        todo,
+        ctx.settings,
+        f"pre-annotation {run_id}",
+        target=target_to_json(target),
+        reply_key=None,
+        project=project,
+        model_version=version,
+        write_back=True,
+        run_id=run_id,
+    )
     runs.record(conn, run_id, queued=len(todo), skipped=skipped)
     if last:
         runs.update(conn, run_id, paged=1)
