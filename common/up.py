@@ -94,6 +94,25 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_redis_server(pid: int) -> bool:
+    """Whether ``pid`` is a live redis-server (Linux: read from /proc; elsewhere False)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"redis-server" in cmdline.split(b"\0", 1)[0]
+
+
 def host_address() -> str | None:
     """This machine's address on its default route (no packet is sent), or None."""
     try:
@@ -189,22 +208,30 @@ class Stack:
 
     # ------------------------------------------------------------------ start
     def _check_not_running(self) -> None:
+        """Refuse to start next to a running `up` of the same MODEL_DIR; stop the embedded
+        Redis that a killed one left behind (its services died with it)."""
         try:
             state = json.loads(self.state_path.read_text())
             pid = int(state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            except PermissionError:
-                pass
+        if pid != os.getpid() and _alive(pid):
             raise SystemExit(
                 f"`up` already runs for MODEL_DIR {self.settings.model_dir} (pid {pid}); stop it "
                 f"first, or remove {self.state_path} if that process is not `up`"
             )
+        redis_pid = state.get("redis_pid")
+        if isinstance(redis_pid, int) and _is_redis_server(redis_pid):
+            log.warning(
+                "a killed `up` (pid %d) left its Redis (pid %d): stopping it", pid, redis_pid
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(redis_pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(redis_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(redis_pid):
+                raise SystemExit(f"the Redis left by a killed `up` (pid {redis_pid}) does not stop")
 
     def start_redis(self) -> None:
         import redis
@@ -528,6 +555,7 @@ class Stack:
         try:
             self._check_not_running()
             self.start_redis()
+            self.write_state()
             self.model_state()
             off = self.trainer_off_reason()
             if off is not None:

@@ -29,12 +29,11 @@ class Up:
     """One `sam2unet-assist up` subprocess in its own session (like a shell's foreground job),
     its output in a file."""
 
-    def __init__(self, tmp: Path, model_dir: Path, env: dict[str, str], *args: str) -> None:
-        self.model_dir = tmp / "models"
-        shutil.copytree(model_dir, self.model_dir)
+    def __init__(self, model_dir: Path, out_path: Path, env: dict[str, str], *args: str) -> None:
+        self.model_dir = model_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.out_path = tmp / "up.log"
+        self.out_path = out_path
         self.env = {**env, "MODEL_DIR": str(self.model_dir)}
         self._out = open(self.out_path, "wb")  # noqa: SIM115
         self.t0 = time.monotonic()
@@ -49,6 +48,12 @@ class Up:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    @classmethod
+    def on_copy(cls, tmp: Path, model_dir: Path, env: dict[str, str], *args: str) -> Up:
+        """`up` on a copy of the ``model_dir`` fixture."""
+        shutil.copytree(model_dir, tmp / "models")
+        return cls(tmp / "models", tmp / "up.log", env, *args)
 
     def output(self) -> str:
         return self.out_path.read_text(errors="replace")
@@ -113,7 +118,7 @@ def counter(text: str, name: str, **labels: str) -> float:
 def test_up_serves_a_prediction_and_ctrl_c_stops_everything(model_dir, tmp_path):
     files = LabelStudioLikeFiles(tmp_path / "files")
     ref = files.add("upload/1/a.png", png_bytes(red_circle(seed=3)))
-    up = Up(tmp_path, model_dir, up_env(), "--workers", "1", "--backend-processes", "2")
+    up = Up.on_copy(tmp_path, model_dir, up_env(), "--workers", "1", "--backend-processes", "2")
     try:
         ready = up.wait_for("worker(s) ready after")
         up.wait_for("Stop everything: Ctrl-C")
@@ -195,7 +200,7 @@ def test_a_dying_service_stops_everything_with_exit_1(model_dir, redis_server, t
     url = f"redis://127.0.0.1:{redis_server.port}/11"
     conn = redis.Redis.from_url(url)
     conn.flushdb()
-    up = Up(tmp_path, model_dir, {**up_env(), "REDIS_URL": url}, "--backend-processes", "1")
+    up = Up.on_copy(tmp_path, model_dir, {**up_env(), "REDIS_URL": url}, "--backend-processes", "1")
     try:
         up.wait_for("worker(s) ready after")
         out = up.output()
@@ -215,3 +220,36 @@ def test_a_dying_service_stops_everything_with_exit_1(model_dir, redis_server, t
     finally:
         up.close()
         conn.flushdb()
+
+
+def test_services_die_with_a_killed_up_and_the_next_up_stops_its_redis(model_dir, tmp_path):
+    up = Up.on_copy(tmp_path, model_dir, up_env(), "--backend-processes", "1")
+    again, leftover = None, []
+    try:
+        up.wait_for("worker(s) ready after")
+        state = up.state()
+        procs = up.descendants()
+        services = [p for p in procs if p.pid != state["redis_pid"]]
+        assert len(services) == 3  # gunicorn master and process, worker
+        os.kill(up.proc.pid, signal.SIGKILL)
+        up.proc.wait(timeout=10)
+        assert wait_gone(services, timeout=20) == []  # SIGTERM from the kernel (Linux)
+        old_redis = psutil.Process(state["redis_pid"])
+        leftover.append(old_redis)
+        assert old_redis.is_running()  # the one process left: the next `up` stops it
+
+        again = Up(up.model_dir, tmp_path / "up2.log", up_env(), "--backend-processes", "1")
+        again.wait_for("worker(s) ready after")
+        assert f"left its Redis (pid {old_redis.pid}): stopping it" in again.output()
+        assert wait_gone([old_redis]) == []
+        procs = again.descendants()
+        os.kill(again.proc.pid, signal.SIGTERM)
+        assert again.proc.wait(timeout=40) == 0
+        assert wait_gone(procs) == []
+    finally:
+        up.close()
+        if again is not None:
+            again.close()
+        for p in leftover:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
