@@ -4,13 +4,16 @@ retried on another worker within seconds instead of rq's default of many minutes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
+import time
 import uuid
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.worker import WorkerStatus
 
@@ -33,6 +36,11 @@ class AssistWorker(SimpleWorker):
 
     lease: int = 15
     runtime: ModelRuntime | None = None
+    stopping: bool = False  # a stop was requested (SIGTERM/SIGINT)
+
+    def request_stop(self, signum, frame) -> None:
+        self.stopping = True
+        super().request_stop(signum, frame)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lease
@@ -117,14 +125,47 @@ def run_worker(
     install_context(context)
     version = context.runtime.ensure_current()
     log.info("worker ready with model version %s", version)
-    worker = AssistWorker(
-        [Queue(q, connection=connection) for q in queues],
-        connection=connection,
-        name=name or f"sam2unet-{socket.gethostname()}-{uuid.uuid4().hex[:6]}",
-        maintenance_interval=max(1, settings.job_lease),
-        # a short TTL keeps the blocking dequeue short, so idle workers reap abandoned jobs often
-        worker_ttl=settings.job_lease + 15,
-    )
-    worker.lease = settings.job_lease
-    worker.runtime = context.runtime
-    worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level)
+    name = name or f"sam2unet-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    while True:
+        worker = AssistWorker(
+            [Queue(q, connection=connection) for q in queues],
+            connection=connection,
+            name=name,
+            maintenance_interval=max(1, settings.job_lease),
+            # a short TTL keeps the blocking dequeue short, so idle workers reap abandoned jobs
+            worker_ttl=settings.job_lease + 15,
+        )
+        worker.lease = settings.job_lease
+        worker.runtime = context.runtime
+        try:
+            worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level)
+        except redis.exceptions.RedisError as e:  # rq's teardown could not reach Redis either
+            log.error("worker %s lost its Redis connection: %s", name, e)
+        if burst or worker.stopping:
+            return
+        # rq's loop quits on a Redis error in the middle of a job (or a Redis timeout): wait
+        # for Redis and work again under the same name; the interrupted job is retried once
+        # its lease has run out.
+        log.error("worker %s stopped without a stop request; reconnecting to Redis", name)
+        if not _wait_for_redis(connection, worker):
+            return
+        with contextlib.suppress(redis.exceptions.RedisError):
+            worker.register_death()  # its registration may have survived in Redis
+
+
+def _wait_for_redis(connection: redis.Redis, worker: AssistWorker) -> bool:
+    """Block until Redis answers (True) or a stop is requested meanwhile (False)."""
+    delay = 0.5
+    try:
+        while not worker.stopping:
+            try:
+                connection.ping()
+                log.info("Redis is reachable again")
+                return True
+            except redis.exceptions.RedisError as e:
+                log.warning("Redis still unreachable (%s); retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+    except StopRequested:  # rq's signal handler, when the stop comes while waiting
+        pass
+    return False
