@@ -254,8 +254,13 @@ def record_answer(conn: redis.Redis, results: Iterable[ItemResult]) -> None:
     (every result computed by a worker carries the version that computed it, and the worker
     counts those itself)."""
     failed = [failure_reason(r.error) for r in results if r.error and r.model_version is None]
+
+    def fill(pipe: Any) -> None:
+        for reason in failed:
+            FAILED_TASKS.inc(pipe, reason)
+
     if failed:
-        _write(conn, lambda pipe: [FAILED_TASKS.inc(pipe, reason) for reason in failed])
+        _write(conn, fill)
 
 
 def record_round(conn: redis.Redis, report: Any) -> None:
