@@ -12,11 +12,13 @@ acknowledged once their round ended; a trainer that dies mid-round gets them aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,7 @@ EVENTS_STREAM = "sam2unet:events"
 GROUP = "sam2unet-trainer"
 LOCK_KEY = "sam2unet:trainer:round"
 ROUNDS_KEY = "sam2unet:trainer:rounds"
+ROUND_LOCK_TTL = 60.0  # seconds; renewed while a round runs
 STATUS_KEY = "sam2unet:trainer:status"
 CHANGE_ACTIONS = frozenset(
     {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
@@ -82,6 +85,7 @@ class TrainerService:
         self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
         self.projects: dict[int, ProjectState] = {}
         self.stop_event = threading.Event()
+        self.round_lock_ttl = ROUND_LOCK_TTL
         self._last_resync = time.monotonic()
         self._recovered = False
 
@@ -149,8 +153,7 @@ class TrainerService:
 
     def round(self, project: int, reason: str) -> RoundReport:
         """Sync the project from Label Studio and run one round for it, under the global lock."""
-        lock = self.redis.lock(LOCK_KEY, timeout=6 * 3600, blocking_timeout=6 * 3600)
-        with lock:
+        with self.round_lock():
             self._status("syncing", project)
             report_sync = self.cache.sync(self.client, project, self.fetch)
             manifest = self.cache.load_manifest(project)
@@ -180,6 +183,35 @@ class TrainerService:
         if report.status == "promoted" and self.settings.active_learning:
             self.active_learning(project)
         return report
+
+    @contextlib.contextmanager
+    def round_lock(self) -> Iterator[None]:
+        """Hold the global round lock (one round at a time across trainer processes).
+
+        The lock has a short TTL (``round_lock_ttl`` seconds) that a thread renews while the
+        round runs, so that a trainer killed mid-round frees it within that time instead of
+        blocking every later round.
+        """
+        lock = self.redis.lock(
+            LOCK_KEY, timeout=self.round_lock_ttl, blocking_timeout=6 * 3600, thread_local=False
+        )
+        with lock:
+            stop = threading.Event()
+
+            def renew() -> None:
+                while not stop.wait(self.round_lock_ttl / 3):
+                    try:
+                        lock.reacquire()
+                    except redis.exceptions.RedisError as e:  # LockError too
+                        log.warning("could not renew the round lock: %s", e)
+
+            renewer = threading.Thread(target=renew, name="round-lock", daemon=True)
+            renewer.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                renewer.join()
 
     def active_learning(self, project: int) -> str | None:
         """Re-predict the project's tasks with the new version (through the workers); the
