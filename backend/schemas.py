@@ -25,6 +25,9 @@ def _list(body: dict[str, Any], key: str, what: str) -> list[Any]:
     return value
 
 
+_MAX_ID = 2**63  # ids are 64-bit integers in Label Studio's database
+
+
 def parse_project_id(value: Any) -> int | None:
     """Label Studio sends ``project`` as ``"<id>.<created_at>"`` (a string), sometimes an int
     or a full project object (webhooks)."""
@@ -33,13 +36,15 @@ def parse_project_id(value: Any) -> int | None:
     if isinstance(value, bool):
         raise BadRequest("project must be an id")
     if isinstance(value, int):
+        if not 0 <= value < _MAX_ID:
+            raise BadRequest(f"project id {value} is out of range")
         return value
     if isinstance(value, dict):
         return parse_project_id(value.get("id"))
     if isinstance(value, str):
         head = value.split(".", 1)[0]
-        if head.isdigit():
-            return int(head)
+        if head.isascii() and head.isdigit():  # "²".isdigit() is True, int("²") fails
+            return parse_project_id(int(head))
     raise BadRequest(f"cannot read a project id from {str(value)[:40]!r}")
 
 
