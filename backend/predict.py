@@ -10,6 +10,7 @@ written to Label Studio through its API when they finish (when an API key is con
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ class PredictOutcome:
     results: list[ItemResult]
     elapsed: float
     late_tasks: int
+    request_id: str = ""
 
 
 class PredictService:
@@ -89,6 +91,7 @@ class PredictService:
         interactive = req.context is not None
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
         reply_key = new_reply_key()
+        request_id = secrets.token_hex(6)  # the same in every job's worker log lines
         ls_base = self.hostname(req.project)
         enqueued = enqueue_predict(
             queue,
@@ -102,6 +105,7 @@ class PredictService:
             project=req.project,
             model_version=model_version,
             context=req.context,
+            request_id=request_id,
         )
         pending: dict[str, list[PredictItem]] = {job.id: list(chunk) for job, chunk in enqueued}
         self._wait(pending, reply_key, deadline, results)
@@ -122,7 +126,7 @@ class PredictService:
             )
         self.redis.delete(reply_key) if not pending else self.redis.expire(reply_key, 3600)
         ordered = [results[i] for i in range(len(req.tasks))]
-        return PredictOutcome(ordered, time.monotonic() - t0, late)
+        return PredictOutcome(ordered, time.monotonic() - t0, late, request_id)
 
     def _wait(
         self,

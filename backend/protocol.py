@@ -108,14 +108,20 @@ def predict():
     record_answer(_ext()["redis"], outcome.results)
     failed = sum(1 for r in outcome.results if r.error)
     log.info(
-        "predict: project %s, %d task(s), %d failed, %d late, %.2fs",
+        "predict %s: project %s, %d task(s), %d failed, %d late, %.2fs",
+        outcome.request_id,
         req.project,
         len(req.tasks),
         failed,
         outcome.late_tasks,
         outcome.elapsed,
     )
-    return jsonify(answer(outcome.results, version))
+    for r in outcome.results:
+        if r.error:
+            log.info("predict %s: task %s: %s", outcome.request_id, r.task_id, r.error)
+    response = jsonify(answer(outcome.results, version))
+    response.headers["X-Request-ID"] = outcome.request_id
+    return response
 
 
 @bp.post("/webhook")

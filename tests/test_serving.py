@@ -321,3 +321,16 @@ def test_workers_reload_a_promoted_version_between_jobs(redis_server, model_dir,
     finally:
         files.close()
         conn.flushdb()
+
+
+def test_one_request_id_links_the_backend_answer_to_its_worker_log_lines(stack):
+    client = make_client(stack)
+    files = stack["files"]
+    refs = [files.add(f"upload/6/rid{i}.png", png_bytes(red_circle(seed=60 + i))) for i in range(6)]
+    cfg = fixture("post_setup.json")["json"]["schema"]
+    tasks = [{"id": 600 + i, "data": {"image": f"{files.url}/{r}"}} for i, r in enumerate(refs)]
+    r = client.post("/predict", json={"tasks": tasks, "label_config": cfg})
+    rid = r.headers["X-Request-ID"]
+    assert len(rid) == 12
+    lines = [ln for w in stack["workers"] for ln in w.log().splitlines() if f"request {rid}:" in ln]
+    assert sum(int(ln.split(": ")[-1].split(" items")[0]) for ln in lines) == len(tasks)
