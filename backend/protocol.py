@@ -187,7 +187,7 @@ def preannotate_start():
     if project is None:
         raise BadRequest("/preannotate: 'project' (a Label Studio project id) is required")
     page_size = body.get("page_size", 100)
-    if not isinstance(page_size, int) or not 1 <= page_size <= 1000:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
         raise BadRequest("/preannotate: 'page_size' must be an integer in 1..1000")
     unlabeled_only = body.get("unlabeled_only", True)
     if not isinstance(unlabeled_only, bool):
