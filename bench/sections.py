@@ -1,0 +1,246 @@
+"""The sections of a bench run, sharing one set of task images and one serving stack."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+
+from bench.forward import forward_throughput, raw_images_per_s, run_forward
+from bench.measure import summary
+
+log = logging.getLogger(__name__)
+
+
+class SectionRunner:
+    """Runs each section with the options of one bench run (see :class:`bench.cli.BenchOptions`)."""
+
+    def __init__(
+        self, opts: Any, device: torch.device, threads: int, min_seconds: float, tmp: Path
+    ) -> None:
+        self.opts = opts
+        self.device = device
+        self.threads = threads
+        self.min_seconds = min_seconds
+        self.tmp = tmp
+        self.images_dir = tmp / "images"
+        self.forward_result: dict[str, Any] | None = None
+        self._images: dict[str, list[Path]] = {}
+        self._ctx: dict[str, Any] = {}
+        self._e2e_images_per_s: float | None = None
+
+    # ------------------------------------------------------------------ shared inputs
+
+    def images(self, kind: str) -> list[Path]:
+        """Task image files: ``warm`` (one batch), ``main`` (the throughput run), ``single``
+        (1-task requests) at ``image_hw``; ``small`` (no-op requests) at 64 x 64 PNG."""
+        if kind not in self._images:
+            from bench.stack import write_images
+
+            o = self.opts
+            h, w = o.image_hw
+            spec = {
+                "warm": (o.e2e_batch, h, w, 1, "jpeg"),
+                "main": (max(o.e2e_images, o.baseline_images), h, w, 2, "jpeg"),
+                "single": (o.single_tasks, h, w, 3, "jpeg"),
+                "small": (o.noop_requests + 5, 64, 64, 4, "png"),
+            }[kind]
+            n, hh, ww, seed, fmt = spec
+            self._images[kind] = write_images(self.images_dir / kind, n, hh, ww, seed, fmt)
+        return self._images[kind]
+
+    # ------------------------------------------------------------------ 1. forward
+
+    def forward(self) -> dict[str, Any]:
+        o = self.opts
+        self.forward_result = run_forward(
+            o.sizes,
+            o.batches,
+            o.image_size,
+            self.device,
+            o.warmup,
+            o.repeats,
+            self.min_seconds,
+        )
+        return self.forward_result
+
+    def _raw(self, size: str, batch: int, dtype: str) -> float:
+        """Raw forward images/s for the serving model: from section 1 or measured now."""
+        found = raw_images_per_s(self.forward_result or {}, size, batch, dtype)
+        if found is not None:
+            return found
+        from sam2unet.build import random_model
+        from sam2unet.config import ModelConfig
+
+        o = self.opts
+        model = random_model(ModelConfig(size=size, image_size=o.image_size)).model
+        model = model.to(self.device).eval()
+        row = forward_throughput(
+            model, batch, o.image_size, self.device, dtype, o.warmup, o.repeats, self.min_seconds
+        )
+        return row["images_per_s"]
+
+    # ------------------------------------------------------------------ the stack
+
+    @contextmanager
+    def stack(self) -> Iterator[None]:
+        """Redis, the image server, model folders and every worker the sections need, started
+        together (their start-up overlaps), stopped at the end."""
+        from bench.stack import BenchWorker, FileServer, prepare_model_dir, worker_env
+        from common.redis_server import EmbeddedRedis
+        from sam2unet.transforms import decode_image
+
+        o = self.opts
+        want_e2e, want_queue = "e2e" in o.sections, "queue" in o.sections
+        with ExitStack() as stack:
+            server = stack.enter_context(EmbeddedRedis())
+            files = FileServer(self.images_dir)
+            stack.callback(files.close)
+            log_dir = self.tmp / "logs"
+            log_dir.mkdir(exist_ok=True)
+            workers: dict[str, list[BenchWorker]] = {}
+            envs: dict[str, dict[str, str]] = {}
+            dev = str(self.device)
+
+            def url(db: int) -> str:
+                return f"redis://127.0.0.1:{server.port}/{db}"
+
+            if want_e2e:
+                for kind in ("warm", "main", "single"):
+                    self.images(kind)
+                calib = [decode_image(p.read_bytes()) for p in self.images("warm")[:2]]
+                info = prepare_model_dir(
+                    self.tmp / "models-e2e", o.e2e_size, o.image_size, calibrate_on=calib
+                )
+                self._ctx["e2e_model"] = info
+                envs["e2e"] = worker_env(
+                    url(1),
+                    self.tmp / "models-e2e",
+                    o.e2e_size,
+                    o.image_size,
+                    o.e2e_batch,
+                    self.threads,
+                    dev,
+                    o.e2e_bf16,
+                )
+                workers["e2e"] = [
+                    BenchWorker(envs["e2e"], f"bench-e2e-{i}", log_dir)
+                    for i in range(o.e2e_workers)
+                ]
+            if want_queue:
+                self.images("small")
+                prepare_model_dir(self.tmp / "models-noop", "test", 64, calibrate_on=None)
+                envs["noop"] = worker_env(url(2), self.tmp / "models-noop", "test", 64, 1, 1, "cpu")
+                envs["echo"] = worker_env(url(3), self.tmp / "models-noop", "test", 64, 1, 1, "cpu")
+                workers["noop"] = [
+                    BenchWorker(envs["noop"], "bench-noop", log_dir, "--runtime", "noop")
+                ]
+                workers["echo"] = [BenchWorker(envs["echo"], "bench-echo", log_dir, "--rq-echo")]
+            for procs in workers.values():
+                for w in procs:
+                    stack.callback(w.stop)
+            for kind, procs in workers.items():
+                conn = redis.Redis.from_url(envs[kind]["REDIS_URL"])
+                for w in procs:
+                    w.wait_ready(conn)
+            self._ctx.update(files=files, workers=workers, envs=envs)
+            yield
+
+    def _client(self, kind: str) -> tuple[Any, redis.Redis]:
+        from backend.app import create_app
+        from common.settings import Settings
+
+        env = self._ctx["envs"][kind]
+        conn = redis.Redis.from_url(env["REDIS_URL"])
+        app = create_app(Settings.from_env(env), conn)
+        return app.test_client(), conn
+
+    def _urls(self, kind: str) -> list[str]:
+        files = self._ctx["files"]
+        return [files.url_of(p) for p in self.images(kind)]
+
+    # ------------------------------------------------------------------ 2 + 4. e2e, stages
+
+    def e2e(self) -> dict[str, Any]:
+        from bench.serving import post_predict, single_task_runs, stage_summary, throughput_run
+
+        o = self.opts
+        client, conn = self._client("e2e")
+        post_predict(client, self._urls("warm"))  # first forward passes initialise kernels
+        main_urls = self._urls("main")[: o.e2e_images]
+        run = throughput_run(client, conn, main_urls, o.e2e_batch)
+        dtype = "bf16" if o.e2e_bf16 and self.device.type == "cuda" else "fp32"
+        raw = self._raw(o.e2e_size, o.e2e_batch, dtype)
+        singles = single_task_runs(client, conn, self._urls("single"))
+        memory = [w.memory_mb() for w in self._ctx["workers"]["e2e"]]
+        model_mb = float(self._ctx["e2e_model"]["model_mb"])
+        self._e2e_images_per_s = run["images_per_s"]
+        return {
+            "size": o.e2e_size,
+            "image_size": o.image_size,
+            "batch": o.e2e_batch,
+            "workers": o.e2e_workers,
+            "dtype": dtype,
+            "image_hw": list(o.image_hw),
+            "throughput": run,
+            "raw_images_per_s": raw,
+            "ratio": run["images_per_s"] / raw,
+            "single_task_ms": stage_summary(singles),
+            "worker_memory_mb": memory,
+            "model_mb": model_mb,
+            "worker_rss_over_model_mb": max(m.get("hwm", 0.0) for m in memory) - model_mb,
+        }
+
+    # ------------------------------------------------------------------ 3. queue
+
+    def queue(self) -> dict[str, Any]:
+        from bench.serving import rq_echo_round_trips, single_task_runs, stage_summary
+
+        o = self.opts
+        client, conn = self._client("noop")
+        urls = self._urls("small")
+        single_task_runs(client, conn, urls[:5])  # warm-up
+        runs = single_task_runs(client, conn, urls[5 : 5 + o.noop_requests])
+        echo_conn = redis.Redis.from_url(self._ctx["envs"]["echo"]["REDIS_URL"])
+        echo = rq_echo_round_trips(echo_conn, o.echo_requests)
+        return {
+            "noop_requests": len(runs),
+            "noop_ms": stage_summary(runs),
+            "rq_echo_ms": summary(echo, 1000.0),
+        }
+
+    # ------------------------------------------------------------------ 5. training
+
+    def train(self) -> dict[str, Any]:
+        from bench.training import run_in_subprocess
+
+        o = self.opts
+        return run_in_subprocess(
+            o.train_size,
+            o.train_image_size or o.image_size,
+            o.train_batch,
+            o.train_samples,
+            o.train_epochs,
+            o.image_hw,
+            str(self.device),
+            self.threads,
+            o.e2e_bf16,
+        )
+
+    # ------------------------------------------------------------------ 6. baseline
+
+    def baseline(self) -> dict[str, Any]:
+        from bench.baseline import run_baseline
+
+        o = self.opts
+        paths = self.images("main")[: o.baseline_images]
+        out = run_baseline(
+            o.e2e_size, o.image_size, o.e2e_batch, paths, self.device, self.images("warm")[:2]
+        )
+        out["worker_images_per_s"] = self._e2e_images_per_s
+        return out
