@@ -46,9 +46,12 @@ _PROJECT = {
     ),
     "nullable": True,
     "oneOf": [
-        {"type": "integer", "minimum": 0},
+        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
         {"type": "string", "pattern": r"^[0-9]+(\.[0-9]*)?$"},
-        {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0}}},
+        {
+            "type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}},
+        },
     ],
 }
 _ID = {"type": "integer"}
