@@ -15,6 +15,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.job import Job
+from rq.scheduler import RQScheduler
 from rq.worker import WorkerStatus
 
 from common.jobs import QUEUES
@@ -41,6 +42,24 @@ class AssistWorker(SimpleWorker):
     def request_stop(self, signum, frame) -> None:
         self.stopping = True
         super().request_stop(signum, frame)
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        self.enqueue_due_retries()
+
+    def enqueue_due_retries(self) -> None:
+        """Move scheduled jobs whose time has come (retries with an interval, such as those of
+        pre-annotation pages) to their queues. rq's own scheduler would do it in a forked
+        process, which a worker holding a model must not start."""
+        scheduler = RQScheduler(self.queues, connection=self.connection, name=f"{self.name}-due")
+        try:
+            if scheduler.acquire_locks():  # one worker at a time
+                scheduler.enqueue_scheduled_jobs()
+        except redis.exceptions.RedisError as e:
+            log.warning("could not enqueue due retries: %s", e)
+        finally:
+            with contextlib.suppress(redis.exceptions.RedisError):
+                scheduler.release_locks()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.lease
