@@ -198,3 +198,31 @@ def test_redis_loses_everything_pointer_recovered_from_promotion_log(stack):
             break
     assert predicted(r), r.get_json()
     assert {p["model_version"] for p in r.get_json()["results"]} == {expected}
+
+
+def test_retries_with_an_interval_run_without_a_scheduler_process(stack):
+    """Pre-annotation pages are retried after an interval (``Retry(interval=...)``): such a
+    retry waits in rq's scheduled registry, and the workers (which start no scheduler
+    process) must still move it back to its queue when it is due."""
+    from rq import Queue, Retry
+    from rq.job import JobStatus
+
+    from common.jobs import PREDICT_FUNC, QUEUE_BACKGROUND
+
+    conn = stack["conn"]
+    queue = Queue(QUEUE_BACKGROUND, connection=conn)
+    # a payload of an unknown version: the job fails each time it runs
+    job = queue.enqueue(PREDICT_FUNC, {"v": 999}, retry=Retry(max=1, interval=1))
+    deadline = time.monotonic() + 45
+    statuses = []
+    while time.monotonic() < deadline:
+        job.refresh()
+        status = job.get_status()
+        if not statuses or statuses[-1] != status:
+            statuses.append(status)
+        if status == JobStatus.FAILED and job.retries_left == 0:
+            break
+        time.sleep(0.1)
+    assert job.get_status() == JobStatus.FAILED and job.retries_left == 0, statuses
+    assert JobStatus.SCHEDULED in statuses  # it really went through the scheduled registry
+    assert "unsupported job payload version 999" in (job.latest_result().exc_string or "")
