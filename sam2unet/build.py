@@ -539,8 +539,9 @@ def relabel(loaded: LoadedModel, labels: Iterable[str]) -> LoadedModel:
 
     Channels of labels the model already has keep their weights; a one-channel model with the
     generic label ``"object"`` hands its channel to the first new label; any other new label's
-    channel starts fresh; channels of labels not in ``labels`` are dropped. Returns ``loaded``
-    itself when nothing changes.
+    channel starts fresh (initialised as a new ``Conv2d``, from a seed of ``labels``, so the
+    same change always gives the same weights); channels of labels not in ``labels`` are
+    dropped. The model is changed in place. Returns ``loaded`` itself when nothing changes.
     """
     labels = tuple(labels)
     old = tuple(loaded.config.labels)
@@ -556,7 +557,12 @@ def relabel(loaded: LoadedModel, labels: Iterable[str]) -> LoadedModel:
     model = loaded.model
     for attr in ("side1", "side2", "head"):
         conv: nn.Conv2d = getattr(model, attr)
-        new = nn.Conv2d(conv.in_channels, len(labels), kernel_size=1).to(conv.weight.device)
+        # fresh channels are drawn from a seed of the label set: a round is reproducible
+        seed = int.from_bytes(hashlib.sha256("\n".join((attr, *labels)).encode()).digest()[:8])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            new = nn.Conv2d(conv.in_channels, len(labels), kernel_size=1)
+        new = new.to(conv.weight.device)
         with torch.no_grad():
             for k, j in source.items():
                 new.weight[k].copy_(conv.weight[j])
