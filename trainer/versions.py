@@ -46,17 +46,31 @@ def versions_json(registry: ModelRegistry, settings: Settings) -> list[dict[str,
     return out
 
 
+def per_label(metrics: dict[str, Any], key: str = "miou") -> dict[str, float]:
+    """``{label: value}`` of a metric's per-label keys (``<key>/<label>``); empty for a
+    single-label version, whose averaged value is its only label's."""
+    prefix = f"{key}/"
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+
+
 def version_table(rows: list[dict[str, Any]]) -> str:
+    """A text table of :func:`versions_json` rows; versions with several labels also list
+    each label's mIoU, in the version's label order."""
     head = f"{'':2}{'version':<26}{'state':<10}{'train':>6}{'val':>5}{'mIoU':>8}{'S':>8}{'corr.':>8}  base"
-    lines = [head]
+    lines = [head + "  (mIoU per label)"]
     for r in rows:
         state = "current" if r["current"] else ("promoted" if r["promoted"] else "candidate")
         m = r["metrics"]
         corr = r["correction_rate"]
+        values = per_label(m)
+        order = [lab for lab in r.get("labels") or [] if lab in values]
+        order += [lab for lab in values if lab not in order]
+        labels = ", ".join(f"{lab} {values[lab]:.3f}" for lab in order)
         lines.append(
             f"{'*' if r['current'] else '':2}{r['version']:<26}{state:<10}{r['train_size']:>6}"
             f"{(r['val_size'] or 0):>5}{m.get('miou', float('nan')):>8.3f}"
             f"{m.get('sm', float('nan')):>8.3f}"
             f"{(corr['mean'] if corr else float('nan')):>8.3f}  {r['base'] or '-'}"
+            + (f"  ({labels})" if labels else "")
         )
     return "\n".join(lines)
