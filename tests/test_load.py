@@ -4,8 +4,9 @@ test-size model; three successive waves of new images (the first one warms up).
 
 Every request must be answered with one prediction per task, in task order (each task's image
 has its own size, which its result must carry), of the current version, none failed. Latency
-percentiles and the RSS of the backend and the workers are printed; memory must be steady: the
-second wave may not grow any process by more than a small bound.
+percentiles and the RSS of the backend and the workers are printed; memory must be steady: once
+the first wave has warmed everything up, the next two may not grow any process beyond a small
+bound.
 """
 
 from __future__ import annotations
