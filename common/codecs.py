@@ -24,7 +24,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
 from common.exceptions import AnnotationFormatError, LabelConfigError
 from common.labelconfig import Target
@@ -67,8 +66,55 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     Returns:
         The RLE bytes as a list of ints in 0..255, for ``value.rle`` of a brushlabels result.
     """
-    rgba_value = _check_mask(mask).astype(np.uint8) * np.uint8(255)
-    return [int(b) for b in mask2rle(rgba_value)]
+    return _encode_rle(_check_mask(mask).astype(np.uint8) * np.uint8(255), repeat=4)
+
+
+# (value, bits) after the 32-bit value count: word size - 1, then each run-length field size - 1
+_RLE_HEADER = ((7, 5), (2, 4), (3, 4), (7, 4), (15, 4))
+
+
+def _bit_array(codes: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """The low ``lengths[i]`` bits of each ``codes[i]``, most significant first, concatenated
+    (a 1-D uint8 array of 0/1); every length is at most ``width``."""
+    aligned = codes.astype(np.int64) << (width - lengths.astype(np.int64))
+    bits = (aligned[:, None] >> np.arange(width - 1, -1, -1)) & 1
+    return bits[np.arange(width) < lengths[:, None]].astype(np.uint8)
+
+
+def _encode_rle(values: np.ndarray, repeat: int) -> list[int]:
+    """Label Studio brush RLE of ``values`` (uint8, flattened) with each value repeated
+    ``repeat`` times, byte for byte what label-studio-sdk's ``converter.brush.encode_rle``
+    writes (8-bit words; run-length fields of 3, 4, 8 and 16 bits; runs longer than 256
+    values in chunks of 65536; zero padding of 1 to 8 bits), computed with numpy per run
+    instead of per bit in Python."""
+    flat = np.asarray(values, dtype=np.uint8).ravel()
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    runs = np.diff(np.append(starts, flat.size)) * repeat
+    chunks = np.where(runs > 256, (runs - 1) // 65536 + 1, 1)
+    run = np.repeat(np.arange(runs.size), chunks)
+    k = np.arange(run.size) - np.repeat(np.cumsum(chunks) - chunks, chunks)
+    r = runs[run]
+    count = np.where(k == chunks[run] - 1, r - 65536 * k, 65536) - 1
+    v = flat[starts].astype(np.int64)[run]
+    codes = np.select(
+        [r == 1, r <= 8, r <= 16, r <= 256],
+        [
+            v,
+            (4 << 11) | (count << 8) | v,
+            (5 << 12) | (count << 8) | v,
+            (6 << 16) | (count << 8) | v,
+        ],
+        (7 << 24) | (count << 8) | v,
+    )
+    lengths = np.select([r <= 8, r <= 16, r <= 256], [14, 15, 19], 27)
+    header = _bit_array(
+        np.array([flat.size * repeat, *(c for c, _ in _RLE_HEADER)]),
+        np.array([32, *(b for _, b in _RLE_HEADER)]),
+        32,
+    )
+    bits = np.concatenate((header, _bit_array(codes, lengths, 27)))
+    bits = np.concatenate((bits, np.zeros(8 - bits.size % 8, dtype=np.uint8)))
+    return np.packbits(bits).tolist()
 
 
 def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
@@ -99,6 +145,10 @@ def rle_to_mask(rle: Sequence[int], height: int, width: int) -> np.ndarray:
         raise AnnotationFormatError(
             f"brush RLE holds {count} values, expected {expected} for a {width}x{height} image"
         )
+    # imported here: the converter package pulls in nltk and scipy (seconds, ~130 MB), which
+    # the prediction path, encoding only, does not need
+    from label_studio_sdk.converter.brush import decode_rle
+
     try:
         flat = decode_rle(data.tolist())
     except (ValueError, IndexError):
