@@ -38,6 +38,7 @@ class AssistWorker(SimpleWorker):
     lease: int = 15
     runtime: ModelRuntime | None = None
     stopping: bool = False  # a stop was requested (SIGTERM/SIGINT)
+    _due: RQScheduler | None = None
 
     def request_stop(self, signum, frame) -> None:
         self.stopping = True
@@ -51,7 +52,14 @@ class AssistWorker(SimpleWorker):
         """Move scheduled jobs whose time has come (retries with an interval, such as those of
         pre-annotation pages) to their queues. rq's own scheduler would do it in a forked
         process, which a worker holding a model must not start."""
-        scheduler = RQScheduler(self.queues, connection=self.connection, name=f"{self.name}-due")
+        if self._due is None:  # one instance: each holds its own connection pool
+            self._due = RQScheduler(
+                self.queues,
+                connection=self.connection,
+                name=f"{self.name}-due",
+                logging_level=logging.WARNING,  # not a line per maintenance
+            )
+        scheduler = self._due
         try:
             if scheduler.acquire_locks():  # one worker at a time
                 scheduler.enqueue_scheduled_jobs()
