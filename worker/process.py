@@ -5,6 +5,7 @@ retried on another worker within seconds instead of rq's default of many minutes
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import socket
 import threading
@@ -151,6 +152,8 @@ def run_worker(
     context = make_context(settings, connection)
     install_context(context)
     version = context.runtime.ensure_current()
+    # the job functions' modules now, not during the first job (that import takes a second)
+    importlib.import_module("worker.jobs")
     log.info("worker ready with model version %s", version)
     name = name or f"sam2unet-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     while True:
