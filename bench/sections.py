@@ -69,11 +69,8 @@ class SectionRunner:
         )
         return self.forward_result
 
-    def _raw(self, size: str, batch: int, dtype: str) -> float:
-        """Raw forward images/s for the serving model: from section 1 or measured now."""
-        found = raw_images_per_s(self.forward_result or {}, size, batch, dtype)
-        if found is not None:
-            return found
+    def _raw_now(self, size: str, batch: int, dtype: str) -> float:
+        """Raw forward images/s of a model size and batch, measured now in this process."""
         from sam2unet.build import random_model
         from sam2unet.config import ModelConfig
 
@@ -91,7 +88,13 @@ class SectionRunner:
     def stack(self) -> Iterator[None]:
         """Redis, the image server, model folders and every worker the sections need, started
         together (their start-up overlaps), stopped at the end."""
-        from bench.stack import BenchWorker, FileServer, prepare_model_dir, worker_env
+        from bench.stack import (
+            PRODUCTION_WORKER,
+            BenchWorker,
+            FileServer,
+            prepare_model_dir,
+            worker_env,
+        )
         from common.redis_server import EmbeddedRedis
         from sam2unet.transforms import decode_image
 
@@ -141,6 +144,11 @@ class SectionRunner:
                     BenchWorker(envs["noop"], "bench-noop", log_dir, "--runtime", "noop")
                 ]
                 workers["echo"] = [BenchWorker(envs["echo"], "bench-echo", log_dir, "--rq-echo")]
+                # the production worker command, untouched: its first job after start-up
+                envs["cold"] = worker_env(url(4), self.tmp / "models-noop", "test", 64, 1, 1, "cpu")
+                workers["cold"] = [
+                    BenchWorker(envs["cold"], "bench-cold", log_dir, module=PRODUCTION_WORKER)
+                ]
             for procs in workers.values():
                 for w in procs:
                     stack.callback(w.stop)
@@ -148,7 +156,8 @@ class SectionRunner:
                 conn = redis.Redis.from_url(envs[kind]["REDIS_URL"])
                 for w in procs:
                     w.wait_ready(conn)
-            self._ctx.update(files=files, workers=workers, envs=envs)
+            ready_memory = {k: [w.memory_mb() for w in procs] for k, procs in workers.items()}
+            self._ctx.update(files=files, workers=workers, envs=envs, ready_memory=ready_memory)
             yield
 
     def _client(self, kind: str) -> tuple[Any, redis.Redis]:
@@ -174,10 +183,13 @@ class SectionRunner:
         post_predict(client, self._urls("warm"))  # first forward passes initialise kernels
         main_urls = self._urls("main")[: o.e2e_images]
         run = throughput_run(client, conn, main_urls, o.e2e_batch)
-        dtype = "bf16" if o.e2e_bf16 and self.device.type == "cuda" else "fp32"
-        raw = self._raw(o.e2e_size, o.e2e_batch, dtype)
-        singles = single_task_runs(client, conn, self._urls("single"))
         memory = [w.memory_mb() for w in self._ctx["workers"]["e2e"]]
+        dtype = "bf16" if o.e2e_bf16 and self.device.type == "cuda" else "fp32"
+        # the raw forward of the same model and batch, measured right after the run (the
+        # load of a shared machine drifts), next to section 1's figure
+        raw = self._raw_now(o.e2e_size, o.e2e_batch, dtype)
+        raw_section1 = raw_images_per_s(self.forward_result or {}, o.e2e_size, o.e2e_batch, dtype)
+        singles = single_task_runs(client, conn, self._urls("single"))
         model_mb = float(self._ctx["e2e_model"]["model_mb"])
         self._e2e_images_per_s = run["images_per_s"]
         return {
@@ -189,9 +201,11 @@ class SectionRunner:
             "image_hw": list(o.image_hw),
             "throughput": run,
             "raw_images_per_s": raw,
+            "raw_images_per_s_section1": raw_section1,
             "ratio": run["images_per_s"] / raw,
             "single_task_ms": stage_summary(singles),
             "worker_memory_mb": memory,
+            "worker_ready_memory_mb": self._ctx["ready_memory"]["e2e"],
             "model_mb": model_mb,
             "worker_rss_over_model_mb": max(m.get("hwm", 0.0) for m in memory) - model_mb,
         }
@@ -199,7 +213,12 @@ class SectionRunner:
     # ------------------------------------------------------------------ 3. queue
 
     def queue(self) -> dict[str, Any]:
-        from bench.serving import rq_echo_round_trips, single_task_runs, stage_summary
+        from bench.serving import (
+            post_predict,
+            rq_echo_round_trips,
+            single_task_runs,
+            stage_summary,
+        )
 
         o = self.opts
         client, conn = self._client("noop")
@@ -208,10 +227,17 @@ class SectionRunner:
         runs = single_task_runs(client, conn, urls[5 : 5 + o.noop_requests])
         echo_conn = redis.Redis.from_url(self._ctx["envs"]["echo"]["REDIS_URL"])
         echo = rq_echo_round_trips(echo_conn, o.echo_requests)
+        # the first requests to a production worker that has just announced itself ready
+        cold_client, _ = self._client("cold")
+        cold = [post_predict(cold_client, [u])["seconds"] for u in urls[-6:]]
         return {
             "noop_requests": len(runs),
             "noop_ms": stage_summary(runs),
             "rq_echo_ms": summary(echo, 1000.0),
+            "cold_start_ms": {
+                "first": cold[0] * 1000.0,
+                "next": summary(cold[1:], 1000.0),
+            },
         }
 
     # ------------------------------------------------------------------ 5. training

@@ -105,6 +105,9 @@ def job_stats(
             enq = enq.replace(tzinfo=timezone.utc)
         s["enqueued"] = enq.timestamp()
         s["reply"] = replies[job_id]
+        # fetch: the wall time of the job's (parallel) fetch phase when the pool was timed
+        s["fetch_sum"] = s["fetch"]
+        s["fetch"] = s.get("fetch_wall", s["fetch"])
         s.setdefault("preprocess", 0.0)
         s.setdefault("model", 0.0)
         s.setdefault("rle", 0.0)

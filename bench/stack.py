@@ -147,15 +147,26 @@ def worker_env(
     return env
 
 
-class BenchWorker:
-    """One ``python -m bench.worker`` subprocess (own process group), its log in a file."""
+PRODUCTION_WORKER = ("common.cli", "worker")
 
-    def __init__(self, env: dict[str, str], name: str, log_dir: Path, *args: str) -> None:
+
+class BenchWorker:
+    """One ``python -m bench.worker`` subprocess (own process group), its log in a file;
+    ``module=PRODUCTION_WORKER`` runs ``sam2unet-assist worker`` itself instead."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        name: str,
+        log_dir: Path,
+        *args: str,
+        module: tuple[str, ...] = ("bench.worker",),
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker", "--name", name, *args],
+            [sys.executable, "-m", *module, "--name", name, *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -2,7 +2,8 @@
 
 ``--runtime model`` is the production worker (:func:`worker.process.run_worker`) with timers
 around its stages: after each job the seconds spent in fetch, decode, preprocess, the model,
-the rest of ``Predictor.predict`` (upsampling to the image size), encoding and RLE, and the
+the rest of ``Predictor.predict`` (upsampling to the image size), encoding and RLE (the fetch
+phase as wall-clock time: images of one job are fetched in parallel threads), and the
 wall-clock times the job function started and finished its work, are stored in Redis under
 ``bench:stages:<job id>``. ``--runtime noop`` is the same worker whose model answers zeros at
 once (the pipeline around it unchanged), to measure what the queue costs. ``--rq-echo`` runs a
@@ -102,6 +103,21 @@ def install_timers(clock: StageClock) -> None:
         return out
 
     predictor_mod.Predictor.forward_batch = timed_forward
+
+    class TimedPool(pipeline_mod.ThreadPoolExecutor):
+        """The pipeline's fetch thread pool: times the whole fetch phase (wall clock)."""
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            self._t0 = time.perf_counter()
+            return super().__enter__()
+
+        def __exit__(self, *exc: object):  # type: ignore[no-untyped-def]
+            try:
+                return super().__exit__(*exc)
+            finally:
+                clock.seconds["fetch_wall"] += time.perf_counter() - self._t0
+
+    pipeline_mod.ThreadPoolExecutor = TimedPool
     pipeline_mod.brush_result = clock.timed("rle", pipeline_mod.brush_result)
     pipeline_mod.polygon_results = clock.timed("rle", pipeline_mod.polygon_results)
 
