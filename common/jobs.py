@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from common.exceptions import BadRequest
@@ -86,7 +86,9 @@ class ItemResult:
     cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # not dataclasses.asdict: it deep-copies the result items, element by element of their
+        # RLE lists (tens of ms per task), only to be serialised at once
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ItemResult:
