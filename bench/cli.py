@@ -44,7 +44,7 @@ class BenchOptions:
     batches: list[int] = field(default_factory=lambda: [1, 4, 8])
     device: str = "auto"
     threads: int = 0  # 0: every usable core
-    warmup: int = 1
+    warmup: int = -1  # -1: 1 on a CPU, 5 on a GPU
     repeats: int = 3
     min_seconds: float = -1.0  # -1: 0 on a CPU, 1 s on a GPU
     image_hw: tuple[int, int] = (480, 640)
@@ -52,7 +52,7 @@ class BenchOptions:
     e2e_batch: int = 8
     e2e_images: int = 32
     e2e_workers: int = 1
-    e2e_bf16: bool = False
+    bf16: bool = False
     single_tasks: int = 5
     noop_requests: int = 200
     echo_requests: int = 200
@@ -109,7 +109,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchOptions:
     p.add_argument("--e2e-batch", type=int, help="worker batch size (default 8)")
     p.add_argument("--e2e-images", type=int, help="tasks in the throughput run (default 32)")
     p.add_argument("--e2e-workers", type=int, help="worker processes (default 1)")
-    p.add_argument("--e2e-bf16", action="store_true", help="workers use bf16 autocast (CUDA)")
+    p.add_argument(
+        "--bf16", action="store_true", help="workers and training use bf16 autocast (CUDA only)"
+    )
     p.add_argument("--single-tasks", type=int, help="1-task requests for the stage breakdown")
     p.add_argument("--noop-requests", type=int, help="1-task requests to the no-op worker")
     p.add_argument("--echo-requests", type=int, help="round trips through bare rq")
@@ -142,9 +144,11 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
     threads = opts.threads or usable_cores()
     torch.set_num_threads(threads)
     device = pick_device(opts.device)
-    min_seconds = (
-        opts.min_seconds if opts.min_seconds >= 0 else (1.0 if device.type == "cuda" else 0.0)
-    )
+    gpu = device.type == "cuda"
+    if opts.min_seconds < 0:
+        opts.min_seconds = 1.0 if gpu else 0.0
+    if opts.warmup < 0:
+        opts.warmup = 5 if gpu else 1
     results: dict[str, Any] = {
         "command": " ".join(["python -m bench", *argv]),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
@@ -167,7 +171,7 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
         tmp = Path(tmp_name)
         from bench.sections import SectionRunner
 
-        runner = SectionRunner(opts, device, threads, min_seconds, tmp)
+        runner = SectionRunner(opts, device, threads, opts.min_seconds, tmp)
         timed_section("forward", runner.forward)
         if {"e2e", "queue"} & set(opts.sections):
             with runner.stack():

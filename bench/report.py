@@ -11,7 +11,7 @@ TRAIN_TARGET = 0.9
 WORKER_RSS_MARGIN_MB = 512.0
 
 STAGE_LABELS = {
-    "fetch": "fetch (HTTP, loopback)",
+    "fetch": "fetch (HTTP from loopback; a job's images in parallel)",
     "decode": "decode",
     "preprocess": "preprocess (resize + normalise)",
     "model": "forward (model)",

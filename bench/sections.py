@@ -129,7 +129,7 @@ class SectionRunner:
                     o.e2e_batch,
                     self.threads,
                     dev,
-                    o.e2e_bf16,
+                    o.bf16,
                 )
                 workers["e2e"] = [
                     BenchWorker(envs["e2e"], f"bench-e2e-{i}", log_dir)
@@ -184,7 +184,7 @@ class SectionRunner:
         main_urls = self._urls("main")[: o.e2e_images]
         run = throughput_run(client, conn, main_urls, o.e2e_batch)
         memory = [w.memory_mb() for w in self._ctx["workers"]["e2e"]]
-        dtype = "bf16" if o.e2e_bf16 and self.device.type == "cuda" else "fp32"
+        dtype = "bf16" if o.bf16 and self.device.type == "cuda" else "fp32"
         # the raw forward of the same model and batch, measured right after the run (the
         # load of a shared machine drifts), next to section 1's figure
         raw = self._raw_now(o.e2e_size, o.e2e_batch, dtype)
@@ -255,7 +255,7 @@ class SectionRunner:
             o.image_hw,
             str(self.device),
             self.threads,
-            o.e2e_bf16,
+            o.bf16,
         )
 
     # ------------------------------------------------------------------ 6. baseline
