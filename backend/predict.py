@@ -21,11 +21,11 @@ from rq.job import Job, JobStatus
 
 from backend.schemas import PredictRequest
 from common.jobs import (
-    LATE_PREFIX,
     QUEUE_BATCH,
     QUEUE_INTERACTIVE,
     ItemResult,
     PredictItem,
+    close_request,
     decode_reply,
     enqueue_predict,
     new_reply_key,
@@ -109,9 +109,11 @@ class PredictService:
         )
         pending: dict[str, list[PredictItem]] = {job.id: list(chunk) for job, chunk in enqueued}
         self._wait(pending, reply_key, deadline, results)
+        if pending:
+            for raw in close_request(self.redis, reply_key):
+                self._take_reply(raw, pending, results)
         late = sum(len(v) for v in pending.values())
         if pending:
-            self.redis.set(LATE_PREFIX + reply_key, 1, ex=24 * 3600)
             for chunk_items in pending.values():
                 for it in chunk_items:
                     results[it.index] = ItemResult(
@@ -124,7 +126,8 @@ class PredictService:
                 late,
                 self.settings.predict_deadline,
             )
-        self.redis.delete(reply_key) if not pending else self.redis.expire(reply_key, 3600)
+        if not pending:
+            self.redis.delete(reply_key)
         ordered = [results[i] for i in range(len(req.tasks))]
         return PredictOutcome(ordered, time.monotonic() - t0, late, request_id)
 
@@ -142,14 +145,20 @@ class PredictService:
                 return
             got = self.redis.blpop([reply_key], timeout=min(1.0, max(0.01, remaining)))
             if got is not None:
-                job_id, items = decode_reply(got[1])
-                if pending.pop(job_id, None) is not None:
-                    for r in items:
-                        results[r.index] = r
+                self._take_reply(got[1], pending, results)
                 continue
             if time.monotonic() - last_check >= 1.0:
                 last_check = time.monotonic()
                 self._check_jobs(pending, results)
+
+    @staticmethod
+    def _take_reply(
+        raw: bytes, pending: dict[str, list[PredictItem]], results: dict[int, ItemResult]
+    ) -> None:
+        job_id, items = decode_reply(raw)
+        if pending.pop(job_id, None) is not None:
+            for r in items:
+                results[r.index] = r
 
     def _check_jobs(
         self, pending: dict[str, list[PredictItem]], results: dict[int, ItemResult]

@@ -95,6 +95,33 @@ class ItemResult:
         return cls(**d)
 
 
+# A finished job hands its results over atomically: to the waiting request's reply list, or,
+# once the request gave up (the late flag is set in the same transaction that drains the
+# list), back to the worker, which writes them to Label Studio. Never both, never neither.
+_DELIVER_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 0
+"""
+
+
+def deliver_reply(connection: Any, reply_key: str, message: str, ttl: int) -> bool:
+    """Push a job's reply unless its request already gave up; True when it gave up (late)."""
+    late = connection.eval(_DELIVER_LUA, 2, reply_key, LATE_PREFIX + reply_key, message, int(ttl))
+    return bool(late)
+
+
+def close_request(connection: Any, reply_key: str) -> list[bytes]:
+    """Give up waiting: mark the request late and take the replies that arrived meanwhile."""
+    with connection.pipeline(transaction=True) as pipe:
+        pipe.set(LATE_PREFIX + reply_key, 1, ex=24 * 3600)
+        pipe.lrange(reply_key, 0, -1)
+        pipe.delete(reply_key)
+        _, replies, _ = pipe.execute()
+    return replies
+
+
 def new_reply_key() -> str:
     return REPLY_PREFIX + secrets.token_hex(12)
 

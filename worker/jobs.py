@@ -9,7 +9,7 @@ from rq import get_current_job
 
 from backend.metrics import record_job
 from common import preannotate as runs
-from common.jobs import LATE_PREFIX, PredictPayload, encode_reply
+from common.jobs import PredictPayload, deliver_reply, encode_reply
 from worker.pipeline import StageTimes, run_predict
 from worker.runtime import get_context
 
@@ -50,14 +50,9 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     record_job(ctx.redis, job, times, results)
     job_id = job.id if job is not None else "local"
-    if p.reply_key:
-        late = ctx.redis.exists(LATE_PREFIX + p.reply_key)
-        with ctx.redis.pipeline() as pipe:
-            pipe.rpush(p.reply_key, encode_reply(job_id, results))
-            pipe.expire(p.reply_key, max(60, rt.settings.result_ttl))
-            pipe.execute()
-    else:
-        late = False
+    late = bool(p.reply_key) and deliver_reply(
+        ctx.redis, p.reply_key, encode_reply(job_id, results), max(60, rt.settings.result_ttl)
+    )
     written = 0
     if (p.write_back or late) and ctx.write_back is not None:
         written = ctx.write_back(p, results)
