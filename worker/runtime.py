@@ -49,6 +49,7 @@ class ModelRuntime:
         return self.version or name
 
     def _load(self, name: str) -> None:
+        from sam2unet.build import trunk_state_of
         from sam2unet.predictor import Predictor
 
         t0 = time.perf_counter()
@@ -61,9 +62,6 @@ class ModelRuntime:
                 raise
             log.error("cannot load model version %s, keeping %s: %s", name, self.version, e)
             return
-        # keep only the trunk that the new model uses
-        if loaded.base is not None:
-            self._trunk_cache = {loaded.base.sha256: self._trunk_cache[loaded.base.sha256]}
         predictor = Predictor(
             loaded.model,
             loaded.config,
@@ -71,6 +69,10 @@ class ModelRuntime:
             batch_size=self.settings.batch_size,
             bf16=self.settings.bf16,
         )
+        # keep only the trunk that the new model uses, as the model's own (frozen, never
+        # written) tensors on its device rather than a second copy of them in host memory
+        if loaded.base is not None:
+            self._trunk_cache = {loaded.base.sha256: trunk_state_of(predictor.model)}
         old = self.version
         self.predictor, self.version, self.info = predictor, name, info
         self.labels = tuple(loaded.config.labels)
