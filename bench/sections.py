@@ -69,16 +69,18 @@ class SectionRunner:
         )
         return self.forward_result
 
-    def _raw_now(self, size: str, batch: int, dtype: str) -> float:
-        """Raw forward images/s of a model size and batch, measured now in this process."""
+    def _raw_now(self, size: str, batch: int, dtype: str, images: int) -> float:
+        """Raw forward images/s of a model size and batch, measured now in this process over
+        at least as many images as ``images``."""
         from sam2unet.build import random_model
         from sam2unet.config import ModelConfig
 
         o = self.opts
         model = random_model(ModelConfig(size=size, image_size=o.image_size)).model
         model = model.to(self.device).eval()
+        repeats = max(o.repeats, -(-images // batch))
         row = forward_throughput(
-            model, batch, o.image_size, self.device, dtype, o.warmup, o.repeats, self.min_seconds
+            model, batch, o.image_size, self.device, dtype, o.warmup, repeats, self.min_seconds
         )
         return row["images_per_s"]
 
@@ -185,9 +187,9 @@ class SectionRunner:
         run = throughput_run(client, conn, main_urls, o.e2e_batch)
         memory = [w.memory_mb() for w in self._ctx["workers"]["e2e"]]
         dtype = "bf16" if o.bf16 and self.device.type == "cuda" else "fp32"
-        # the raw forward of the same model and batch, measured right after the run (the
-        # load of a shared machine drifts), next to section 1's figure
-        raw = self._raw_now(o.e2e_size, o.e2e_batch, dtype)
+        # the raw forward of the same model and batch over as many images, measured right
+        # after the run (the load of a shared machine drifts), next to section 1's figure
+        raw = self._raw_now(o.e2e_size, o.e2e_batch, dtype, len(main_urls))
         raw_section1 = raw_images_per_s(self.forward_result or {}, o.e2e_size, o.e2e_batch, dtype)
         singles = single_task_runs(client, conn, self._urls("single"))
         model_mb = float(self._ctx["e2e_model"]["model_mb"])
