@@ -205,6 +205,9 @@ class SectionRunner:
             "raw_images_per_s": raw,
             "raw_images_per_s_section1": raw_section1,
             "ratio": run["images_per_s"] / raw,
+            # e2e throughput over what the worker's own forward passes allowed: immune to
+            # load drift between the run and the raw measurement
+            "ratio_to_worker_forward": run["model_seconds"] / run["seconds"],
             "single_task_ms": stage_summary(singles),
             "worker_memory_mb": memory,
             "worker_ready_memory_mb": self._ctx["ready_memory"]["e2e"],
