@@ -27,7 +27,7 @@ from flask.testing import FlaskClient
 
 from bench.measure import summary
 from bench.stack import LABEL_CONFIG
-from bench.worker import ECHO_FUNC, ECHO_QUEUE, STAGES_PREFIX
+from bench.worker import ECHO_FUNC, ECHO_QUEUE, RAW_FORWARD_FUNC, STAGES_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,29 @@ def throughput_run(
         "per_task_ms": {k: v * 1000.0 for k, v in per_task.items()},
         "model_seconds": sum(j["model"] for j in jobs),
     }
+
+
+def raw_forward_in_worker(
+    conn: redis.Redis, batch: int, repeats: int, warmup: int, timeout: float = 7200.0
+) -> dict[str, Any]:
+    """:func:`bench.worker.raw_forward` run by one of the workers on ``conn``."""
+    from rq import Queue
+    from rq.job import JobStatus
+
+    from common.jobs import QUEUE_INTERACTIVE
+
+    job = Queue(QUEUE_INTERACTIVE, connection=conn).enqueue(
+        RAW_FORWARD_FUNC, batch, repeats, warmup, job_timeout=int(timeout), result_ttl=600
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job.get_status(refresh=True)
+        if status == JobStatus.FINISHED:
+            return job.return_value()
+        if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+            raise RuntimeError(f"the raw forward job ended {status}")
+        time.sleep(0.2)
+    raise TimeoutError("the raw forward job did not finish")
 
 
 def rq_echo_round_trips(conn: redis.Redis, n: int, warmup: int = 5) -> list[float]:

@@ -8,6 +8,7 @@ wall-clock times the job function started and finished its work, are stored in R
 ``bench:stages:<job id>``. ``--runtime noop`` is the same worker whose model answers zeros at
 once (the pipeline around it unchanged), to measure what the queue costs. ``--rq-echo`` runs a
 bare rq ``SimpleWorker`` whose job only pushes a reply: the floor any rq round trip pays.
+:func:`raw_forward` is a job for these workers: the raw forward of their own model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 STAGES_PREFIX = "bench:stages:"
 ECHO_QUEUE = "bench-echo"
 ECHO_FUNC = "bench.worker.echo"
+RAW_FORWARD_FUNC = "bench.worker.raw_forward"
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,21 @@ def echo(reply_key: str) -> None:
 
     job = get_current_job()
     job.connection.rpush(reply_key, job.id)
+
+
+def raw_forward(batch: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """Bench job, run by a worker: seconds per ``Predictor.forward_batch`` call of this
+    process's own model on a random B x 3 x S x S batch (the worker's "model" stage alone)."""
+    import torch
+
+    from bench.measure import repeat_timed
+    from worker.runtime import get_context
+
+    predictor = get_context().runtime.predictor
+    size = predictor.config.image_size
+    x = torch.randn(batch, 3, size, size)
+    times = repeat_timed(lambda: predictor.forward_batch(x), predictor.device, warmup, repeats)
+    return {"batch": batch, "seconds": times, "pid": os.getpid()}
 
 
 class StageClock:
