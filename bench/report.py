@@ -118,8 +118,9 @@ def _e2e(s: dict[str, Any]) -> list[str]:
     header += [f"ratio >= {E2E_TARGET}", "forward share", "raw, bench process", "raw, section 1"]
     lines += _table(header, [row])
     lines += [
-        "Raw forward: the worker's own model on random input, timed by the worker process right "
-        "after the run over as many images (the ratio's reference). Forward share: the time the "
+        "Raw forward: the worker's own model on random input, timed by the worker process just "
+        "before and just after the run, over as many images each time (the ratio's reference; "
+        "median per call). Forward share: the time the "
         "worker spent in forward passes during the run over the run's wall time. The same raw "
         "forward measured in the bench process and in section 1 shows how much a shared "
         "machine's load moves between measurements.",
