@@ -33,6 +33,7 @@ from common.jobs import (
     target_to_json,
 )
 from common.labelconfig import Target
+from common.registry import ModelRegistry
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,24 @@ class PredictService:
         if project is not None and hostname:
             self.redis.set(f"{HOSTNAME_PREFIX}{project}", hostname.rstrip("/"), ex=30 * 24 * 3600)
 
-    def hostname(self, project: int | None) -> str | None:
+    def version_and_host(
+        self, registry: ModelRegistry, project: int | None
+    ) -> tuple[str | None, str | None]:
+        """The current model version and the project's Label Studio URL (as /setup reported
+        it), in one Redis round trip."""
         if project is None:
-            return None
-        value = self.redis.get(f"{HOSTNAME_PREFIX}{project}")
-        return value.decode() if value else None
+            return registry.current(), None
+        version, (host,) = registry.current_and(f"{HOSTNAME_PREFIX}{project}")
+        return version, (host.decode() if isinstance(host, bytes) else host) or None
 
     def predict(
-        self, req: PredictRequest, target: Target, model_version: str | None
+        self,
+        req: PredictRequest,
+        target: Target,
+        model_version: str | None,
+        ls_base: str | None = None,
     ) -> PredictOutcome:
+        """``ls_base``: the project's Label Studio URL, for tasks' relative image URLs."""
         t0 = time.monotonic()
         deadline = t0 + self.settings.predict_deadline
         results: dict[int, ItemResult] = {}
@@ -92,7 +102,6 @@ class PredictService:
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
         reply_key = new_reply_key()
         request_id = secrets.token_hex(6)  # the same in every job's worker log lines
-        ls_base = self.hostname(req.project)
         enqueued = enqueue_predict(
             queue,
             items,
@@ -126,8 +135,8 @@ class PredictService:
                 late,
                 self.settings.predict_deadline,
             )
-        if not pending:
-            self.redis.delete(reply_key)
+        # every reply was popped: Redis dropped the emptied list (a stray duplicate from a
+        # retried job expires with the list's TTL)
         ordered = [results[i] for i in range(len(req.tasks))]
         return PredictOutcome(ordered, time.monotonic() - t0, late, request_id)
 

@@ -103,8 +103,10 @@ def predict():
     _require_auth()
     req = PredictRequest.parse(_json_body())
     target = parse_label_config(req.label_config)
-    version = current_version()
-    outcome = _ext()["predict"].predict(req, target, version)
+    service = _ext()["predict"]
+    version, ls_base = service.version_and_host(_ext()["registry"], req.project)
+    version = version or NO_VERSION
+    outcome = service.predict(req, target, version, ls_base)
     record_answer(_ext()["redis"], outcome.results)
     failed = sum(1 for r in outcome.results if r.error)
     log.info(

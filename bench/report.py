@@ -187,9 +187,18 @@ def _queue(s: dict[str, Any]) -> list[str]:
     if c:
         rows.append(["first /predict to a just-started worker", 1, c["first"], "", ""])
         rows.append(["- the next ones", c["next"]["n"], c["next"]["p50"], c["next"]["p99"], ""])
-    return lines + _table(
+    out = lines + _table(
         ["measurement", "n", "p50 ms", "p99 ms", f"p50 <= {QUEUE_TARGET_MS}"], rows
     )
+    commands = s.get("redis_commands_per_request")
+    if commands:
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(commands.items())[:8])
+        out += [
+            "",
+            f"Redis commands per request (whole server, pipelined ones included): "
+            f"{sum(commands.values()):.0f}; most: {top}.",
+        ]
+    return out
 
 
 def _sum_p50(n: dict[str, Any], keys: tuple[str, ...]) -> float:

@@ -244,7 +244,9 @@ class SectionRunner:
         client, conn = self._client("noop")
         urls = self._urls("small")
         single_task_runs(client, conn, urls[:5])  # warm-up
+        before = conn.info("commandstats")
         runs = single_task_runs(client, conn, urls[5 : 5 + o.noop_requests])
+        commands = redis_commands_per_request(before, conn.info("commandstats"), len(runs))
         echo_conn = redis.Redis.from_url(self._ctx["envs"]["echo"]["REDIS_URL"])
         echo = rq_echo_round_trips(echo_conn, o.echo_requests)
         # the first requests to a production worker that has just announced itself ready
@@ -253,6 +255,7 @@ class SectionRunner:
         return {
             "noop_requests": len(runs),
             "noop_ms": stage_summary(runs),
+            "redis_commands_per_request": commands,
             "rq_echo_ms": summary(echo, 1000.0),
             "cold_start_ms": {
                 "first": cold[0] * 1000.0,
@@ -290,3 +293,16 @@ class SectionRunner:
         )
         out["worker_images_per_s"] = self._e2e_images_per_s
         return out
+
+
+def redis_commands_per_request(
+    before: dict[str, Any], after: dict[str, Any], requests: int
+) -> dict[str, float]:
+    """Redis commands per request, by command, from two ``INFO commandstats`` snapshots (the
+    whole server: idle workers' blocking pops and maintenance are a small share)."""
+    out: dict[str, float] = {}
+    for key, stats in after.items():
+        calls = stats["calls"] - before.get(key, {}).get("calls", 0)
+        if calls > 0:
+            out[key.removeprefix("cmdstat_")] = calls / max(1, requests)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -7,7 +7,7 @@ workers are ``python -m bench.worker`` subprocesses; images come from a loopback
 Times of one job, all wall-clock on this machine: ``enqueued`` (rq's stamp), ``start`` and
 ``work_end`` (the job function began / finished computing, from the worker's timers),
 ``reply`` (the backend popped the job's reply). Queue time in = start - enqueued; queue time
-out = reply - work_end (metrics, reply push, wake-up).
+out = reply - work_end (reply push, wake-up).
 """
 
 from __future__ import annotations

@@ -138,13 +138,18 @@ def install_timers(clock: StageClock) -> None:
     pipeline_mod.brush_result = clock.timed("rle", pipeline_mod.brush_result)
     pipeline_mod.polygon_results = clock.timed("rle", pipeline_mod.polygon_results)
 
-    record_job = jobs_mod.record_job
+    record_job, deliver_reply = jobs_mod.record_job, jobs_mod.deliver_reply
+
+    def timed_deliver_reply(*args, **kwargs):  # type: ignore[no-untyped-def]
+        clock.work_end = time.time()  # the work is done: the reply goes out
+        return deliver_reply(*args, **kwargs)
 
     def timed_record_job(conn, job, times, results):  # type: ignore[no-untyped-def]
-        clock.work_end = time.time()
+        clock.work_end = clock.work_end or time.time()
         clock.times = times
         return record_job(conn, job, times, results)
 
+    jobs_mod.deliver_reply = timed_deliver_reply
     jobs_mod.record_job = timed_record_job
     predict = jobs_mod.predict
 

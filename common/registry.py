@@ -125,6 +125,15 @@ class ModelRegistry:
                     log.warning("ignoring a torn line at the end of %s", self.log_path)
         return out
 
+    def current_and(self, *keys: str) -> tuple[str | None, list[Any]]:
+        """:meth:`current` and the values of other Redis ``keys``, in one round trip."""
+        if self.redis is None or not keys:
+            return self.current(), [None] * len(keys)
+        pointer, *values = self.redis.mget([POINTER_KEY, *keys])
+        if pointer is None:
+            return self.current(), values
+        return (pointer.decode() if isinstance(pointer, bytes) else str(pointer)), values
+
     def current(self) -> str | None:
         """The current version: Redis pointer, else the promotion log's last entry (and the
         pointer is restored from it)."""

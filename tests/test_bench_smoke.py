@@ -60,8 +60,9 @@ def test_serving_sections_account_for_the_time(results):
     raw = e2e["raw_seconds_in_worker"]
     assert len(raw["before"]) >= 2 and len(raw["after"]) >= 2
     assert e2e["raw_images_per_s_bench_process"] > 0
-    # the per-task stages add up to the measured wall time per task
-    assert sum(t["per_task_ms"].values()) == pytest.approx(1000.0 / t["images_per_s"], rel=1e-6)
+    # the per-task stages add up to the measured wall time per task (up to the rounding of
+    # epoch timestamps: a double holds time.time() to about 0.2 microseconds)
+    assert sum(t["per_task_ms"].values()) == pytest.approx(1000.0 / t["images_per_s"], abs=0.01)
     assert t["per_task_ms"]["model"] > 0 and t["per_task_ms"]["rle"] > 0
     single = e2e["single_task_ms"]
     assert single["total"]["n"] == 2 and single["model"]["mean"] > 0

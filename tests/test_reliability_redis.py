@@ -189,6 +189,8 @@ def test_redis_loses_everything_pointer_recovered_from_promotion_log(stack):
     assert r.status_code == 200 and r.get_json()["model_version"] == expected
     assert conn.get(POINTER_KEY).decode() == expected
     assert client.get("/versions").get_json()["current"] == expected
+    # /predict reads the pointer together with the project's host: restored from the log too
+    conn.delete(POINTER_KEY)
     # the worker keeps serving on the emptied Redis, with the same version
     deadline = time.monotonic() + 60
     r = None
@@ -198,6 +200,7 @@ def test_redis_loses_everything_pointer_recovered_from_promotion_log(stack):
             break
     assert predicted(r), r.get_json()
     assert {p["model_version"] for p in r.get_json()["results"]} == {expected}
+    assert conn.get(POINTER_KEY).decode() == expected
 
 
 def test_retries_with_an_interval_run_without_a_scheduler_process(stack):

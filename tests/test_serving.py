@@ -323,6 +323,32 @@ def test_workers_reload_a_promoted_version_between_jobs(redis_server, model_dir,
         conn.flushdb()
 
 
+def test_the_runtime_reads_the_pointer_once_per_job(redis_url, model_dir, tmp_path):
+    """The worker checks the current version right before a job; the job's own check takes
+    that one. Outside a job, every check reads Redis and follows a promotion at once."""
+    from worker.runtime import ModelRuntime
+
+    conn = redis.Redis.from_url(redis_url)
+    mdir = tmp_path / "models"
+    shutil.copytree(model_dir, mdir)
+    registry = ModelRegistry(mdir, conn)
+    first, second = (p["version"] for p in registry.promotions()[-2:])
+    registry.rollback(first)
+    runtime = ModelRuntime(Settings(model_dir=mdir, model_size="test", image_size=64), registry)
+    calls = []
+    current = registry.current
+    registry.current = lambda: calls.append(1) or current()  # type: ignore[method-assign]
+
+    assert runtime.begin_job() == first and len(calls) == 1
+    registry.promote(second)  # during the job: this job keeps its version...
+    assert runtime.ensure_current(in_job=True) == first and len(calls) == 1
+    runtime.end_job()
+    assert runtime.ensure_current(in_job=True) == second and len(calls) == 2  # ...the next not
+    registry.rollback(first)
+    assert runtime.ensure_current() == first and len(calls) == 3
+    assert runtime.ensure_current() == first and len(calls) == 4
+
+
 def test_one_request_id_links_the_backend_answer_to_its_worker_log_lines(stack):
     client = make_client(stack)
     files = stack["files"]

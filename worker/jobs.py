@@ -48,11 +48,11 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         times.encode,
     )
     job = get_current_job()
-    record_job(ctx.redis, job, times, results)
     job_id = job.id if job is not None else "local"
     late = bool(p.reply_key) and deliver_reply(
         ctx.redis, p.reply_key, encode_reply(job_id, results), max(60, rt.settings.result_ttl)
     )
+    record_job(ctx.redis, job, times, results)  # after the reply: nobody waits for metrics
     written = 0
     if (p.write_back or late) and ctx.write_back is not None:
         written = ctx.write_back(p, results)

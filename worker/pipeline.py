@@ -105,7 +105,7 @@ def run_predict(
     """Compute the results of every item of ``payload`` (never raises for a per-item problem)."""
     times = times if times is not None else StageTimes()
     target = target_from_json(payload.target)
-    version = runtime.ensure_current()
+    version = runtime.ensure_current(in_job=True)
     channels = label_channels(runtime.labels, target)
     if payload.context is not None:  # a prompted result depends on the prompts: not cached
         cache_ttl = 0

@@ -76,7 +76,7 @@ class AssistWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         if self.runtime is not None:
             try:
-                self.runtime.ensure_current()
+                self.runtime.begin_job()
             except Exception:  # keep serving with the model held; the job reports its version
                 log.exception("model reload check failed before job %s", job.id)
         execution = self.prepare_execution(job)
@@ -88,6 +88,8 @@ class AssistWorker(SimpleWorker):
         try:
             self.perform_job(job, queue, execution)
         finally:
+            if self.runtime is not None:
+                self.runtime.end_job()
             stop.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)

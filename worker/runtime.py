@@ -34,10 +34,28 @@ class ModelRuntime:
         self._trunk_cache: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._lock = threading.Lock()
+        self._job_checked = False  # the worker read the pointer for the job now running
         self.loads = 0
 
-    def ensure_current(self) -> str:
-        """Load the registry's current version if it is not the one held; return the held one."""
+    def begin_job(self) -> str:
+        """Called by the worker right before each job: the pointer is read once here, and the
+        job's own :meth:`ensure_current` (``in_job=True``) takes this check instead of reading
+        it again."""
+        self._job_checked = False
+        version = self.ensure_current()
+        self._job_checked = True
+        return version
+
+    def end_job(self) -> None:
+        self._job_checked = False
+
+    def ensure_current(self, in_job: bool = False) -> str:
+        """Load the registry's current version if it is not the one held; return the held one.
+
+        ``in_job``: called from a job function; when the worker checked the pointer right
+        before this job (:meth:`begin_job`), that check stands and Redis is not asked again."""
+        if in_job and self._job_checked and self.version is not None:
+            return self.version
         name = self.registry.current()
         if name is None:
             name = ensure_current_version(self.registry, self.settings).name
