@@ -57,6 +57,20 @@ def scrape(client, **headers) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def scrape_until(client, done, timeout: float = 10.0) -> tuple[dict, int]:
+    """Scrape until ``done(samples)``: a worker records a job's metrics right after it has
+    delivered the job's results, so they can land a moment after the /predict answer.
+    Returns the last scrape and how many scrapes were made."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    while True:
+        samples = scrape(client)
+        n += 1
+        if done(samples) or time.monotonic() > deadline:
+            return samples, n
+        time.sleep(0.02)
+
+
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -130,11 +144,13 @@ def test_scrape_after_real_predictions_through_a_real_worker(stack, model_dir):
     assert r.status_code == 200
     version = r.get_json()["results"][0]["model_version"]
     assert [bool(x["result"]) for x in r.get_json()["results"]] == [1, 0, 0, 1, 0, 1]
-    t0 = time.perf_counter()
-    after = scrape(client)
-    scrape_ms = (time.perf_counter() - t0) * 1000
-
     n_jobs = 2  # 5 tasks with an image, SAM2UNET_BATCH_SIZE=4
+    after, scrapes = scrape_until(
+        client, lambda s: delta(before, s, "sam2unet_jobs_total", queue=QUEUE_BATCH) >= n_jobs
+    )
+    t0 = time.perf_counter()
+    scrape(client)
+    scrape_ms = (time.perf_counter() - t0) * 1000
     req = {"endpoint": "/predict", "method": "POST"}
     assert delta(before, after, "sam2unet_http_requests_total", **req, status="200") == 1
     assert delta(before, after, "sam2unet_http_request_duration_seconds_count", **req) == 1
@@ -161,9 +177,9 @@ def test_scrape_after_real_predictions_through_a_real_worker(stack, model_dir):
     assert delta(before, after, "sam2unet_failed_tasks_total", reason="decode") == 1
     assert delta(before, after, "sam2unet_failed_tasks_total", reason="no_image") == 1
     assert delta(before, after, "sam2unet_cache_hits_total") == 0
-    # the scrape itself is counted too
+    # scrapes are counted too: the one before and those until the jobs' metrics were in
     assert delta(before, after, "sam2unet_http_requests_total", endpoint="/metrics",
-                 method="GET", status="200") == 1  # fmt: skip
+                 method="GET", status="200") == scrapes  # fmt: skip
     # live gauges
     assert value(after, "sam2unet_workers") == 1
     assert value(after, "sam2unet_queue_depth", queue=QUEUE_BATCH) == 0
@@ -173,7 +189,9 @@ def test_scrape_after_real_predictions_through_a_real_worker(stack, model_dir):
     again = [t for t in tasks if t["id"] in (1, 4, 6)]
     r = client.post("/predict", json={"tasks": again, "label_config": CFG})
     assert all(x["result"] for x in r.get_json()["results"])
-    third = scrape(client)
+    third, _ = scrape_until(
+        client, lambda s: delta(after, s, "sam2unet_jobs_total", queue=QUEUE_BATCH) >= 1
+    )
     assert delta(after, third, "sam2unet_cache_hits_total") == 3
     assert delta(after, third, "sam2unet_predictions_total", model_version=version) == 3
     assert delta(after, third, "sam2unet_jobs_total", queue=QUEUE_BATCH) == 1

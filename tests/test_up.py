@@ -136,6 +136,14 @@ def test_up_serves_a_prediction_and_ctrl_c_stops_everything(model_dir, tmp_path)
         assert res["model_version"] == "sam2unet-test-v2" and res["result"]
         assert files.requests == [f"/{ref}"]
 
+        # the worker records a job's metrics right after delivering its results
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = requests.get(f"{up.url}/metrics", timeout=10).text
+            if counter(text, "sam2unet_predictions_total", model_version=res["model_version"]):
+                break
+            time.sleep(0.05)
+        seen = counter(text, "sam2unet_http_requests_total", endpoint="/metrics") + 1
         # every gunicorn process answers the same numbers: they all come from Redis
         t0 = time.monotonic()
         scrapes = [requests.get(f"{up.url}/metrics", timeout=10).text for _ in range(6)]
@@ -148,7 +156,7 @@ def test_up_serves_a_prediction_and_ctrl_c_stops_everything(model_dir, tmp_path)
             assert counter(text, "sam2unet_workers") == 1
         assert [
             counter(t, "sam2unet_http_requests_total", endpoint="/metrics") for t in scrapes
-        ] == [float(i) for i in range(6)]
+        ] == [seen + i for i in range(6)]
 
         # a second `up` for the same MODEL_DIR refuses to start
         second = subprocess.run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import redis
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -62,3 +63,94 @@ def test_kill_9_worker_mid_batch_every_task_still_predicted(redis_server, model_
     assert all(not r["model_version"].endswith("/failed") for r in results)
     assert out["seconds"] < 100
     print(f"24 tasks with a worker killed mid-batch answered in {out['seconds']:.1f}s")
+
+
+LEASE_WORKER = """
+import sys, redis
+from rq import Queue
+from worker.process import AssistWorker
+conn = redis.Redis.from_url(sys.argv[1])
+w = AssistWorker([Queue(q, connection=conn) for q in sys.argv[3:]], connection=conn)
+w.lease = int(sys.argv[2])
+w.work(burst=True, with_scheduler=False)
+"""
+
+
+def run_leased_job(redis_url: str, lease: int, queues: list[str], seconds: float, during=None):
+    """Run one ``time.sleep(seconds)`` job (one retry allowed) on a burst AssistWorker with
+    ``lease``, reaping abandoned jobs every 0.1 s meanwhile, as a waiting backend does;
+    ``during(conn, registry, job)`` is called on every pass while the job is running.
+    Returns the job, the worker's output and the passes that saw it running."""
+    import subprocess
+    import sys
+
+    from rq import Queue, Retry
+
+    from common.jobs import reap_abandoned
+    from tests.services import ROOT
+
+    conn = redis.Redis.from_url(redis_url)
+    job = Queue(queues[0], connection=conn).enqueue("time.sleep", seconds, retry=Retry(max=1))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LEASE_WORKER, redis_url, str(lease), *queues],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    started = StartedJobRegistry(queues[0], connection=conn)
+    running = 0
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if job.id in started.get_job_ids(cleanup=False):
+            running += 1
+            if during is not None:
+                during(conn, started, job)
+        reap_abandoned(conn, tuple(queues))
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.kill()
+    out = proc.communicate(timeout=10)[0]
+    job.refresh()
+    return job, out, running
+
+
+def test_a_job_longer_than_its_lease_keeps_it_and_runs_once(redis_url):
+    """The lease (2 s, the shortest allowed) is renewed while the job runs: a backend reaping
+    abandoned jobs all along neither retries nor fails a 4 s job; once it has ended, nothing
+    of it stays in the started-job registry (no renewal after the end)."""
+    from rq.job import JobStatus
+
+    job, out, running = run_leased_job(redis_url, 2, ["lease-a"], 4.0)
+    assert out.count("Job OK") == 1, out
+    assert job.get_status() == JobStatus.FINISHED and job.retries_left == 1
+    assert running >= 20  # in the registry the whole time it ran
+    time.sleep(2.5)  # longer than the lease: a late renewal would have put it back
+    started = StartedJobRegistry("lease-a", connection=redis.Redis.from_url(redis_url))
+    assert started.count == 0
+
+
+@pytest.mark.parametrize("queues", [["lease-b"], ["lease-c", "lease-d"]])
+def test_a_job_requeued_while_it_still_ran_is_not_run_twice(redis_url, queues):
+    """A stalled worker can miss its lease: the registry cleanup then requeues the job while it
+    still runs. Once it has finished, its requeued copy is dropped instead of run again (rq
+    would run it again, and again: the success of the first run restores its retry count).
+    With one queue rq dequeues through an intermediate list: the copy leaves that too."""
+    from rq.job import JobStatus
+
+    def expire_once(conn, started, job):  # as if the renewals had stalled for 15 s
+        if not getattr(expire_once, "done", False):
+            for member in conn.zrange(started.key, 0, -1):
+                conn.zadd(started.key, {member: 1})
+            expire_once.done = True
+
+    job, out, running = run_leased_job(redis_url, 15, queues, 2.0, during=expire_once)
+    assert running > 0 and expire_once.done
+    assert out.count("Job OK") == 1, out
+    assert "has already finished; its requeued copy is not run" in out
+    assert job.get_status() == JobStatus.FINISHED
+    conn = redis.Redis.from_url(redis_url)
+    from rq import Queue
+
+    q = Queue(queues[0], connection=conn)
+    assert q.count == 0 and conn.llen(q.intermediate_queue_key) == 0

@@ -90,6 +90,14 @@ def _cache_key(digest: str, version: str, target: Target, threshold: float) -> s
     return f"{CACHE_PREFIX}{version}:{digest}:{sig}"
 
 
+def write_cache(redis_client: redis.Redis, entries: dict[str, str], ttl: int) -> None:
+    """Store encoded results under their cache keys for ``ttl`` seconds (one round trip)."""
+    with redis_client.pipeline(transaction=False) as pipe:
+        for k, v in entries.items():
+            pipe.set(k, v, ex=ttl)
+        pipe.execute()
+
+
 def run_predict(
     payload: PredictPayload,
     runtime: Any,
@@ -120,19 +128,26 @@ def run_predict(
         digest = hashlib.sha256(data).hexdigest()
         return data, digest, t1 - t0
 
+    def take(index: int, outcome: Callable[[], tuple[bytes, str, float]]) -> None:
+        try:
+            data, digest, dt = outcome()
+            times.fetch += dt
+            fetched[index] = (data, digest)
+        except AssistError as e:
+            results[index].error = e.message
+        except Exception as e:  # one bad task must not fail the others
+            log.exception("unexpected error fetching the image of item %d", index)
+            results[index].error = f"image fetch failed: {type(e).__name__}"
+
     fetched: dict[int, tuple[bytes, str]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(fetch_threads, len(payload.items)))) as pool:
-        futures = {it.index: pool.submit(load, it) for it in payload.items}
-        for index, fut in futures.items():
-            try:
-                data, digest, dt = fut.result()
-                times.fetch += dt
-                fetched[index] = (data, digest)
-            except AssistError as e:
-                results[index].error = e.message
-            except Exception as e:  # one bad task must not fail the others
-                log.exception("unexpected error fetching the image of item %d", index)
-                results[index].error = f"image fetch failed: {type(e).__name__}"
+    if len(payload.items) == 1:  # nothing to overlap: no thread
+        (only,) = payload.items
+        take(only.index, lambda: load(only))
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, min(fetch_threads, len(payload.items)))) as pool:
+            futures = {it.index: pool.submit(load, it) for it in payload.items}
+            for index, fut in futures.items():
+                take(index, fut.result)
 
     keys = {i: _cache_key(d, version, target, threshold) for i, (_, d) in fetched.items()}
     if redis_client is not None and cache_ttl > 0 and keys:
@@ -189,10 +204,8 @@ def run_predict(
             to_cache[keys[i]] = json.dumps({"result": res, "score": score})
         times.encode += time.perf_counter() - t0
         if redis_client is not None and cache_ttl > 0 and to_cache:
-            with redis_client.pipeline(transaction=False) as pipe:
-                for k, v in to_cache.items():
-                    pipe.set(k, v, ex=cache_ttl)
-                pipe.execute()
+            # before the results go out: the same image asked again at once is a cache hit
+            write_cache(redis_client, to_cache, cache_ttl)
 
     for r in results.values():
         if r.error:

@@ -15,9 +15,8 @@ import uuid
 import redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
-from rq.worker import WorkerStatus
 
 from common.jobs import QUEUES
 from common.registry import ModelRegistry
@@ -39,6 +38,7 @@ class AssistWorker(SimpleWorker):
     lease: int = 15
     runtime: ModelRuntime | None = None
     stopping: bool = False  # a stop was requested (SIGTERM/SIGINT)
+    _last_beat: float = float("-inf")  # monotonic time of the last heartbeat of our own
     _due: RQScheduler | None = None
 
     def request_stop(self, signum, frame) -> None:
@@ -71,36 +71,78 @@ class AssistWorker(SimpleWorker):
                 scheduler.release_locks()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return self.lease
+        return max(MIN_LEASE, self.lease)
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:  # type: ignore[no-untyped-def]
+        """rq's worker heartbeat (extend the worker's key TTL), sent as one pipeline instead of
+        three round trips, and skipped when the last one is under a second old: rq's loop
+        beats three times between two jobs. Beats inside a caller's pipeline are unchanged."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        if timeout is None and time.monotonic() - self._last_beat < HEARTBEAT_MIN_INTERVAL:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            pipe.execute()
+        self._last_beat = time.monotonic()
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        # rq's SimpleWorker.execute_job, with the model check before and the lease around the
+        # job (the idle state is set by rq's dequeue that follows)
+        if job.get_status(refresh=False) == JobStatus.FINISHED:
+            # a copy requeued by a registry cleanup while the job still ran (its lease was not
+            # renewed in time: a stalled process); the job has finished since: never twice
+            log.warning("job %s has already finished; its requeued copy is not run", job.id)
+            if len(self.queues) == 1:  # rq moved it to the queue's intermediate list
+                queue.intermediate_queue.remove(job.id)
+            return
         if self.runtime is not None:
             try:
                 self.runtime.begin_job()
             except Exception:  # keep serving with the model held; the job reports its version
                 log.exception("model reload check failed before job %s", job.id)
         execution = self.prepare_execution(job)
-        stop = threading.Event()
-        beat = threading.Thread(
-            target=self._renew_lease, args=(job, execution, stop), name="lease", daemon=True
-        )
-        beat.start()
+        lease = _Lease()
+        threading.Thread(
+            target=self._renew_lease, args=(job, execution, lease), name="lease", daemon=True
+        ).start()
         try:
             self.perform_job(job, queue, execution)
         finally:
             if self.runtime is not None:
                 self.runtime.end_job()
-            stop.set()
-            beat.join()
-        self.set_state(WorkerStatus.IDLE)
+            lease.end()  # no renewal after this returns; the thread exits when it wakes
 
-    def _renew_lease(self, job: Job, execution, stop: threading.Event) -> None:
-        interval = max(0.5, self.lease / 3)
-        while not stop.wait(interval):
-            try:
-                self.maintain_heartbeats(job, execution)
-            except redis.exceptions.RedisError as e:
-                log.warning("could not renew the lease of job %s: %s", job.id, e)
+    def _renew_lease(self, job: Job, execution, lease: _Lease) -> None:
+        # rq scores the registry in whole seconds, so a lease of L seconds lasts L - 1 to L:
+        # renewed three times within L - 1
+        interval = max(0.25, (max(MIN_LEASE, self.lease) - 1) / 3)
+        while not lease.ended.wait(interval):
+            with lease.lock:
+                if lease.ended.is_set():
+                    return
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except redis.exceptions.RedisError as e:
+                    log.warning("could not renew the lease of job %s: %s", job.id, e)
+
+
+MIN_LEASE = 2  # seconds
+HEARTBEAT_MIN_INTERVAL = 1.0  # seconds; the worker key lives worker_ttl + 60 s after a beat
+
+
+class _Lease:
+    """The end of one job's lease: once :meth:`end` returns, the renewing thread renews no more
+    (it holds ``lock`` while renewing), without waiting for it to exit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
+
+    def end(self) -> None:
+        with self.lock:
+            self.ended.set()
 
 
 def apply_torch_threads(settings: Settings) -> None:
