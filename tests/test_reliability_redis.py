@@ -166,7 +166,10 @@ def test_redis_stopped_and_restarted_during_traffic(stack):
     recovery = min(e["at"] + e["seconds"] for e in ok_predicts) - restarted_at
     worker_log = stack["worker"].log()
     assert stack["worker"].proc.poll() is None, worker_log[-2000:]
-    assert "reconnecting to Redis" in worker_log and "Redis is reachable again" in worker_log
+    # mid-job (or between a job and the next dequeue) rq's loop quits and the worker
+    # reconnects itself; waiting in its dequeue, rq retries the connection on its own
+    ours = "reconnecting to Redis" in worker_log and "Redis is reachable again" in worker_log
+    assert ours or "could not connect to Redis instance" in worker_log, worker_log[-3000:]
     last_503 = max(e["at"] for e in failed) - restarted_at
     # events recorded before the stop are still there (AOF)
     ids = {eid.decode() for eid, _ in conn.xrange(EVENTS_STREAM)}

@@ -154,3 +154,41 @@ def test_a_job_requeued_while_it_still_ran_is_not_run_twice(redis_url, queues):
 
     q = Queue(queues[0], connection=conn)
     assert q.count == 0 and conn.llen(q.intermediate_queue_key) == 0
+
+
+def test_redis_gone_in_the_middle_of_a_job_the_worker_reconnects(model_dir, tmp_path):
+    """Redis stops while a production worker runs a job (3 s) and comes back after the job has
+    ended (4 s later, on the same port): the worker process survives the job's failed ending,
+    reconnects under its name and runs the next job."""
+    from rq import Queue
+    from rq.job import JobStatus
+
+    from common.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(data_dir=tmp_path / "redis").start()
+    conn = redis.Redis.from_url(server.url)
+    try:
+        with workers(service_env(server.url, model_dir), conn, 1, tmp_path) as (proc,):
+            queue = Queue(QUEUE_BATCH, connection=conn)
+            job = queue.enqueue("time.sleep", 3.0)
+            started = StartedJobRegistry(QUEUE_BATCH, connection=conn)
+            deadline = time.monotonic() + 30
+            while job.id not in started.get_job_ids() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert job.id in started.get_job_ids()
+            server.stop()
+            time.sleep(4.0)
+            server.start()
+            deadline = time.monotonic() + 60
+            while "Redis is reachable again" not in proc.log() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert proc.proc.poll() is None, proc.log()[-2000:]
+            assert "reconnecting to Redis" in proc.log(), proc.log()[-2000:]
+            assert "Redis is reachable again" in proc.log()
+            after = queue.enqueue("time.sleep", 0.1)
+            deadline = time.monotonic() + 30
+            while after.get_status(refresh=True) != JobStatus.FINISHED:
+                assert time.monotonic() < deadline, proc.log()[-2000:]
+                time.sleep(0.1)
+    finally:
+        server.close()
