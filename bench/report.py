@@ -194,9 +194,9 @@ def _queue(s: dict[str, Any]) -> list[str]:
     if commands:
         top = ", ".join(f"{k} {v:.0f}" for k, v in list(commands.items())[:8])
         out += [
-            "",
             f"Redis commands per request (whole server, pipelined ones included): "
             f"{sum(commands.values()):.0f}; most: {top}.",
+            "",
         ]
     return out
 
