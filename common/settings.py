@@ -48,6 +48,7 @@ class Settings:
     image_size: int = 352
     device: str = "auto"
     batch_size: int = 8
+    cpu_batch_size: int = 1  # images per forward pass on a CPU (0: batch_size)
     bf16: bool = False
     torch_threads: int = 0  # CPU threads for torch in workers and trainer; 0 = torch's default
     init_checkpoint: str | None = None

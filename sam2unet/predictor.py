@@ -44,10 +44,16 @@ class Predictor:
         device: str | torch.device | None = "auto",
         batch_size: int = 8,
         bf16: bool = False,
+        cpu_batch_size: int | None = None,
     ) -> None:
+        """``batch_size``: images per forward pass. ``cpu_batch_size``: the most per forward
+        pass on a CPU (None: ``batch_size``); there a batch runs no faster than its images one
+        by one (docs/benchmarks.md) while holding all their activations at once."""
         self.config = config
         self.device = pick_device(device)
         self.batch_size = max(1, int(batch_size))
+        if self.device.type == "cpu" and cpu_batch_size is not None:
+            self.batch_size = min(self.batch_size, max(1, int(cpu_batch_size)))
         self.bf16 = bool(bf16) and self.device.type == "cuda"
         if bf16 and not self.bf16:
             log.info("bf16 autocast is only used on CUDA; running fp32 on %s", self.device)

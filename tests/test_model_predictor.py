@@ -76,3 +76,24 @@ def test_known_head_pattern_comes_back_at_full_size() -> None:
         assert np.all(got[want] > 0.99) and np.all(got[~want] < 0.01)
     # and the result is binary up to the blending band
     assert ((prob > 0.5) == expected).mean() > 0.97
+
+
+def test_a_cpu_batch_limit_changes_how_many_per_pass_not_the_results(predictor: Predictor) -> None:
+    """``cpu_batch_size`` caps images per forward pass on a CPU (the workers' default is 1)."""
+    limited = Predictor(
+        predictor.model, predictor.config, device="cpu", batch_size=8, cpu_batch_size=1
+    )
+    assert limited.batch_size == 1
+    passes = []
+    hook = limited.model.head.register_forward_hook(lambda m, i, o: passes.append(o.shape[0]))
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, size=(40 + i, 50, 3), dtype=np.uint8) for i in range(3)]
+    try:
+        probs = limited.predict(images)
+    finally:
+        hook.remove()
+    assert passes == [1, 1, 1]
+    for got, ref in zip(probs, predictor.predict(images), strict=True):
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    unlimited = Predictor(predictor.model, predictor.config, device="cpu", batch_size=8)
+    assert unlimited.batch_size == 8

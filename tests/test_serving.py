@@ -349,6 +349,21 @@ def test_the_runtime_reads_the_pointer_once_per_job(redis_url, model_dir, tmp_pa
     assert runtime.ensure_current() == first and len(calls) == 4
 
 
+@pytest.mark.parametrize(("cpu_batch", "per_pass"), [(None, 1), (0, 8), (3, 3)])
+def test_a_cpu_worker_runs_its_job_batch_one_image_per_forward_pass(model_dir, cpu_batch, per_pass):
+    """SAM2UNET_CPU_BATCH_SIZE (default 1; 0: the job's batch size) caps images per forward
+    pass of a worker on a CPU; jobs still carry SAM2UNET_BATCH_SIZE tasks."""
+    from worker.runtime import ModelRuntime
+
+    env = {"MODEL_DIR": str(model_dir), "SAM2UNET_BATCH_SIZE": "8", "SAM2UNET_DEVICE": "cpu"}
+    if cpu_batch is not None:
+        env["SAM2UNET_CPU_BATCH_SIZE"] = str(cpu_batch)
+    settings = Settings.from_env(env)
+    runtime = ModelRuntime(settings, ModelRegistry(model_dir, None))
+    runtime.ensure_current()
+    assert settings.batch_size == 8 and runtime.predictor.batch_size == per_pass
+
+
 def test_one_request_id_links_the_backend_answer_to_its_worker_log_lines(stack):
     client = make_client(stack)
     files = stack["files"]

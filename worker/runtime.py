@@ -86,6 +86,7 @@ class ModelRuntime:
             device=self.settings.device,
             batch_size=self.settings.batch_size,
             bf16=self.settings.bf16,
+            cpu_batch_size=self.settings.cpu_batch_size or None,
         )
         # keep only the trunk that the new model uses, as the model's own (frozen, never
         # written) tensors on its device rather than a second copy of them in host memory
