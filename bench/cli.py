@@ -50,6 +50,7 @@ class BenchOptions:
     image_hw: tuple[int, int] = (480, 640)
     e2e_size: str = "tiny"
     e2e_batch: int = 8
+    cpu_batch: int = 1  # the workers' SAM2UNET_CPU_BATCH_SIZE (0: e2e_batch)
     e2e_images: int = 32
     e2e_workers: int = 1
     bf16: bool = False
@@ -107,6 +108,12 @@ def parse_args(argv: Sequence[str] | None) -> BenchOptions:
     p.add_argument("--image-hw", type=_hw, help="task image size HxW (default 480x640)")
     p.add_argument("--e2e-size", help="model size of the serving sections (default tiny)")
     p.add_argument("--e2e-batch", type=int, help="worker batch size (default 8)")
+    p.add_argument(
+        "--cpu-batch",
+        type=int,
+        help="images per forward pass of a CPU worker (SAM2UNET_CPU_BATCH_SIZE; default 1, "
+        "0: --e2e-batch)",
+    )
     p.add_argument("--e2e-images", type=int, help="tasks in the throughput run (default 32)")
     p.add_argument("--e2e-workers", type=int, help="worker processes (default 1)")
     p.add_argument(

@@ -98,7 +98,8 @@ def _e2e(s: dict[str, Any]) -> list[str]:
         "## 2. End-to-end pre-annotation (backend + Redis + worker)",
         "",
         f"{t['tasks']} tasks of {s['image_hw'][1]}x{s['image_hw'][0]} JPEG in one /predict "
-        f"request, split into {t['jobs']} jobs of {s['batch']}; {s['workers']} worker(s), "
+        f"request, split into {t['jobs']} jobs of {s['batch']}, "
+        f"{s.get('per_pass', s['batch'])} image(s) per forward pass; {s['workers']} worker(s), "
         f"{s['dtype']}; failed tasks: {t['failed']}.",
         "",
     ]
@@ -118,7 +119,8 @@ def _e2e(s: dict[str, Any]) -> list[str]:
     header += [f"ratio >= {E2E_TARGET}", "forward share", "raw, bench process", "raw, section 1"]
     lines += _table(header, [row])
     lines += [
-        "Raw forward: the worker's own model on random input, timed by the worker process just "
+        "Raw forward: the worker's own model on random input, as many images per pass as the "
+        "worker runs, timed by the worker process just "
         "before and just after the run, over as many images each time (the ratio's reference; "
         "median per call). Forward share: the time the "
         "worker spent in forward passes during the run over the run's wall time. The same raw "

@@ -121,6 +121,7 @@ def worker_env(
     threads: int,
     device: str,
     bf16: bool = False,
+    cpu_batch: int = 1,
 ) -> dict[str, str]:
     env = {
         k: v
@@ -134,6 +135,7 @@ def worker_env(
         SAM2UNET_MODEL_SIZE=size,
         SAM2UNET_IMAGE_SIZE=str(image_size),
         SAM2UNET_BATCH_SIZE=str(batch_size),
+        SAM2UNET_CPU_BATCH_SIZE=str(cpu_batch),
         SAM2UNET_TORCH_THREADS=str(threads),
         SAM2UNET_DEVICE=device,
         SAM2UNET_BF16="1" if bf16 else "0",
