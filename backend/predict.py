@@ -30,6 +30,7 @@ from common.jobs import (
     enqueue_predict,
     new_reply_key,
     reap_abandoned,
+    requeue_lost,
     target_to_json,
 )
 from common.labelconfig import Target
@@ -148,6 +149,7 @@ class PredictService:
         results: dict[int, ItemResult],
     ) -> None:
         last_check = time.monotonic()
+        lost: dict[str, float] = {}  # jobs seen taken by a worker that never started them
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -158,7 +160,7 @@ class PredictService:
                 continue
             if time.monotonic() - last_check >= 1.0:
                 last_check = time.monotonic()
-                self._check_jobs(pending, results)
+                self._check_jobs(pending, results, lost)
 
     @staticmethod
     def _take_reply(
@@ -170,11 +172,15 @@ class PredictService:
                 results[r.index] = r
 
     def _check_jobs(
-        self, pending: dict[str, list[PredictItem]], results: dict[int, ItemResult]
+        self,
+        pending: dict[str, list[PredictItem]],
+        results: dict[int, ItemResult],
+        lost: dict[str, float],
     ) -> None:
         """Retry jobs of dead workers; turn jobs that failed for good into per-task errors."""
         reap_abandoned(self.redis)
         jobs = Job.fetch_many(list(pending), connection=self.redis)
+        requeue_lost(self.redis, jobs, lost)
         for job_id, job in zip(list(pending), jobs, strict=True):
             status = job.get_status(refresh=False) if job is not None else None
             if job is None or status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):

@@ -22,7 +22,7 @@ def test_kill_9_worker_mid_batch_every_task_still_predicted(redis_server, model_
     url = f"redis://127.0.0.1:{redis_server.port}/12"
     conn = redis.Redis.from_url(url)
     conn.flushdb()
-    files = LabelStudioLikeFiles(tmp_path / "files", delay=0.25)  # slow images: long jobs
+    files = LabelStudioLikeFiles(tmp_path / "files", delay=0.6)  # slow images: long jobs
     refs = [files.add(f"upload/1/k{i}.png", png_bytes(red_circle(seed=i))) for i in range(24)]
     env = service_env(url, model_dir, SAM2UNET_JOB_LEASE="3")
     settings = Settings.from_env(env)
@@ -49,7 +49,7 @@ def test_kill_9_worker_mid_batch_every_task_still_predicted(redis_server, model_
                     victim = next((p for p in procs if p.name == running_on), victim)
                 time.sleep(0.05)
             assert victim is not None, "no job started"
-            time.sleep(0.3)  # mid-batch: the job has fetched part of its images
+            time.sleep(0.2)  # mid-job: its images are still being fetched
             victim.kill()
             caller.join(timeout=100)
             assert not caller.is_alive()
@@ -192,3 +192,42 @@ def test_redis_gone_in_the_middle_of_a_job_the_worker_reconnects(model_dir, tmp_
                 time.sleep(0.1)
     finally:
         server.close()
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_requeued(
+    redis_url, model_dir, tmp_path, caplog
+):
+    """A worker killed between popping a job and starting it leaves the job "queued" in no
+    queue, with no lease to expire. The waiting /predict notices it on two checks a second
+    apart, puts it back, and a live worker answers it."""
+    conn = redis.Redis.from_url(redis_url)
+    files = LabelStudioLikeFiles(tmp_path / "files")
+    refs = [files.add(f"upload/1/l{i}.png", png_bytes(red_circle(seed=70 + i))) for i in range(3)]
+    env = service_env(redis_url, model_dir)
+    client = create_app(Settings.from_env(env), conn).test_client()
+    cfg = fixture("post_setup.json")["json"]["schema"]
+    tasks = [{"id": i + 1, "data": {"image": f"{files.url}/{r}"}} for i, r in enumerate(refs)]
+    out: dict = {}
+    caller = threading.Thread(
+        target=lambda: out.update(
+            r=client.post("/predict", json={"tasks": tasks, "label_config": cfg})
+        )
+    )
+    queue_key = f"rq:queue:{QUEUE_BATCH}"
+    try:
+        with caplog.at_level("WARNING", logger="common.jobs"):
+            caller.start()
+            deadline = time.monotonic() + 10
+            while not conn.llen(queue_key) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (job_id,) = [j.decode() for j in conn.lrange(queue_key, 0, -1)]
+            assert conn.lpop(queue_key).decode() == job_id  # the worker that died after its pop
+            with workers(env, conn, 1, tmp_path):
+                caller.join(timeout=60)
+            assert not caller.is_alive()
+    finally:
+        files.close()
+    results = out["r"].get_json()["results"]
+    assert [bool(r["result"]) for r in results] == [True] * 3
+    assert all(not r["model_version"].endswith("/failed") for r in results)
+    assert f"job {job_id} was taken off {QUEUE_BATCH} by a worker" in caplog.text
