@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 class AssistWorker(SimpleWorker):
     """SimpleWorker with a lease: while a job runs, a thread renews the job's entry in the
-    started-job registry every ``lease / 3`` seconds with a TTL of ``lease``. If the process
-    dies, the entry expires after at most ``lease`` seconds and the next registry cleanup (run by
-    idle workers every ``lease`` seconds and by waiting backend requests) retries the job.
+    started-job registry three times within ``lease - 1`` seconds with a TTL of ``lease``
+    (at least :data:`MIN_LEASE`). If the process dies, the entry expires after at most
+    ``lease`` seconds and the next registry cleanup (run by idle workers every ``lease``
+    seconds and by waiting backend requests) retries the job.
 
     Before each job, the model runtime reloads the registry's current version if it moved.
     """
