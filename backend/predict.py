@@ -149,7 +149,7 @@ class PredictService:
         results: dict[int, ItemResult],
     ) -> None:
         last_check = time.monotonic()
-        lost: dict[str, float] = {}  # jobs seen taken by a worker that never started them
+        lost: set[str] = set()  # jobs seen taken by a worker that never started them
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -175,7 +175,7 @@ class PredictService:
         self,
         pending: dict[str, list[PredictItem]],
         results: dict[int, ItemResult],
-        lost: dict[str, float],
+        lost: set[str],
     ) -> None:
         """Retry jobs of dead workers; turn jobs that failed for good into per-task errors."""
         reap_abandoned(self.redis)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -161,31 +160,30 @@ def reap_abandoned(connection: Any, queue_names: tuple[str, ...] = QUEUES) -> No
         StartedJobRegistry(name, connection=connection).cleanup()
 
 
-def requeue_lost(connection: Any, jobs: Sequence[Any], seen: dict[str, float]) -> list[str]:
+def requeue_lost(connection: Any, jobs: Sequence[Any], seen: set[str]) -> list[str]:
     """Put back at the front of their queue the ``jobs`` that a worker took off their queue and
     died before starting (killed between its pop and rq's bookkeeping: the job is still
     "queued" but in no queue, and no lease covers it). A live worker marks a job started
-    within milliseconds of taking it, so a job is only requeued when it was seen so on an
-    earlier call too (``seen``: job id -> when first seen so, kept by the caller between
-    calls, one call a second or less often). Returns the ids requeued."""
+    within milliseconds of taking it, so a job is only requeued when it was seen so on the
+    previous call too (``seen``: those job ids, kept by the caller between calls, one call a
+    second or less often). Returns the ids requeued."""
     from rq import Queue
     from rq.job import JobStatus
 
-    now = time.monotonic()
     requeued = []
     for job in jobs:
         if job is None or job.get_status(refresh=False) != JobStatus.QUEUED or not job.origin:
-            seen.pop(getattr(job, "id", ""), None)
+            seen.discard(getattr(job, "id", ""))
             continue
         queue = Queue(job.origin, connection=connection)
         if connection.lpos(queue.key, job.id) is not None:  # waiting in its queue
-            seen.pop(job.id, None)
+            seen.discard(job.id)
             continue
         if job.id not in seen:
-            seen[job.id] = now
+            seen.add(job.id)
             continue
         queue.enqueue_job(job, at_front=True)
-        seen.pop(job.id, None)
+        seen.discard(job.id)
         requeued.append(job.id)
         log.warning(
             "job %s was taken off %s by a worker that stopped before starting it; requeued",

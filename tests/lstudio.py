@@ -347,6 +347,16 @@ class LabelStudio:
     def predictions(self, task_id: int) -> list[dict[str, Any]]:
         return self.api("GET", "/api/predictions", params={"task": task_id}).json()
 
+    def retrieve_predictions(self, project: int) -> None:
+        """The data manager's "Retrieve predictions" on every task of a project."""
+        r = self.api(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": True, "excluded": []}},
+        )
+        assert r.status_code == 200, r.text
+
 
 @contextlib.contextmanager
 def running_label_studio(

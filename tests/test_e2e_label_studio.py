@@ -133,13 +133,7 @@ def test_label_studio_retrieves_and_stores_our_predictions(e2e):
     ml = ls.add_ml_backend(project, e2e["url"], basic_auth=AUTH)
     assert ml.get("state") in ("CO", "CONNECTED", None) or ml.get("id"), ml
     version = backend_get(e2e, "/versions")["current"]
-    r = ls.api(
-        "POST",
-        "/api/dm/actions",
-        params={"id": "retrieve_tasks_predictions", "project": project},
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
-    assert r.status_code == 200, r.text
+    ls.retrieve_predictions(project)
     for tid in ids:
         preds = wait_until(lambda t=tid: our_predictions(ls, t), 60, f"predictions of task {tid}")
         assert len(preds) == 1
@@ -263,13 +257,7 @@ def test_predict_past_the_deadline_answers_in_time_and_writes_the_rest_back(e2e,
         )
         ls.add_ml_backend(project, f"http://127.0.0.1:{port}")
         version = backend_get(e2e, "/versions")["current"]
-        r = ls.api(
-            "POST",
-            "/api/dm/actions",
-            params={"id": "retrieve_tasks_predictions", "project": project},
-            json={"selectedItems": {"all": True, "excluded": []}},
-        )
-        assert r.status_code == 200, r.text
+        ls.retrieve_predictions(project)
         quick.wait_log("not finished within", timeout=30)
         for tid in ids:
             preds = wait_until(

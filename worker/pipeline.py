@@ -90,14 +90,6 @@ def _cache_key(digest: str, version: str, target: Target, threshold: float) -> s
     return f"{CACHE_PREFIX}{version}:{digest}:{sig}"
 
 
-def write_cache(redis_client: redis.Redis, entries: dict[str, str], ttl: int) -> None:
-    """Store encoded results under their cache keys for ``ttl`` seconds (one round trip)."""
-    with redis_client.pipeline(transaction=False) as pipe:
-        for k, v in entries.items():
-            pipe.set(k, v, ex=ttl)
-        pipe.execute()
-
-
 def run_predict(
     payload: PredictPayload,
     runtime: Any,
@@ -204,8 +196,10 @@ def run_predict(
             to_cache[keys[i]] = json.dumps({"result": res, "score": score})
         times.encode += time.perf_counter() - t0
         if redis_client is not None and cache_ttl > 0 and to_cache:
-            # before the results go out: the same image asked again at once is a cache hit
-            write_cache(redis_client, to_cache, cache_ttl)
+            with redis_client.pipeline(transaction=False) as pipe:
+                for k, v in to_cache.items():
+                    pipe.set(k, v, ex=cache_ttl)
+                pipe.execute()
 
     for r in results.values():
         if r.error:
