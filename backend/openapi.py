@@ -200,6 +200,20 @@ SCHEMAS: dict[str, Any] = {
             "queue_depth": {"type": "object", "additionalProperties": {"type": "integer"}},
             "workers": {"type": "integer"},
             "warnings": {"type": "array", "items": {"type": "string"}},
+            "scheduled_rounds": _ref("ScheduledRounds"),
+        },
+    },
+    "ScheduledRounds": {
+        "type": "array",
+        "description": "next round of each SAM2UNET_TRAIN_CRON entry, soonest first",
+        "items": {
+            "type": "object",
+            "required": ["project", "cron", "next"],
+            "properties": {
+                "project": {"oneOf": [{"type": "integer"}, {"type": "string", "enum": ["all"]}]},
+                "cron": {"type": "string"},
+                "next": {"type": "string", "format": "date-time"},
+            },
         },
     },
     "Versions": {
@@ -209,6 +223,7 @@ SCHEMAS: dict[str, Any] = {
             "versions": {"type": "array", "items": {"type": "string"}},
             "current": {"type": "string", "nullable": True},
             "details": {"type": "array", "items": {"type": "object"}},
+            "scheduled_rounds": _ref("ScheduledRounds"),
         },
     },
     "PreannotateRequest": {

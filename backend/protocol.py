@@ -16,6 +16,7 @@ from common.bootstrap import UNTRAINED_SOURCE
 from common.exceptions import BadRequest, NotFound
 from common.jobs import QUEUES
 from common.labelconfig import parse_label_config
+from common.schedule import scheduled_rounds
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def health():
         "queue_depth": depth,
         "workers": workers,
         "warnings": warnings,
+        "scheduled_rounds": scheduled_rounds(conn),
     }
     for w in warnings:
         log.warning("health: %s", w)
@@ -172,6 +174,7 @@ def versions():
             "versions": [d["version"] for d in details],
             "current": ext["registry"].current(),
             "details": details,
+            "scheduled_rounds": scheduled_rounds(ext["redis"]),
         }
     )
 

@@ -77,6 +77,8 @@ class Settings:
     promote_metric: str = "miou"
     promote_tolerance: float = 0.0  # promote if candidate >= current - tolerance
     active_learning: bool = True  # after a promotion, re-predict unlabeled tasks
+    train_devices: str = ""  # processes of a round: auto, cuda:0,cuda:1, cpu:N; empty: one
+    train_cron: str = ""  # scheduled rounds: "EXPR" for every project, "; PROJECT=EXPR" each
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

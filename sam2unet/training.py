@@ -10,6 +10,7 @@ and RNG states are in its ``train_state``; data order and flips are functions of
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,14 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from sam2unet import distributed as ddp
 from sam2unet.build import LoadedModel, build_from_sam2, load_any, random_model, save_delta
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
 from sam2unet.exceptions import ConfigError
-from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES, MetricSuite, dice, iou
+from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES, MetricSuite, dice, iou, to_uint8_map
 from sam2unet.modeling.loss import BCEMode, deep_supervision_loss
 from sam2unet.modeling.sam2unet import SAM2UNet
 from sam2unet.predictor import Predictor, pick_device
@@ -213,23 +215,64 @@ def validate(
     """Metrics of ``model`` on ``dataset``'s raw samples, compared at each sample's own size
     (as the released test script does): the :class:`~sam2unet.metrics.MetricSuite` keys plus
     ``iou`` / ``dice`` of the map thresholded at 0.5, averaged over samples and labels.
-    With several labels, ``<metric>/<label>`` keys give each label's value."""
+    With several labels, ``<metric>/<label>`` keys give each label's value.
+
+    In a data-parallel run every rank predicts its share (sample ``i`` on rank ``i % N``),
+    rank 0 scores the gathered per-sample maps in dataset order (the same numbers as one
+    process) and every rank returns rank 0's result."""
     was_training = model.training
     predictor = Predictor(model, config, device=device, batch_size=batch_size, bf16=bf16)
     labels = dataset.labels
+    rank, world = ddp.rank_and_world() if ddp.is_active() else (0, 1)
     suites = [MetricSuite() for _ in labels]
     bin_scores: list[list[tuple[float, float]]] = [[] for _ in labels]
+
+    def score(maps: list[np.ndarray], gts: list[np.ndarray], bins: list[tuple[float, float]]):
+        for k in range(len(labels)):
+            suites[k].step(maps[k], gts[k])
+            bin_scores[k].append(bins[k])
+
+    mine = list(range(rank, len(dataset), world))
+    shard: list[tuple[int, list[np.ndarray], list[np.ndarray], list[tuple[float, float]]]] = []
     try:
-        for start in range(0, len(dataset), batch_size):
-            raws = [dataset.raw(i) for i in range(start, min(start + batch_size, len(dataset)))]
+        for start in range(0, len(mine), batch_size):
+            idx = mine[start : start + batch_size]
+            raws = [dataset.raw(i) for i in idx]
             probs = predictor.predict([rgb for rgb, _ in raws])
-            for (_, mask), prob in zip(raws, probs, strict=True):
-                for k in range(len(labels)):
-                    gt = mask[k] > 128
-                    suites[k].step(prob[k], gt)
-                    bin_scores[k].append((iou(prob[k] > 0.5, gt), dice(prob[k] > 0.5, gt)))
+            for i, (_, mask), prob in zip(idx, raws, probs, strict=True):
+                gts = [mask[k] > 128 for k in range(len(labels))]
+                maps = [to_uint8_map(prob[k]) for k in range(len(labels))]
+                bins = [
+                    (iou(prob[k] > 0.5, gts[k]), dice(prob[k] > 0.5, gts[k]))
+                    for k in range(len(labels))
+                ]
+                if world == 1:
+                    score(maps, gts, bins)
+                else:
+                    shard.append((i, maps, gts, bins))
     finally:
         model.train(was_training)
+    if world > 1:
+        gathered = ddp.gather_to_main(shard)
+        if gathered is not None:
+            for _, maps, gts, bins in sorted((r for part in gathered for r in part), key=_first):
+                score(maps, gts, bins)
+            out = _summarise(suites, bin_scores, labels)
+        else:
+            out = None
+        return ddp.broadcast_from_main(out)
+    return _summarise(suites, bin_scores, labels)
+
+
+def _first(record: tuple[Any, ...]) -> Any:
+    return record[0]
+
+
+def _summarise(
+    suites: list[MetricSuite],
+    bin_scores: list[list[tuple[float, float]]],
+    labels: Sequence[str],
+) -> dict[str, float]:
     per_label = []
     for suite, scores in zip(suites, bin_scores, strict=True):
         r = suite.results()
@@ -267,12 +310,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([int(seed), int(epoch), 1]).generate_state(1)[0]))
-    return g
-
-
 def _is_better(metric: str, value: float, best: float | None) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
@@ -300,6 +337,13 @@ def train(
     ``resume_state`` (a checkpoint's ``train_state``, with ``loaded`` holding that
     checkpoint's model) continues an interrupted run. ``should_stop`` is asked after each
     epoch; when it returns True the run ends there (and can be resumed).
+
+    In a data-parallel run (a process group of N ranks is initialised, see
+    :mod:`sam2unet.distributed`) every rank calls this with its own ``config.device``; each
+    takes ``batch_size / N`` samples of every global batch, gradients are averaged by DDP and
+    BatchNorm uses global-batch statistics, so the weights follow one process's run with the
+    same ``batch_size``. Only rank 0 writes ``out_dir``, reports ``progress`` and logs; a stop
+    asked on any rank stops all of them after the same epoch.
     """
     model, mconfig = loaded.model, loaded.config
     if train_data.image_size != mconfig.image_size:
@@ -313,15 +357,25 @@ def train(
         )
     if len(train_data) == 0:
         raise ConfigError("the training set is empty")
+    rank, world = ddp.rank_and_world() if ddp.is_active() else (0, 1)
+    main = rank == 0
+    if config.batch_size % world:
+        raise ConfigError(
+            f"batch size {config.batch_size} does not divide among {world} training processes"
+        )
     device = pick_device(config.device)
     use_bf16 = config.bf16 and device.type == "cuda"
-    if config.bf16 and not use_bf16:
+    if config.bf16 and not use_bf16 and main:
         log.info("bf16 autocast is only used on CUDA; training in fp32 on %s", device)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
+    net: torch.nn.Module = model
+    if world > 1:
+        ddp.sync_batchnorm(model, device)
+        net = ddp.wrap_ddp(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.eta_min)
@@ -342,22 +396,28 @@ def train(
         best_epoch = resume_state.get("best_epoch")
         history = [EpochRecord(**r) for r in resume_state.get("history", [])]
         _set_rng_state(resume_state["rng"])
-        log.info("resuming after epoch %d of %d", start_epoch, config.epochs)
+        if main:
+            log.info("resuming after epoch %d of %d", start_epoch, config.epochs)
     else:
         torch.manual_seed(config.seed)
 
     last_path = out / LAST_NAME if out is not None else None
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     stopped = False
+    # The same global order for any number of ranks: rank r takes every N-th sample of one
+    # seeded permutation (padded with repeats to a multiple of N), batch_size / N at a time.
+    sampler = DistributedSampler(
+        train_data, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+    )
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_data.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         loader = DataLoader(
             train_data,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=_epoch_generator(config.seed, epoch),
+            batch_size=config.batch_size // world,
+            sampler=sampler,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
         )
@@ -366,7 +426,7 @@ def train(
         bar = tqdm(
             loader,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not config.progress_bar,
+            disable=not (config.progress_bar and main),
             leave=False,
         )
         for step, (x, y) in enumerate(bar):
@@ -374,7 +434,7 @@ def train(
             y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                outputs = model(x)
+                outputs = net(x)
             loss = deep_supervision_loss([o.float() for o in outputs], y, config.bce_mode)
             loss.backward()
             optimizer.step()
@@ -382,11 +442,12 @@ def train(
             total += value * x.shape[0]
             seen += x.shape[0]
             bar.set_postfix(loss=f"{value:.4f}")
-            if progress is not None:
+            if progress is not None and main:
                 progress(
                     TrainEvent("step", epoch + 1, config.epochs, step + 1, len(loader), value, lr)
                 )
         scheduler.step()
+        total, seen = ddp.sum_across([total, seen])
         record = EpochRecord(epoch + 1, total / seen, lr, 0.0)
         if val_data is not None:
             record.val = validate(model, mconfig, val_data, device, config.val_batch_size, use_bf16)
@@ -397,7 +458,7 @@ def train(
         )
         if improved:
             best_metric, best_epoch = record.val[config.select_metric], epoch + 1
-        if out is not None:
+        if out is not None and main:
             metrics = {"epoch": epoch + 1, "train_loss": record.loss, **record.val}
             meta = {"train_config": config.to_dict(), "select_metric": config.select_metric}
             if improved:
@@ -421,7 +482,7 @@ def train(
             if record.val
             else ""
         )
-        log.info(
+        (log.info if main else log.debug)(
             "epoch %d/%d: loss %.4f, lr %.2e%s (%.1fs)",
             epoch + 1,
             config.epochs,
@@ -430,7 +491,7 @@ def train(
             val_text,
             record.seconds,
         )
-        if progress is not None:
+        if progress is not None and main:
             progress(
                 TrainEvent(
                     "epoch",
@@ -443,8 +504,11 @@ def train(
                     record,
                 )
             )
-        if should_stop is not None and epoch + 1 < config.epochs and should_stop():
-            log.info("stopping after epoch %d as asked", epoch + 1)
+        if epoch + 1 < config.epochs and ddp.all_agree(
+            should_stop is not None and bool(should_stop())
+        ):
+            if main:
+                log.info("stopping after epoch %d as asked", epoch + 1)
             stopped = True
             break
     model.eval()
@@ -464,4 +528,91 @@ def train(
         best_epoch=best_epoch,
         epochs_done=history[-1].epoch if history else start_epoch,
         stopped=stopped,
+    )
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+@dataclass
+class ParallelResult:
+    """What rank 0 of a data-parallel run hands back: :class:`TrainResult` without the model,
+    whose trained weights (adapters, decoder, BatchNorm statistics) are in ``weights``."""
+
+    history: list[EpochRecord]
+    weights: dict[str, torch.Tensor]
+    best_path: Path | None
+    last_path: Path | None
+    best_metric: float | None
+    best_epoch: int | None
+    epochs_done: int
+    stopped: bool
+
+
+def as_parallel_result(result: TrainResult) -> ParallelResult:
+    weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
+    return ParallelResult(
+        result.history,
+        weights,
+        result.best_path,
+        result.last_path,
+        result.best_metric,
+        result.best_epoch,
+        result.epochs_done,
+        result.stopped,
+    )
+
+
+def _train_rank(
+    device: torch.device,
+    relay: ddp.Relay,
+    loaded: LoadedModel,
+    train_data: SegmentationDataset,
+    val_data: SegmentationDataset | None,
+    config: TrainConfig,
+    out_dir: str | Path | None,
+    resume_state: Mapping[str, Any] | None,
+) -> ParallelResult | None:
+    cfg = TrainConfig.from_dict({**config.to_dict(), "device": str(device)})
+    # tensors passed to spawned processes arrive in shared memory, the same for every rank:
+    # each rank trains its own copy
+    result = train(
+        copy.deepcopy(loaded),
+        train_data,
+        val_data,
+        cfg,
+        out_dir,
+        resume_state,
+        relay.progress,
+        relay.should_stop,
+    )
+    return as_parallel_result(result) if ddp.is_main() else None
+
+
+def train_parallel(
+    plan: ddp.DevicePlan,
+    loaded: LoadedModel,
+    train_data: SegmentationDataset,
+    val_data: SegmentationDataset | None,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume_state: Mapping[str, Any] | None = None,
+    progress: Callable[[TrainEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    threads: int = 0,
+) -> ParallelResult:
+    """:func:`train` in ``plan.nprocs`` processes on this machine (see
+    :func:`sam2unet.distributed.launch`); ``progress`` and ``should_stop`` are called here.
+    Raises :class:`~sam2unet.distributed.DistributedRunError` when a process fails or dies."""
+    if config.batch_size % plan.nprocs:
+        raise ConfigError(
+            f"batch size {config.batch_size} does not divide among {plan.nprocs} training processes"
+        )
+    return ddp.launch(
+        _train_rank,
+        (loaded, train_data, val_data, config, out_dir, resume_state),
+        plan,
+        threads=threads,
+        progress=progress,
+        should_stop=should_stop,
     )

@@ -42,7 +42,10 @@ def _trainer(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     apply_torch_threads(settings)
     conn, client, fetcher = _services(settings)
-    service = TrainerService(settings, conn, client, fetcher.fetch)
+    try:
+        service = TrainerService(settings, conn, client, fetcher.fetch)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     ensure_current_version(service.registry, settings)
     if args.once is not None:
         report = service.round(args.once, "requested from the command line")
@@ -94,6 +97,11 @@ def _versions(args: argparse.Namespace) -> int:
             if args.json or args.action == "show"
             else version_table(data)
         )
+        if args.action == "list" and not args.json and conn is not None:
+            from common.schedule import scheduled_rounds
+
+            for r in scheduled_rounds(conn):
+                print(f"next scheduled round: project {r['project']} at {r['next']} ({r['cron']})")
     except NotFound as e:
         raise SystemExit(e.message) from None
     return 0

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,8 @@ def run_round(
     """
     from sam2unet.build import relabel
     from sam2unet.data import ArraySource, SegmentationDataset
-    from sam2unet.training import TrainConfig, train, validate
+    from sam2unet.distributed import parse_devices
+    from sam2unet.training import TrainConfig
 
     t0 = time.monotonic()
     parent = registry.current()
@@ -144,9 +146,7 @@ def run_round(
         ArraySource(train_pairs, labels=labels), size, train=True, seed=len(ids)
     )
     device = settings.device
-    report.current_metrics = validate(current.model, current.config, val_data, device=device)
-
-    candidate = copy.deepcopy(current)
+    plan = parse_devices(settings.train_devices)
     cfg = TrainConfig(
         epochs=settings.train_epochs,
         batch_size=settings.train_batch_size,
@@ -166,16 +166,35 @@ def run_round(
         len(val_ids),
         cfg.epochs,
     )
-    result = train(candidate, train_data, None, cfg, progress=progress, should_stop=should_stop)
-    report.history = [asdict(r) for r in result.history]
-    report.candidate_metrics = validate(result.model, candidate.config, val_data, device=device)
+    if plan is None:
+        local = SimpleNamespace(progress=progress, should_stop=should_stop)
+        outcome = _train_and_evaluate(device, local, current, train_data, val_data, cfg, False)
+        model = outcome.model
+    else:
+        from sam2unet import distributed
+
+        outcome = distributed.launch(
+            _train_and_evaluate,
+            (current, train_data, val_data, cfg),
+            plan,
+            threads=settings.torch_threads,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        model = copy.deepcopy(current.model)
+        bad = model.load_state_dict(outcome.weights, strict=False).unexpected_keys
+        if bad:
+            raise RuntimeError(f"the trained weights do not fit the model: {bad[:5]}")
+    report.current_metrics = outcome.current_metrics
+    report.history = outcome.history
+    report.candidate_metrics = outcome.candidate_metrics
     cand, cur = report.candidate_metrics[metric], report.current_metrics[metric]
     promote = is_not_worse(metric, cand, cur, settings.promote_tolerance)
     png = safe_training_png(report, promote)
     info: VersionInfo = registry.create_version(
-        result.model,
-        candidate.config,
-        candidate.base,
+        model,
+        current.config,
+        current.base,
         parent=parent,
         source=f"round:project-{project}" if project is not None else "round",
         metrics={
@@ -207,6 +226,55 @@ def run_round(
         report.seconds,
     )
     return report
+
+
+@dataclass
+class _Outcome:
+    """What the training part of a round produced: ``model`` in one process, the trained
+    ``weights`` (adapters, decoder, BatchNorm statistics) from several."""
+
+    current_metrics: dict[str, float]
+    candidate_metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    model: Any = None
+    weights: dict[str, Any] | None = None
+
+
+def _train_and_evaluate(
+    device: Any,
+    relay: Any,
+    current: Any,
+    train_data: Any,
+    val_data: Any,
+    cfg: Any,
+    parallel: bool = True,
+) -> _Outcome | None:
+    """Evaluate the current version, fine-tune a copy of it, evaluate the copy: in this
+    process, or as one rank of several (see :func:`sam2unet.distributed.launch`: ``relay``
+    carries progress and stop requests, evaluation is sharded, rank 0 returns the outcome)."""
+    from sam2unet import distributed
+    from sam2unet.training import TrainConfig, train, validate
+
+    if parallel:
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": str(device)})
+    current_metrics = validate(current.model, current.config, val_data, device=device)
+    candidate = copy.deepcopy(current)
+    result = train(
+        candidate,
+        train_data,
+        None,
+        cfg,
+        progress=relay.progress,
+        should_stop=relay.should_stop,
+    )
+    candidate_metrics = validate(result.model, candidate.config, val_data, device=device)
+    history = [asdict(r) for r in result.history]
+    if not parallel:
+        return _Outcome(current_metrics, candidate_metrics, history, model=result.model)
+    if not distributed.is_main():
+        return None
+    weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
+    return _Outcome(current_metrics, candidate_metrics, history, weights=weights)
 
 
 def _fit(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -5,14 +5,16 @@ Webhooks are only triggers. Each event names a project; the service counts chang
 and starts a round (sync from Label Studio, then train / evaluate / promote) when
 ``SAM2UNET_TRAIN_MIN_NEW`` changes arrived, when ``SAM2UNET_TRAIN_INTERVAL_MIN`` minutes passed
 since the last round and anything changed, or at once on ``START_TRAINING``; each trigger waits
-``SAM2UNET_TRAIN_DEBOUNCE`` seconds of quiet, so a burst of webhooks becomes one round. One round
-runs at a time (a Redis lock also keeps several trainer processes from overlapping). Events are
+``SAM2UNET_TRAIN_DEBOUNCE`` seconds of quiet, so a burst of webhooks becomes one round.
+``SAM2UNET_TRAIN_CRON`` adds rounds on a schedule (:mod:`trainer.schedule`); a scheduled round
+of a project with nothing new since its last round is skipped. One round runs at a time (a Redis lock also keeps several trainer processes from overlapping). Events are
 acknowledged once their round ended; a trainer that dies mid-round gets them again at start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import socket
@@ -26,10 +28,13 @@ import redis
 
 from backend.metrics import record_round
 from common.registry import ModelRegistry
+from common.schedule import ALL, parse_schedule
 from common.settings import Settings
+from sam2unet.distributed import DistributedRunError
 from trainer.dataset import DatasetCache, correction_rates
 from trainer.plots import write_versions_png
 from trainer.round import RoundReport, run_round
+from trainer.schedule import SCHEDULED_ACTION, ScheduleRunner
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,7 @@ LOCK_KEY = "sam2unet:trainer:round"
 ROUNDS_KEY = "sam2unet:trainer:rounds"
 ROUND_LOCK_TTL = 60.0  # seconds; renewed while a round runs
 STATUS_KEY = "sam2unet:trainer:status"
+TRAINED_KEY = "sam2unet:trainer:trained"  # project -> fingerprint of its last round's data
 CHANGE_ACTIONS = frozenset(
     {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
 )
@@ -48,6 +54,7 @@ CHANGE_ACTIONS = frozenset(
 class ProjectState:
     changes: int = 0
     forced: bool = False
+    scheduled: bool = False
     last_event: float = 0.0
     last_round: float = field(default_factory=time.monotonic)
     event_ids: list[str] = field(default_factory=list)
@@ -56,7 +63,7 @@ class ProjectState:
 def due(state: ProjectState, settings: Settings, now: float) -> bool:
     """Whether a project's round should start now."""
     quiet = now - state.last_event >= settings.train_debounce
-    if state.forced:
+    if state.forced or state.scheduled:
         return quiet
     if state.changes <= 0:
         return False
@@ -88,6 +95,12 @@ class TrainerService:
         self.round_lock_ttl = ROUND_LOCK_TTL
         self._last_resync = time.monotonic()
         self._recovered = False
+        try:
+            self.schedule = parse_schedule(settings.train_cron)
+        except ValueError as e:
+            raise ValueError(f"invalid SAM2UNET_TRAIN_CRON: {e}") from None
+        self.scheduler: ScheduleRunner | None = None
+        self.last_sync: Any = None
 
     # ------------------------------------------------------------------ events
     def _ensure_group(self) -> None:
@@ -104,8 +117,11 @@ class TrainerService:
                 mid = msg_id.decode() if isinstance(msg_id, bytes) else str(msg_id)
                 f = {k.decode(): v.decode() for k, v in fields.items()}
                 project = int(f["project"]) if f.get("project", "").isdigit() else None
-                if project is None:
+                if project is None and f.get("action") != SCHEDULED_ACTION:
                     self.redis.xack(EVENTS_STREAM, GROUP, mid)
+                    continue
+                if f.get("action") == SCHEDULED_ACTION:
+                    self._take_scheduled(mid, f.get("project", ""))
                     continue
                 st = self.projects.setdefault(project, ProjectState())
                 st.event_ids.append(mid)
@@ -115,6 +131,23 @@ class TrainerService:
                 elif f.get("action") in CHANGE_ACTIONS:
                     ann = json.loads(f.get("annotations") or "[]")
                     st.changes += max(1, len(ann))
+
+    def _take_scheduled(self, event_id: str, target: str) -> None:
+        """A scheduled firing for one project, or for every known project (``all``) that has
+        no schedule entry of its own. It does not restart the webhook debounce."""
+        if target == ALL:
+            known = set(self.cache.projects()) | set(self.projects)
+            projects = sorted(p for p in known if self.schedule.covers_by_default(p))
+        else:
+            projects = [int(target)] if target.isdigit() else []
+        if not projects:
+            log.info("scheduled round for %s: no project to train", target or "?")
+            self.redis.xack(EVENTS_STREAM, GROUP, event_id)
+            return
+        for project in projects:
+            st = self.projects.setdefault(project, ProjectState())
+            st.scheduled = True
+            st.event_ids.append(event_id)
 
     def poll(self, block_ms: int = 1000) -> None:
         """Read new events (and, first, events this consumer got but never acknowledged)."""
@@ -142,25 +175,81 @@ class TrainerService:
         now = time.monotonic()
         for project, st in list(self.projects.items()):
             if due(st, self.settings, now):
-                reports.append(
-                    self.round(
-                        project, "START_TRAINING" if st.forced else f"{st.changes} change(s)"
-                    )
+                # a scheduled round skips a project with nothing new; other triggers do not
+                scheduled = (
+                    st.scheduled and not st.forced and st.changes < self.settings.train_min_new
                 )
-                self.redis.xack(EVENTS_STREAM, GROUP, *st.event_ids) if st.event_ids else None
-                self.projects[project] = ProjectState(last_round=time.monotonic())
+                if st.forced:
+                    reason = "START_TRAINING"
+                elif st.scheduled:
+                    reason = "scheduled" + (f", {st.changes} change(s)" if st.changes else "")
+                else:
+                    reason = f"{st.changes} change(s)"
+                report = self.round(project, reason, scheduled=scheduled)
+                reports.append(report)
+                shared = {i for p, o in self.projects.items() if p != project for i in o.event_ids}
+                done = [i for i in st.event_ids if i not in shared]
+                self.redis.xack(EVENTS_STREAM, GROUP, *done) if done else None
+                # a failed round is tried again by the interval trigger
+                retry = max(st.changes, 1) if report.status == "failed" else 0
+                self.projects[project] = ProjectState(changes=retry, last_round=time.monotonic())
         return reports
 
-    def round(self, project: int, reason: str) -> RoundReport:
-        """Sync the project from Label Studio and run one round for it, under the global lock."""
+    def training_set(self, project: int) -> tuple[list[str], list[tuple[int, Any, Any]], str]:
+        """Sync the project from Label Studio; its labels, annotated samples and a fingerprint
+        of them (which annotations, which revisions)."""
+        self.last_sync = self.cache.sync(self.client, project, self.fetch)
+        manifest = self.cache.load_manifest(project)
+        labels = manifest.labels if manifest else []
+        samples = [(s.task, img, m) for s, img, m in self.cache.samples(project)]
+        revisions = sorted(
+            (s.task, s.annotation, s.updated_at)
+            for s in (manifest.samples.values() if manifest else [])
+        )
+        digest = hashlib.sha256(json.dumps([labels, revisions]).encode()).hexdigest()
+        return labels, samples, digest
+
+    def round(self, project: int, reason: str, scheduled: bool = False) -> RoundReport:
+        """Sync the project from Label Studio and run one round for it, under the global lock.
+        ``scheduled``: skip it when the project's annotations are those of its last round."""
         with self.round_lock():
             self._status("syncing", project)
-            report_sync = self.cache.sync(self.client, project, self.fetch)
-            manifest = self.cache.load_manifest(project)
-            labels = manifest.labels if manifest else []
-            samples = [(s.task, img, m) for s, img, m in self.cache.samples(project)]
-            self._status("training", project)
-            report = run_round(
+            labels, samples, fingerprint = self.training_set(project)
+            last = self.redis.hget(TRAINED_KEY, str(project))
+            if scheduled and last is not None and last.decode() == fingerprint:
+                report = RoundReport(
+                    "skipped",
+                    "scheduled: nothing new since the last round",
+                    project,
+                    self.registry.current(),
+                )
+                log.info(
+                    "project %s: scheduled round skipped: nothing new since the last round", project
+                )
+            else:
+                report = self._run_round(project, reason, labels, samples)
+            if report.status in ("promoted", "rejected"):
+                self.redis.hset(TRAINED_KEY, str(project), fingerprint)
+            self._write_correction_rates()
+            sync = self.last_sync.__dict__ if self.last_sync is not None else None
+            self.redis.lpush(
+                ROUNDS_KEY, json.dumps({**report.to_json(), "at": time.time(), "sync": sync})
+            )
+            self.redis.ltrim(ROUNDS_KEY, 0, 199)
+            record_round(self.redis, report)
+            if report.status in ("promoted", "rejected"):
+                write_versions_png(self.registry, self.settings)
+            self._status("idle", None)
+        if report.status == "promoted" and self.settings.active_learning:
+            self.active_learning(project)
+        return report
+
+    def _run_round(
+        self, project: int, reason: str, labels: list[str], samples: list[Any]
+    ) -> RoundReport:
+        self._status("training", project)
+        try:
+            return run_round(
                 self.registry,
                 self.settings,
                 samples,
@@ -170,19 +259,9 @@ class TrainerService:
                 progress=self._progress,
                 should_stop=self.stop_event.is_set,
             )
-            self._write_correction_rates()
-            self.redis.lpush(
-                ROUNDS_KEY,
-                json.dumps({**report.to_json(), "at": time.time(), "sync": report_sync.__dict__}),
-            )
-            self.redis.ltrim(ROUNDS_KEY, 0, 199)
-            record_round(self.redis, report)
-            if report.status != "skipped":
-                write_versions_png(self.registry, self.settings)
-            self._status("idle", None)
-        if report.status == "promoted" and self.settings.active_learning:
-            self.active_learning(project)
-        return report
+        except DistributedRunError as e:
+            log.error("round for project %s failed, nothing promoted: %s", project, e)
+            return RoundReport("failed", str(e), project, self.registry.current())
 
     @contextlib.contextmanager
     def round_lock(self) -> Iterator[None]:
@@ -275,10 +354,30 @@ class TrainerService:
     def run_forever(self) -> None:
         log.info("trainer %s listening for webhook events", self.consumer)
         self.resync_known_projects()
+        self.start_schedule()
+        try:
+            self._serve()
+        finally:
+            if self.scheduler is not None:
+                self.scheduler.stop()
+
+    def start_schedule(self) -> None:
+        """Run rq's cron scheduler for ``SAM2UNET_TRAIN_CRON`` (if set) in a thread."""
+        if self.schedule and self.scheduler is None:
+            self.scheduler = ScheduleRunner(self.redis, self.schedule)
+            self.scheduler.start()
+
+    def step(self, block_ms: int = 1000) -> list[RoundReport]:
+        """One turn of the main loop: scheduled jobs due, new events, rounds due."""
+        if self.scheduler is not None:
+            self.scheduler.perform_due()
+        self.poll(block_ms=block_ms)
+        return self.run_due()
+
+    def _serve(self) -> None:
         while not self.stop_event.is_set():
             try:
-                self.poll(block_ms=1000)
-                self.run_due()
+                self.step(block_ms=1000)
                 if time.monotonic() - self._last_resync >= self.settings.train_interval_min * 60:
                     self.resync_known_projects()
             except redis.exceptions.ConnectionError as e:

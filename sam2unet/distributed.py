@@ -1,0 +1,414 @@
+"""Data-parallel training over several processes with ``torch.distributed``.
+
+One process per device, each holding a replica of the model; DDP averages the trainable
+parameters' gradients after every backward pass (NCCL between GPUs, gloo between CPU
+processes). The processes of one machine are started by torch's own elastic launcher
+(:func:`torch.distributed.launcher.api.elastic_launch`, what ``torchrun`` runs), with a c10d
+rendezvous on a free local port; across machines ``torchrun`` starts them and
+:func:`joined_from_torchrun` picks the process group up from its environment.
+
+Devices (``SAM2UNET_TRAIN_DEVICES`` / ``train --devices``), see :func:`parse_devices`:
+
+======================= =============================================================
+(empty)                 one process on the single device (``SAM2UNET_DEVICE``), as before
+``auto``                one process per visible GPU; one process on the CPU without a GPU
+``cuda:0,cuda:1,...``   one process per listed GPU
+``cpu:N``               N processes on the CPU (gloo); for tests and CPU-only machines
+======================= =============================================================
+
+What makes N processes train like one (see :func:`sam2unet.training.train`):
+
+- the global batch stays ``batch_size``: each rank takes ``batch_size / N`` samples of the
+  same global batch (a :class:`~torch.utils.data.DistributedSampler` with the run's seed, also
+  used by a single process, so the sample order is the same for any N);
+- BatchNorm in the decoder normalises over the global batch: ``torch.nn.SyncBatchNorm`` on GPUs,
+  :class:`GlobalBatchNorm2d` (the same computation with gloo's differentiable all-reduce) on CPUs;
+- the frozen trunk is left out of DDP (its parameters have ``requires_grad=False``, which DDP
+  never puts in its gradient buckets, and they are also named in DDP's ignore list so they are
+  not broadcast at start: every rank loads the same checkpoint);
+- held-out evaluation is sharded (image ``i`` on rank ``i % N``) and rank 0 scores the gathered
+  per-image maps in dataset order, exactly as one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sam2unet.exceptions import ConfigError, Sam2UnetError
+
+log = logging.getLogger(__name__)
+
+
+class DistributedRunError(Sam2UnetError):
+    """A process of a data-parallel run failed or died; the run produced nothing."""
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The devices of a run's processes on this machine, one per process (local rank)."""
+
+    devices: tuple[str, ...]
+
+    @property
+    def nprocs(self) -> int:
+        return len(self.devices)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+
+
+def parse_devices(spec: str | None) -> DevicePlan | None:
+    """The processes ``spec`` asks for (see the module docstring); ``None``: one process on the
+    single device, as before. Raises :class:`ConfigError` for anything else."""
+    s = (spec or "").strip().lower()
+    if s in ("", "1", "single"):
+        return None
+    if s == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return DevicePlan(tuple(f"cuda:{i}" for i in range(n))) if n >= 2 else None
+    if s.startswith("cpu:"):
+        count = s[4:]
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"train devices {spec!r}: cpu:N needs a process count N >= 1")
+        return DevicePlan(("cpu",) * int(count))
+    parts = [p.strip() for p in s.split(",") if p.strip()]
+    if not parts or not all(p.startswith("cuda:") and p[5:].isdigit() for p in parts):
+        raise ConfigError(
+            f"train devices {spec!r}: use auto, cpu:N or a list of GPUs such as cuda:0,cuda:1"
+        )
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"train devices {spec!r}: a GPU is listed twice")
+    return DevicePlan(tuple(parts))
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+def is_active() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (for stop decisions)."""
+    if not is_active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sum_across(values: Sequence[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (float64)."""
+    if not is_active():
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; ``None`` on the others."""
+    if not is_active():
+        return [obj]
+    rank, world = rank_and_world()
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks; its gradient is the sum of the ranks' gradients (the same as
+    ``torch.distributed.nn.functional.all_reduce``, which torch 2.13 deprecates)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all ranks,
+    for gloo (CPU) process groups, where ``torch.nn.SyncBatchNorm`` does not run.
+
+    Mean and (biased) variance come from two differentiable all-reduces (the backward of a
+    sum over ranks all-reduces the gradient, as in ``torch.nn.SyncBatchNorm``), so
+    forward and backward equal one process's BatchNorm over the whole batch; the running
+    statistics are updated as ``F.batch_norm`` does (unbiased variance). State-dict keys are
+    BatchNorm2d's. Outside training or in a single process it is a plain BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_active()):
+            return super().forward(x)
+        c = x.shape[1]
+        dims = (0, 2, 3)
+        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
+        total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        n = total[c]
+        mean = total[:c] / n
+        centred = x - mean.view(1, c, 1, 1)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None
+                    else self.momentum
+                )
+                unbiased = var.detach() * (n / (n - 1) if n > 1 else 1.0)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with its BatchNorm layers normalising over the global batch: SyncBatchNorm on
+    CUDA, :class:`GlobalBatchNorm2d` elsewhere. Parameters and buffers are kept (same objects),
+    so an optimizer or a state dict made before still matches."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in list(model.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            )
+            if child.affine:
+                new.weight, new.bias = child.weight, child.bias
+            if child.track_running_stats:
+                new.running_mean = child.running_mean
+                new.running_var = child.running_var
+                new.num_batches_tracked = child.num_batches_tracked
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP over the trainable part of ``model``: frozen parameters are named in DDP's ignore
+    list (not broadcast at start; DDP never buckets ``requires_grad=False`` parameters anyway).
+    The model has no unused trainable parameters, so ``find_unused_parameters`` stays off;
+    buffers are not re-broadcast before each forward (synchronised BatchNorm keeps them equal).
+    """
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+    )
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def torchrun_env() -> bool:
+    """Whether this process was started by ``torchrun`` (or another elastic agent)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def joined_from_torchrun() -> torch.device:
+    """Join the process group ``torchrun`` set up (env:// rendezvous) and return this rank's
+    device: ``cuda:LOCAL_RANK`` with GPUs, else the CPU (gloo)."""
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://")
+    return device
+
+
+class Relay:
+    """Progress and stop requests between the launching process and its ranks: rank 0's
+    ``progress`` events reach the launcher's callback, the launcher's ``should_stop`` reaches
+    every rank (which then agree on it, see :func:`all_agree`)."""
+
+    def __init__(self) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        self._events = ctx.Queue()
+        self._stop = ctx.Event()
+
+    def progress(self, event: Any) -> None:
+        self._events.put(event)
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    @contextlib.contextmanager
+    def serving(
+        self,
+        progress: Callable[[Any], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ):
+        """In the launcher, while the ranks run: a thread hands events to ``progress`` and
+        passes a true ``should_stop`` on."""
+        done = threading.Event()
+
+        def pump() -> None:
+            while True:
+                try:
+                    event = self._events.get(timeout=0.2)
+                except queue.Empty:
+                    if done.is_set():
+                        return
+                    event = None
+                except (EOFError, OSError):
+                    return
+                if event is not None and progress is not None:
+                    try:
+                        progress(event)
+                    except Exception:  # a failing reporter must not stop the run
+                        log.exception("progress callback failed")
+                if should_stop is not None and not self._stop.is_set() and should_stop():
+                    self._stop.set()
+
+        thread = threading.Thread(target=pump, name="ranks-relay", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            thread.join(timeout=10)
+
+
+def _rank_entry(
+    fn: Callable[..., Any],
+    plan: DevicePlan,
+    threads: int,
+    log_level: int,
+    relay: Relay,
+    args: tuple[Any, ...],
+) -> Any:
+    """Runs in every launched process: join the group, pin the device, call
+    ``fn(device, relay, *args)``."""
+    local = int(os.environ["LOCAL_RANK"])
+    logging.basicConfig(
+        level=log_level if local == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s rank{os.environ.get('RANK', local)} %(name)s: "
+        "%(message)s",
+    )
+    device = torch.device(plan.devices[local])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dist.init_process_group(plan.backend, init_method="env://")
+    try:
+        return fn(device, relay, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    plan: DevicePlan,
+    threads: int = 0,
+    progress: Callable[[Any], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    run_id: str | None = None,
+) -> Any:
+    """Run ``fn(device, relay, *args)`` in ``plan.nprocs`` processes on this machine (torch's
+    elastic launcher, c10d rendezvous on a free local port, no restarts) and return rank 0's
+    result. ``relay`` (a :class:`Relay`) carries rank 0's events to ``progress`` and
+    ``should_stop`` to the ranks.
+
+    ``fn`` and ``args`` must be picklable (processes are spawned); tensors in ``args`` arrive
+    in shared memory, the same storage for every rank, so ``fn`` copies a model before
+    training it. ``threads``: torch CPU
+    threads per process (0: this machine's cores divided among the processes). A process that
+    fails or dies stops the others and raises :class:`DistributedRunError`.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // plan.nprocs)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=plan.nprocs,
+        run_id=run_id or f"sam2unet-{uuid.uuid4().hex[:12]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    log.info("starting %d %s process(es) on %s", plan.nprocs, plan.backend, ",".join(plan.devices))
+    relay = Relay()
+    try:
+        with relay.serving(progress, should_stop):
+            results = elastic_launch(config, _rank_entry)(
+                fn, plan, threads, logging.getLogger().getEffectiveLevel(), relay, args
+            )
+    except ChildFailedError as e:
+        failures = [
+            f"rank {rank}: {f.message}"
+            + (f" (exit code {f.exitcode})" if f.exitcode is not None else "")
+            for rank, f in sorted(e.failures.items())
+        ]
+        raise DistributedRunError("a training process failed: " + "; ".join(failures)) from None
+    return results[0]
