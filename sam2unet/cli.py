@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--select-metric", help="validation metric that picks best.pt (default miou)")
     p.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
     p.add_argument("--device", default="auto", help="cuda, cpu, mps or auto (default)")
+    p.add_argument(
+        "--devices",
+        default=os.environ.get("SAM2UNET_TRAIN_DEVICES", ""),
+        help="data-parallel processes on this machine: auto (one per GPU), cuda:0,cuda:1,... "
+        "or cpu:N (default: SAM2UNET_TRAIN_DEVICES, else one process on --device); under "
+        "torchrun the processes it started are used",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (default 2)")
     p.set_defaults(func=_train)
@@ -101,11 +109,18 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from sam2unet import distributed
     from sam2unet.build import load_delta
     from sam2unet.config import ModelConfig
     from sam2unet.data import FolderSource, train_val_datasets
     from sam2unet.exceptions import Sam2UnetError
-    from sam2unet.training import TrainConfig, initial_model, resume_config, train
+    from sam2unet.training import (
+        TrainConfig,
+        initial_model,
+        resume_config,
+        train,
+        train_parallel,
+    )
 
     if bool(args.val_images) != bool(args.val_masks):
         return _fail("--val-images and --val-masks go together")
@@ -127,6 +142,11 @@ def _train(args: argparse.Namespace) -> int:
         "progress_bar": sys.stderr.isatty(),
     }
     try:
+        plan = None
+        if distributed.torchrun_env():
+            settings["device"] = str(distributed.joined_from_torchrun())
+        else:
+            plan = distributed.parse_devices(args.devices)
         if args.resume:
             loaded = load_delta(args.resume, [Path(args.sam2).parent] if args.sam2 else [])
             if loaded.train_state is None:
@@ -150,9 +170,18 @@ def _train(args: argparse.Namespace) -> int:
         train_data, val_data = train_val_datasets(
             source, loaded.config.image_size, split, val_source, config.seed
         )
-        result = train(loaded, train_data, val_data, config, args.out, resume_state)
+        if plan is not None:
+            result = train_parallel(
+                plan, loaded, train_data, val_data, config, args.out, resume_state
+            )
+        else:
+            result = train(loaded, train_data, val_data, config, args.out, resume_state)
     except Sam2UnetError as e:
         return _fail(str(e))
+    main = distributed.is_main()
+    distributed.leave()
+    if not main:
+        return 0
     last = result.history[-1] if result.history else None
     print(f"epochs done: {result.epochs_done}/{config.epochs}")
     if last is not None:

@@ -333,6 +333,12 @@ class Relay:
             thread.join(timeout=10)
 
 
+def leave() -> None:
+    """Leave the process group joined with :func:`joined_from_torchrun` (if any)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _rank_entry(
     fn: Callable[..., Any],
     plan: DevicePlan,
