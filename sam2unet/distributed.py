@@ -33,6 +33,7 @@ What makes N processes train like one (see :func:`sam2unet.training.train`):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import queue
@@ -248,13 +249,17 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedD
     The model has no unused trainable parameters, so ``find_unused_parameters`` stays off;
     buffers are not re-broadcast before each forward (synchronised BatchNorm keeps them equal).
     """
+    ddp = nn.parallel.DistributedDataParallel
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
+    ddp._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    # torch 2.13 renamed broadcast_buffers (still accepted, with a warning)
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
     )
+    device_ids = [device.index] if device.type == "cuda" else None
+    return ddp(model, device_ids=device_ids, **no_sync)
 
 
 # --------------------------------------------------------------------------- launching

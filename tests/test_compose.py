@@ -352,14 +352,25 @@ def test_healthchecks_and_dependencies(services: dict[str, Any]) -> None:
 
 
 def test_gpu_reservations_and_scalable_worker(services: dict[str, Any]) -> None:
-    for name in GPU_SERVICES:
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # the trainer gets every GPU of its machine and trains on all of them
+    devices = services["trainer"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    trainer = Settings.from_env(service_env(services["trainer"]))
+    assert trainer.train_devices == "auto" and trainer.train_cron == ""
+    assert _shm_bytes(services["trainer"]["shm_size"]) >= 4 * 2**30
     for name in ("backend", "label-studio", "redis"):
         assert "deploy" not in services[name]
     worker = services["worker"]
     assert not worker.get("ports") and "container_name" not in worker
     assert "scale" not in worker and "replicas" not in worker.get("deploy", {})
+
+
+def _shm_bytes(size: str | int) -> int:
+    text = str(size).lower().rstrip("b")
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
 
 
 # --- real processes: redis and the backend run with the services' own settings -----------------
