@@ -25,7 +25,7 @@ class RecordingTrainer(TrainerService):
         super().__init__(*args, **kwargs)
         self.rounds: list[tuple[int, str]] = []
 
-    def round(self, project: int, reason: str) -> RoundReport:
+    def round(self, project: int, reason: str, scheduled: bool = False) -> RoundReport:
         self.rounds.append((project, reason))
         return RoundReport("skipped", "recorded", project, None)
 
