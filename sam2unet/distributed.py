@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from sam2unet.exceptions import ConfigError, Sam2UnetError
 
@@ -344,6 +345,7 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
+@record  # a rank's exception reaches the launcher's error report
 def _rank_entry(
     fn: Callable[..., Any],
     plan: DevicePlan,
@@ -370,6 +372,12 @@ def _rank_entry(
         return fn(device, relay, *args)
     finally:
         dist.destroy_process_group()
+
+
+def _failure_text(message: Any) -> str:
+    if isinstance(message, dict):  # an error file written by @record
+        message = message.get("message", message)
+    return str(message).strip()
 
 
 def launch(
@@ -417,8 +425,7 @@ def launch(
             )
     except ChildFailedError as e:
         failures = [
-            f"rank {rank}: {f.message}"
-            + (f" (exit code {f.exitcode})" if f.exitcode is not None else "")
+            f"rank {rank}: {_failure_text(f.message)} (exit code {f.exitcode})"
             for rank, f in sorted(e.failures.items())
         ]
         raise DistributedRunError("a training process failed: " + "; ".join(failures)) from None

@@ -51,6 +51,22 @@ def test_device_syntax():
     for bad in ("cpu:0", "cpu:x", "gpu:1", "cuda:0,cuda:0", "cuda:a"):
         with pytest.raises(ConfigError):
             parse_devices(bad)
+    # the trainer refuses a bad setting at start, not at its first round
+    with pytest.raises(ValueError, match="SAM2UNET_TRAIN_DEVICES"):
+        TrainerService(Settings(train_devices="gpu:1"), None, None, None)
+    with pytest.raises(ValueError, match="does not divide"):
+        TrainerService(Settings(train_devices="cpu:3", train_batch_size=4), None, None, None)
+
+
+def _fails_on_rank_1(device, relay):
+    if distributed.rank_and_world()[0] == 1:
+        raise ConfigError("rank 1 cannot go on")
+    distributed.all_agree(False)  # rank 0 waits in a collective until rank 1 is gone
+
+
+def test_a_failing_rank_names_its_error():
+    with pytest.raises(distributed.DistributedRunError, match="rank 1 cannot go on"):
+        distributed.launch(_fails_on_rank_1, (), TWO_CPUS, threads=1)
 
 
 def datasets():
@@ -122,13 +138,14 @@ def test_ddp_buckets_only_the_trainable_part():
     assert info["bytes"] == info["trainable_bytes"]
 
 
+SAMPLES = [(i + 1, img, m) for i, (img, m) in enumerate(generate(8, 64, seed=3))]
+
+
 class LocalTrainer(TrainerService):
     """The real service; the sync from Label Studio replaced by a fixed annotated set."""
 
-    samples = [(i + 1, img, m) for i, (img, m) in enumerate(generate(8, 64, seed=3))]
-
     def training_set(self, project):
-        return ["object"], list(self.samples), "fixed"
+        return ["object"], list(SAMPLES), "fixed"
 
 
 def kill_a_rank(event) -> None:
@@ -181,9 +198,9 @@ def test_round_on_two_processes_and_a_killed_rank(model_dir, redis_conn, tmp_pat
 
     cur = registry.load(before)
     _, val_ids = __import__("trainer.round", fromlist=["holdout_split"]).holdout_split(
-        [t for t, _, _ in LocalTrainer.samples], settings.train_holdout
+        [t for t, _, _ in SAMPLES], settings.train_holdout
     )
-    by_id = {t: (img, m) for t, img, m in LocalTrainer.samples}
+    by_id = {t: (img, m) for t, img, m in SAMPLES}
     val = SegmentationDataset(ArraySource([by_id[t] for t in val_ids], labels=("object",)), 64)
     single = validate(cur.model, cur.config, val, device="cpu")
     assert report.current_metrics == pytest.approx(single, abs=1e-9)

@@ -30,7 +30,8 @@ from backend.metrics import record_round
 from common.registry import ModelRegistry
 from common.schedule import ALL, parse_schedule
 from common.settings import Settings
-from sam2unet.distributed import DistributedRunError
+from sam2unet.distributed import DistributedRunError, parse_devices
+from sam2unet.exceptions import ConfigError
 from trainer.dataset import DatasetCache, correction_rates
 from trainer.plots import write_versions_png
 from trainer.round import RoundReport, run_round
@@ -99,6 +100,15 @@ class TrainerService:
             self.schedule = parse_schedule(settings.train_cron)
         except ValueError as e:
             raise ValueError(f"invalid SAM2UNET_TRAIN_CRON: {e}") from None
+        try:
+            plan = parse_devices(settings.train_devices)
+        except ConfigError as e:
+            raise ValueError(f"invalid SAM2UNET_TRAIN_DEVICES: {e}") from None
+        if plan is not None and settings.train_batch_size % plan.nprocs:
+            raise ValueError(
+                f"SAM2UNET_TRAIN_BATCH_SIZE {settings.train_batch_size} does not divide among "
+                f"the {plan.nprocs} training processes of SAM2UNET_TRAIN_DEVICES"
+            )
         self.scheduler: ScheduleRunner | None = None
         self.last_sync: Any = None
 
