@@ -32,7 +32,7 @@ def measure(
 ) -> dict[str, Any]:
     import torch
 
-    from sam2unet.build import random_model
+    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.distributed import parse_devices

@@ -26,10 +26,10 @@ import psutil
 import pytest
 import torch
 
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 from sam2unet import distributed
-from sam2unet.build import random_model
+from sam2unet.checkpoints import random_model
 from sam2unet.config import ModelConfig
 from sam2unet.data import ArraySource, SegmentationDataset
 from sam2unet.distributed import DevicePlan, parse_devices

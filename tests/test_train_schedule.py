@@ -18,9 +18,9 @@ import pytest
 from rq.cron import get_cron_job_ids
 
 from backend.app import create_app
-from common.registry import ModelRegistry
-from common.schedule import JOB_PREFIX, SCHEDULE_QUEUE, parse_schedule, scheduled_rounds
-from common.settings import Settings
+from contracts.registry import ModelRegistry
+from contracts.schedule import JOB_PREFIX, SCHEDULE_QUEUE, parse_schedule, scheduled_rounds
+from contracts.settings import Settings
 from sam2unet.synthetic import generate
 from trainer.service import LOCK_KEY, TrainerService
 

@@ -19,7 +19,7 @@ import redis
 from rq import Queue, SimpleWorker, get_current_job
 from rq.cron import CronScheduler
 
-from common.schedule import JOB_PREFIX, SCHEDULE_QUEUE, Schedule
+from contracts.schedule import JOB_PREFIX, SCHEDULE_QUEUE, Schedule
 
 log = logging.getLogger(__name__)
 
