@@ -38,6 +38,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ class Relay:
     def __init__(self) -> None:
         ctx = torch.multiprocessing.get_context("spawn")
         self._events = ctx.Queue()
+        self._failures = ctx.Queue()
         self._stop = ctx.Event()
 
     def progress(self, event: Any) -> None:
@@ -301,6 +303,20 @@ class Relay:
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
+
+    def failed(self, rank: int, error: BaseException) -> None:
+        """A rank's exception, reported before the rank exits."""
+        self._failures.put((time.time(), rank, f"{type(error).__name__}: {error}"))
+
+    def failures(self) -> list[str]:
+        """The exceptions ranks reported, first first (the first is usually the cause: the
+        others see their peers go)."""
+        out = []
+        while True:
+            try:
+                out.append(self._failures.get(timeout=0.5))
+            except (queue.Empty, EOFError, OSError):
+                return [f"rank {rank}: {text}" for _, rank, text in sorted(out)]
 
     @contextlib.contextmanager
     def serving(
@@ -370,6 +386,9 @@ def _rank_entry(
     dist.init_process_group(plan.backend, init_method="env://")
     try:
         return fn(device, relay, *args)
+    except BaseException as e:
+        relay.failed(int(os.environ.get("RANK", local)), e)
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -424,9 +443,12 @@ def launch(
                 fn, plan, threads, logging.getLogger().getEffectiveLevel(), relay, args
             )
     except ChildFailedError as e:
-        failures = [
-            f"rank {rank}: {_failure_text(f.message)} (exit code {f.exitcode})"
+        reported = relay.failures()
+        exits = [
+            f"rank {rank} exited with code {f.exitcode}: {_failure_text(f.message)}"
             for rank, f in sorted(e.failures.items())
         ]
-        raise DistributedRunError("a training process failed: " + "; ".join(failures)) from None
+        raise DistributedRunError(
+            "a training process failed: " + "; ".join([*reported, *exits])
+        ) from None
     return results[0]

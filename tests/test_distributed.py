@@ -65,8 +65,12 @@ def _fails_on_rank_1(device, relay):
 
 
 def test_a_failing_rank_names_its_error():
-    with pytest.raises(distributed.DistributedRunError, match="rank 1 cannot go on"):
+    with pytest.raises(distributed.DistributedRunError) as failed:
         distributed.launch(_fails_on_rank_1, (), TWO_CPUS, threads=1)
+    # the cause first; then what the other rank saw, and the exit codes
+    assert str(failed.value).startswith(
+        "a training process failed: rank 1: ConfigError: rank 1 cannot go on"
+    ), failed.value
 
 
 def datasets():
