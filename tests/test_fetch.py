@@ -399,9 +399,9 @@ def test_data_uris() -> None:
     [
         ("file:///etc/passwd", "'file' scheme is not allowed"),
         ("ftp://example.com/x.png", "'ftp' scheme is not allowed"),
-        ("s3://bucket/key.png", "storage proxy"),
-        ("gs://bucket/key.png", "storage proxy"),
-        ("azure-blob://container/key.png", "storage proxy"),
+        ("s3://bucket/key.png", "read through Label Studio: set LABEL_STUDIO_URL"),
+        ("gs://bucket/key.png", "read through Label Studio: set LABEL_STUDIO_URL"),
+        ("azure-blob://container/key.png", "read through Label Studio: set LABEL_STUDIO_URL"),
         ("images/x.png", "not a URL"),
         ("//example.com/x.png", "scheme-relative"),
         ("", "no image URL"),
