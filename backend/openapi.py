@@ -133,6 +133,11 @@ SCHEMAS: dict[str, Any] = {
                 "description": "the current version; '<version>/failed' for a task without "
                 "a prediction (bad image, deadline)",
             },
+            "error": {
+                "type": "string",
+                "description": "why a '<version>/failed' task has no prediction (Label Studio "
+                "keeps only result, score and model_version; the reason is also logged)",
+            },
         },
     },
     "PredictResponse": {

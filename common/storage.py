@@ -77,7 +77,8 @@ def endpoint_error(what: str, url: str, r: requests.Response) -> ImageFetchError
     elif r.status_code == 404:
         reason = (
             f"Label Studio cannot resolve it for {of} (HTTP 404): no cloud storage connected "
-            "to the project holds this bucket (or the task is gone)"
+            "to the project holds this bucket, or Label Studio could not presign it (its log "
+            "says why), or the task is gone"
         )
     else:
         detail = _json_detail(r)
@@ -132,6 +133,10 @@ def _xml_error(r: requests.Response) -> tuple[str, str]:
         root = ElementTree.fromstring(raw)
     except (ElementTree.ParseError, OSError, ValueError, AttributeError):
         return "", ""
-    code = (root.findtext("Code") or "").strip()[:60]
-    message = (root.findtext("Message") or "").strip().splitlines()
-    return code, (message[0][:160] if message else "")
+    found: dict[str, str] = {}
+    for el in root.iter():  # <Error><Code>, or nested as in <ErrorResponse><Errors><Error>
+        tag = el.tag.rsplit("}", 1)[-1] if isinstance(el.tag, str) else ""
+        if tag in ("Code", "Message") and tag not in found:
+            found[tag] = (el.text or "").strip()
+    message = found.get("Message", "").splitlines()
+    return found.get("Code", "")[:60], (message[0][:160] if message else "")
