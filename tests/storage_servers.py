@@ -110,9 +110,11 @@ class S3Server:
 class GCSServer:
     """gcp-storage-emulator (a GCS JSON and XML API server) in memory on 127.0.0.1.
 
-    Label Studio's GCS storage reaches it through ``STORAGE_EMULATOR_HOST`` (read by
-    google-cloud-storage), with anonymous credentials: it lists and proxies objects, but cannot
-    sign URLs (signing needs a service account key, and a key needs Google's token server).
+    Label Studio's GCS storage reaches it with ``label_studio_env()``: google-cloud-storage
+    reads ``STORAGE_EMULATOR_HOST`` (and then uses anonymous credentials), and Label Studio's
+    proxy downloads from ``RESOLVER_PROXY_GCS_DOWNLOAD_URL``. It lists, syncs and proxies
+    objects; it cannot presign (signing needs a service account key, which the client ignores
+    under the emulator), so Label Studio's endpoint answers 404 for a presigned GCS storage.
     """
 
     def __init__(self) -> None:
@@ -124,6 +126,14 @@ class GCSServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = create_server("127.0.0.1", self.port, in_memory=True)
         self.server.start()
+
+    def label_studio_env(self) -> dict[str, str]:
+        """Environment variables that point Label Studio's GCS storage at this server."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "RESOLVER_PROXY_GCS_DOWNLOAD_URL": self.url
+            + "/download/storage/v1/b/{bucket_name}/o/{blob_name}?alt=media",
+        }
 
     def create_bucket(self, name: str) -> None:
         import requests

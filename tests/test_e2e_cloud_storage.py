@@ -64,7 +64,7 @@ def cloud(tmp_path_factory, redis_server, model_dir):
         client.put_object(Bucket=BUCKET, Key=key, Body=png_bytes(img), ContentType="image/png")
         gcs.put(GCS_BUCKET, key, png_bytes(img))
     try:
-        with running_label_studio(root / "ls", extra_env={"STORAGE_EMULATOR_HOST": gcs.url}) as ls:
+        with running_label_studio(root / "ls", extra_env=gcs.label_studio_env()) as ls:
             port = free_port()
             env = service_env(
                 redis_url,
