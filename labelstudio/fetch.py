@@ -14,7 +14,7 @@ reach the worker's private network (SSRF), exhaust its memory or hold it forever
   if DNS answers differently the second time. Every new connection therefore checks the peer
   address of its socket again, right after connecting and before sending a byte.
 - Cloud storage URIs (``s3://``, ``gs://``, ``azure-blob://``) are read through Label Studio's
-  storage endpoint for the task (see :mod:`common.storage`); a presigned URL it redirects to is
+  storage endpoint for the task (see :mod:`labelstudio.storage`); a presigned URL it redirects to is
   fetched without credentials, on a private address only when allow-listed or when
   ``allow_private_storage`` is on.
 - ``data:`` URIs with base64 data are decoded, size-capped. ``file:`` and ``ftp:`` are refused.
@@ -47,15 +47,15 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from common import storage
-from common.exceptions import ImageFetchError, LabelStudioError
-from common.lsclient import origin, read_limited, redact_url
+from contracts.errors import ImageFetchError, LabelStudioError
+from labelstudio import storage
+from labelstudio.client import origin, read_limited, redact_url
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import MAX_IMAGE_PIXELS, decode_image
 
 if TYPE_CHECKING:
-    from common.lsclient import LabelStudioClient
-    from common.settings import Settings
+    from contracts.settings import Settings
+    from labelstudio.client import LabelStudioClient
 
 logger = logging.getLogger(__name__)
 
