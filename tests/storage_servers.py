@@ -120,7 +120,7 @@ class GCSServer:
     def __init__(self) -> None:
         from gcp_storage_emulator.server import create_server
 
-        from common.redis_server import free_port
+        from launcher.redis_server import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -18,13 +18,13 @@ import pytest
 import redis
 import requests
 
-from common.codecs import brush_result, results_to_masks
-from common.exceptions import ImageFetchError
-from common.fetch import FetchPolicy, ImageFetcher
-from common.labelconfig import parse_label_config
-from common.lsclient import LabelStudioClient
-from common.redis_server import free_port
-from common.settings import Settings
+from contracts.errors import ImageFetchError
+from contracts.settings import Settings
+from labelstudio.client import LabelStudioClient
+from labelstudio.codecs import brush_result, results_to_masks
+from labelstudio.fetch import FetchPolicy, ImageFetcher
+from labelstudio.labelconfig import parse_label_config
+from launcher.redis_server import free_port
 from sam2unet.transforms import decode_image
 from tests.lstudio import running_label_studio
 from tests.services import ServiceProcess, png_bytes, service_env

@@ -12,10 +12,10 @@ import socket
 
 import pytest
 
-from common import storage
-from common.exceptions import ImageFetchError
-from common.fetch import FetchPolicy, ImageFetcher
-from common.lsclient import LabelStudioClient
+from contracts.errors import ImageFetchError
+from labelstudio import storage
+from labelstudio.client import LabelStudioClient
+from labelstudio.fetch import FetchPolicy, ImageFetcher
 from tests.test_fetch import IMAGE, Server, body, redirect
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
