@@ -14,8 +14,8 @@ reach the worker's private network (SSRF), exhaust its memory or hold it forever
   if DNS answers differently the second time. Every new connection therefore checks the peer
   address of its socket again, right after connecting and before sending a byte.
 - Cloud storage URIs (``s3://``, ``gs://``, ``azure-blob://``) are read through Label Studio's
-  storage endpoint for the task (see :mod:`labelstudio.storage`); a presigned URL it redirects to is
-  fetched without credentials, on a private address only when allow-listed or when
+  storage endpoint for the task (see :mod:`labelstudio.storage`); a presigned URL it redirects
+  to is fetched without credentials, on a private address only when allow-listed or when
   ``allow_private_storage`` is on.
 - ``data:`` URIs with base64 data are decoded, size-capped. ``file:`` and ``ftp:`` are refused.
 - Bodies are streamed and cut off past ``max_bytes``; the whole fetch, redirects included,
@@ -317,10 +317,12 @@ class ImageFetcher:
         )
         return data
 
-    def fetch_image(self, url: str, ls_base: str | None = None) -> np.ndarray:
+    def fetch_image(
+        self, url: str, ls_base: str | None = None, task_id: int | None = None
+    ) -> np.ndarray:
         """``fetch`` and decode: H x W x 3 uint8. Empty, corrupt, truncated or oversized images
         (more than ``policy.max_pixels``) raise ImageFetchError."""
-        data = self.fetch(url, ls_base)
+        data = self.fetch(url, ls_base, task_id)
         try:
             return decode_image(data, max_pixels=self.policy.max_pixels)
         except ImageError as e:
