@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.cookiejar
 import ipaddress
 import logging
 import os
@@ -219,6 +220,8 @@ class ImageFetcher:
         self._issued = threading.local()
         self.session = requests.Session()
         self.session.trust_env = False  # a proxy would hide the peer address being checked
+        # no cookies kept: Label Studio's session cookie would go to any host of its name
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.session.headers["User-Agent"] = USER_AGENT
         adapter = _guarded_adapter(self._refusal)
         self.session.mount("http://", adapter)

@@ -10,6 +10,7 @@ storage endpoint. One Label Studio and one S3 server serve every test of this mo
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 from urllib.parse import parse_qs, urlsplit
 
@@ -373,7 +374,8 @@ def test_presigned_target_on_a_private_address_needs_an_allowance(cloud):
     plain = ImageFetcher(client, FetchPolicy())
     with pytest.raises(ImageFetchError, match="SAM2UNET_ALLOW_PRIVATE_STORAGE") as e:
         plain.fetch(uri, None, presigned[0]["id"])
-    assert "loopback" in str(e.value) and "Signature" not in str(e.value)
+    assert "loopback" in str(e.value) and "X-Amz-Signature=..." in str(e.value)
+    assert not re.search(r"Signature=[0-9a-fA-F%]{8}", str(e.value))  # redacted
     truth = cloud["images"][image_key(proxied[0])]
     data = plain.fetch(f"s3://{BUCKET}/{image_key(proxied[0])}", None, proxied[0]["id"])
     assert np.array_equal(decode_image(data), truth)
@@ -394,13 +396,14 @@ def test_presigned_target_on_a_private_address_needs_an_allowance(cloud):
 
 def test_api_key_never_reaches_the_storage_host(cloud):
     """Runs last: every request that reached the S3 server during the module. Label Studio signs
-    its own (AWS signatures); ours carry no Authorization at all, and the API key, its access
-    tokens and Label Studio's auth schemes appear nowhere."""
+    its own (AWS signatures); ours carry no Authorization and no cookie (Label Studio's session
+    cookie would otherwise follow: cookies ignore ports), and the API key, its access tokens
+    and Label Studio's auth schemes appear nowhere."""
     ls = cloud["ls"]
     ours = [r for r in cloud["s3"].requests if r.headers.get("User-Agent") == "sam2unet-assist"]
     assert len(ours) >= 16  # presigned reads of the retrieve, pre-annotate and train tests
     for r in ours:
-        assert "Authorization" not in r.headers, r
+        assert "Authorization" not in r.headers and "Cookie" not in r.headers, r
         assert r.method == "GET" and ("Signature" in r.query or "X-Amz-Signature" in r.query)
     for r in cloud["s3"].requests:
         text = repr((r.path, r.query, r.headers))

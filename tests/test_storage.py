@@ -101,6 +101,29 @@ def test_presigned_redirect_target_private_only_with_an_allowance(ls, store) -> 
     assert [h.get("Authorization") for _, h in store.requests] == [None, None]
 
 
+def test_label_studio_cookies_never_follow_to_the_storage_host(ls, store) -> None:
+    """Label Studio sets its session cookie on API answers; cookies ignore ports, so a kept
+    cookie would go to a storage host on the same name (both on 127.0.0.1 here)."""
+
+    def endpoint(h: http.server.BaseHTTPRequestHandler) -> None:
+        h.send_response(303)
+        h.send_header("Set-Cookie", "sessionid=ls-session-secret; Path=/; HttpOnly")
+        h.send_header("Location", presigned(store))
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    ls.routes[ENDPOINT] = endpoint
+    ls.routes["/data/upload/1/x.png"] = endpoint
+    store.routes["/bucket/dir/a%20b.png"] = body(IMAGE)
+    client = LabelStudioClient(ls.url, TOKEN)
+    fetcher = ImageFetcher(client, FetchPolicy(allow_private_storage=True))
+    for _ in range(2):
+        assert fetcher.fetch(URI, None, 7) == IMAGE
+    assert client.download("/data/upload/1/x.png", 10**6, 5) == IMAGE
+    assert client.download("/data/upload/1/x.png", 10**6, 5) == IMAGE
+    assert [h.get("Cookie") for _, h in ls.requests + store.requests] == [None] * 8
+
+
 def test_presigned_looking_url_not_from_label_studio_is_refused(ls, store) -> None:
     """The storage allowance covers only a target Label Studio's storage endpoint redirected
     to: the same URL in a task's data, or behind a redirect from elsewhere, is refused."""
