@@ -10,8 +10,11 @@ storage endpoint. One Label Studio and one S3 server serve every test of this mo
 from __future__ import annotations
 
 import base64
+import copy
+import json
 import re
 import shutil
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -40,6 +43,7 @@ GCS_BUCKET = "assist-gcs"
 # eight images of two sizes: a mask at the wrong size would show
 SIZES = [(80, 96), (72, 88)] * 4
 TARGET = parse_label_config(BRUSH)
+FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 
 
 def bucket_images() -> dict[str, np.ndarray]:
@@ -293,6 +297,28 @@ def test_gcs_storage_through_the_emulator(cloud):
         truth = cloud["images"][image_key(t)]
         for url in (f"gs://{GCS_BUCKET}/{image_key(t)}", t["data"]["image"]):
             assert np.array_equal(decode_image(fetcher.fetch(url, None, t["id"])), truth)
+
+
+def test_interactive_call_on_a_bucket_image(cloud):
+    """An interactive call (a keypoint prompt, as Label Studio sends it) on a task whose image
+    is a bucket URI: answered from the bucket's image, at its size."""
+    captured = json.loads((FIXTURES / "post_predict_interactive.json").read_text())["json"]
+    task = s3_project(cloud, "interactive", True)[0]
+    h, w = cloud["images"][image_key(task)].shape[:2]
+    context = copy.deepcopy(captured["params"]["context"])
+    for item in context["result"]:
+        item.update(original_width=w, original_height=h)
+    body = {
+        "tasks": [{"id": task["id"], "data": {"image": f"s3://{BUCKET}/{image_key(task)}"}}],
+        "project": f"{task['project']}.1",
+        "label_config": captured["label_config"],
+        "params": {"context": context},
+    }
+    (res,) = backend_json(cloud, "POST", "/predict", json=body)["results"]
+    assert not res["model_version"].endswith("/failed"), res
+    for item in res["result"]:
+        assert (item["original_height"], item["original_width"]) == (h, w)
+    cloud["worker"].wait_log(f"task {task['id']}: prompts:", timeout=30)
 
 
 def test_result_cache_keys_on_content_across_presigned_urls(cloud):
