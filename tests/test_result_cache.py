@@ -18,10 +18,10 @@ import redis
 
 import worker.runtime
 from backend.app import create_app
-from contracts.jobs import PredictItem, PredictPayload, decode_reply, target_to_json
+from contracts.jobs import PredictItem, PredictPayload, decode_reply
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
-from labelstudio.labelconfig import parse_label_config
+from labelstudio.labelconfig import parse_label_config, target_to_json
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env
 from tests.test_metrics import scrape, value
 from tests.test_serving import fixture, red_circle
