@@ -167,13 +167,15 @@ def test_a_job_requeued_while_it_still_ran_is_not_run_twice(redis_url, queues):
     With one queue rq dequeues through an intermediate list: the copy leaves that too."""
     from rq.job import JobStatus
 
+    # The job runs 5 s so that the expiry lands well before it ends even on a loaded machine
+    # (if the job had already ended, there would be nothing to requeue).
     def expire_once(conn, started, job):  # as if the renewals had stalled for 15 s
         if not getattr(expire_once, "done", False):
             for member in conn.zrange(started.key, 0, -1):
                 conn.zadd(started.key, {member: 1})
             expire_once.done = True
 
-    job, out, running = run_leased_job(redis_url, 15, queues, 2.0, during=expire_once)
+    job, out, running = run_leased_job(redis_url, 15, queues, 5.0, during=expire_once)
     assert running > 0 and expire_once.done
     assert out.count("Job OK") == 1, out
     assert "has already finished; its requeued copy is not run" in out
