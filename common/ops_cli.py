@@ -174,7 +174,6 @@ def _download_pretrained(args: argparse.Namespace, settings) -> int:
             args.pretrained, Path(settings.model_dir) / "base", url=args.url, timeout=args.timeout
         )
     except PretrainedError as e:
-        log.error("download --pretrained %s: %s", args.pretrained, e.message)
         raise SystemExit(e.message) from None
     print(
         f"saved {Path(settings.model_dir) / 'base' / record.file} (sha256 {record.sha256}); "

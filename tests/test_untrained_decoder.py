@@ -150,3 +150,67 @@ def test_untrained_decoder_answers_empty_until_a_promoted_round(
     assert "untrained" in next(line for line in table if first in line)
     assert "untrained" not in next(line for line in table if second in line)
 
+
+def test_preannotation_run_writes_no_noise(fresh, redis_conn):
+    """A project-wide run on a version with an untrained decoder stops with the reason before
+    reading a single task (the Label Studio address answers nothing: it is never asked)."""
+    from common import preannotate as runs
+    from common.lsclient import LabelStudioClient
+    from worker.preannotate import process_page
+    from worker.runtime import ModelRuntime, WorkerContext
+
+    settings = Settings(model_dir=fresh, model_size="test", image_size=64, device="cpu")
+    runtime = ModelRuntime(settings, ModelRegistry(fresh, redis_conn))
+    ctx = WorkerContext(
+        settings,
+        redis_conn,
+        runtime,
+        fetch=lambda url, base: b"",
+        ls_client=LabelStudioClient("http://127.0.0.1:9", "token"),
+    )
+    run_id, started = runs.start_run(redis_conn, 7)
+    assert started
+    assert "never trained" in process_page(ctx, run_id, 1)["error"]
+    st = runs.status(redis_conn, run_id)
+    assert st["status"] == runs.FAILED and "never trained" in st["error"]
+    assert st["done"] == 0 and st["total"] is None
+
+
+@pytest.mark.parametrize(
+    ("source", "recorded", "trained"),
+    [
+        ("random-init", None, False),
+        ("sam2:sam2.1_hiera_tiny.pt", None, False),
+        ("released:salient", None, True),
+        ("init-checkpoint:v3.pt", None, True),
+        ("", None, True),  # a training round's version
+        ("sam2:sam2.1_hiera_tiny.pt", True, True),  # recorded: the record wins
+        ("", False, False),
+    ],
+)
+def test_decoder_trained_of_versions_with_and_without_a_record(source, recorded, trained):
+    from common.heads import decoder_trained
+    from common.registry import VersionInfo
+
+    info = VersionInfo("sam2unet-tiny-v1", 1, 0.0, "tiny", ("object",), None, source=source)
+    if recorded is not None:
+        info = VersionInfo.from_dict({**info.to_dict(), "decoder_trained": recorded})
+    assert decoder_trained(info) is trained
+
+
+def test_prompt_head_of_a_version_without_a_record_reads_its_base(fresh, tmp_path):
+    """Versions written before the record: the base file decides (SAM2's prompt encoder and
+    mask decoder in its ``model``: "sam2"; a bare trunk: "crop")."""
+    from common.heads import CROP_HEAD, prompt_head_for
+    from common.registry import VersionInfo
+    from sam2unet.build import trunk_state_of, write_sam2_checkpoint
+
+    registry = ModelRegistry(fresh, None)
+    write_sam2_checkpoint(fresh / "base" / "trunk.pt", trunk_state_of(seeded_model(cpu_config())))
+    for base, head in (("sam2.1_hiera_test.pt", SAM2_HEAD), ("trunk.pt", CROP_HEAD)):
+        info = VersionInfo(
+            "sam2unet-test-v1", 1, 0.0, "test", ("object",), {"name": base, "sha256": "x"}
+        )
+        assert info.base_prompt_decoder is None
+        assert prompt_head_for(info, registry) == head
+        assert prompt_head_for(info) == CROP_HEAD  # no registry to look in: not claimed
