@@ -14,7 +14,7 @@ from PIL import Image
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sam2unet.build import random_model
+    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.evaluate import evaluate_model

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.bootstrap import ensure_current_version
-from common.heads import CROP_HEAD, decoder_trained, heads_json
-from common.pretrained import PretrainedError, find_downloaded, pick_file
-from common.registry import ModelRegistry
-from common.settings import Settings
-from sam2unet.build import load_released
+from contracts.bootstrap import ensure_current_version
+from contracts.heads import CROP_HEAD, decoder_trained, heads_json
+from contracts.pretrained import PretrainedError, find_downloaded, pick_file
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
+from sam2unet.checkpoints import load_released
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import generate
 from tests.model_helpers import (
@@ -39,7 +39,7 @@ def download(model_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM2UNET_", "LABEL_STUDIO"))}
     env.update(MODEL_DIR=str(model_dir), LOG_LEVEL="INFO")
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", "download", *args],
+        [sys.executable, "-m", "cli", "download", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from model_helpers import cpu_config, perturb_trainable, released_state, seeded_model
 from PIL import Image
 
-from common.cli import main
-from sam2unet.build import load_released
+from cli import main
+from sam2unet.checkpoints import load_released
 from sam2unet.evaluate import evaluate_dirs
 from sam2unet.transforms import preprocess
 

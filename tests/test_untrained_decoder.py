@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from backend.app import create_app
-from common.codecs import rle_to_mask
-from common.heads import SAM2_HEAD, untrained_version
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.heads import SAM2_HEAD, untrained_version
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
+from labelstudio.codecs import rle_to_mask
 from sam2unet.synthetic import generate
 from tests.model_helpers import cpu_config, seeded_model, write_official_checkpoint
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
@@ -34,7 +34,7 @@ def fixture(name: str) -> dict:
 
 def versions_cli(env: dict[str, str], monkeypatch, capsys, *args: str):
     """``sam2unet-assist versions ...`` in this process, with the services' environment."""
-    from common.cli import main
+    from cli import main
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -154,8 +154,8 @@ def test_untrained_decoder_answers_empty_until_a_promoted_round(
 def test_preannotation_run_writes_no_noise(fresh, redis_conn):
     """A project-wide run on a version with an untrained decoder stops with the reason before
     reading a single task (the Label Studio address answers nothing: it is never asked)."""
-    from common import preannotate as runs
-    from common.lsclient import LabelStudioClient
+    from contracts import preannotate as runs
+    from labelstudio.client import LabelStudioClient
     from worker.preannotate import process_page
     from worker.runtime import ModelRuntime, WorkerContext
 
@@ -189,8 +189,8 @@ def test_preannotation_run_writes_no_noise(fresh, redis_conn):
     ],
 )
 def test_decoder_trained_of_versions_with_and_without_a_record(source, recorded, trained):
-    from common.heads import decoder_trained
-    from common.registry import VersionInfo
+    from contracts.heads import decoder_trained
+    from contracts.registry import VersionInfo
 
     info = VersionInfo("sam2unet-tiny-v1", 1, 0.0, "tiny", ("object",), None, source=source)
     if recorded is not None:
@@ -201,9 +201,9 @@ def test_decoder_trained_of_versions_with_and_without_a_record(source, recorded,
 def test_prompt_head_of_a_version_without_a_record_reads_its_base(fresh, tmp_path):
     """Versions written before the record: the base file decides (SAM2's prompt encoder and
     mask decoder in its ``model``: "sam2"; a bare trunk: "crop")."""
-    from common.heads import CROP_HEAD, prompt_head_for
-    from common.registry import VersionInfo
-    from sam2unet.build import trunk_state_of, write_sam2_checkpoint
+    from contracts.heads import CROP_HEAD, prompt_head_for
+    from contracts.registry import VersionInfo
+    from sam2unet.checkpoints import trunk_state_of, write_sam2_checkpoint
 
     registry = ModelRegistry(fresh, None)
     write_sam2_checkpoint(fresh / "base" / "trunk.pt", trunk_state_of(seeded_model(cpu_config())))

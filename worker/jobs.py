@@ -7,10 +7,10 @@ from typing import Any
 
 from rq import get_current_job
 
-from backend.metrics import record_job
-from common import preannotate as runs
-from common.heads import is_untrained
-from common.jobs import PredictPayload, deliver_reply, encode_reply
+from contracts import preannotate as runs
+from contracts.heads import is_untrained
+from contracts.jobs import PredictPayload, deliver_reply, encode_reply
+from contracts.metrics import record_job
 from worker.pipeline import StageTimes, run_predict
 from worker.runtime import get_context
 

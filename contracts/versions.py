@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.heads import heads_json
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.heads import heads_json
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 
 
 def correction_rates(settings: Settings) -> dict[str, Any]:

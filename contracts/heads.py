@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from common.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
+from contracts.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
 
 if TYPE_CHECKING:
-    from common.registry import ModelRegistry, VersionInfo
+    from contracts.registry import ModelRegistry, VersionInfo
 
 SAM2_HEAD = "sam2"
 CROP_HEAD = "crop"
@@ -45,7 +45,7 @@ def prompt_head_for(info: VersionInfo, registry: ModelRegistry | None = None) ->
     if flag is None and registry is not None and info.base:
         path = registry.base_path(info.base.get("name", ""))
         if path is not None:
-            from sam2unet.build import has_prompt_decoder
+            from sam2unet.checkpoints import has_prompt_decoder
 
             flag = has_prompt_decoder(path)
     return SAM2_HEAD if flag else CROP_HEAD

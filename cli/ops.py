@@ -54,10 +54,10 @@ def _preannotate(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from backend.app import redis_client
-    from common import preannotate as runs
-    from common.exceptions import NotFound
-    from common.settings import Settings
+    from contracts import preannotate as runs
+    from contracts.connections import redis_client
+    from contracts.errors import NotFound
+    from contracts.settings import Settings
 
     settings = Settings.from_env()
     conn = redis_client(settings.redis_url)
@@ -92,7 +92,7 @@ def _preannotate(args: argparse.Namespace) -> int:
 def _follow(conn, run_id: str, tqdm) -> int:
     import json
 
-    from common import preannotate as runs
+    from contracts import preannotate as runs
 
     bar = tqdm(desc=f"pre-annotating ({run_id})", unit="task", total=None)
     try:
@@ -123,8 +123,8 @@ def _download(args: argparse.Namespace) -> int:
     import requests
     from tqdm.auto import tqdm
 
-    from common.settings import Settings
-    from sam2unet.build import OFFICIAL_CHECKPOINTS
+    from contracts.settings import Settings
+    from sam2unet.config import OFFICIAL_CHECKPOINTS
 
     settings = Settings.from_env()
     if args.pretrained:
@@ -165,7 +165,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _download_pretrained(args: argparse.Namespace, settings) -> int:
-    from common.pretrained import PretrainedError, fetch_released
+    from contracts.pretrained import PretrainedError, fetch_released
 
     if args.size:
         raise SystemExit("--pretrained and --size do not go together: released models are large")

@@ -6,7 +6,7 @@ folder linked from their README (github.com/WZH0120/SAM2-UNet, "Testing"), as
 folder with gdown, downloads the file of ``NAME`` into ``MODEL_DIR/base``, loads it strictly
 (:func:`sam2unet.build.load_released`), and records its name, file and sha256 in
 ``MODEL_DIR/base/pretrained.json``. The first version of an empty registry then starts from it
-(:mod:`common.bootstrap`): a trained model, so automatic masks from the start.
+(:mod:`contracts.bootstrap`): a trained model, so automatic masks from the start.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.exceptions import AssistError
+from contracts.errors import AssistError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def fetch_released(
     import requests
     from gdown.exceptions import DownloadCancelled, DownloadError, FileURLRetrievalError
 
-    from sam2unet.build import load_released
+    from sam2unet.checkpoints import load_released
     from sam2unet.exceptions import CheckpointError
 
     check_name(name)
@@ -192,7 +192,7 @@ def _write_manifest(base: Path, record: PretrainedRecord) -> None:
 def find_downloaded(base_dir: str | os.PathLike[str]) -> tuple[str, Path] | None:
     """``(name, path)`` of the latest released model recorded in ``base_dir``, if its file is
     there with the recorded sha256; a missing or changed file is logged and skipped."""
-    from sam2unet.build import sha256_file
+    from sam2unet.checkpoints import sha256_file
 
     data = read_manifest(base_dir)
     name = data.get("latest")

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from common.exceptions import NotFound
+from contracts.errors import NotFound
 
 if TYPE_CHECKING:  # torch-free at import time: the backend uses this module too
-    from sam2unet.build import BaseRef, LoadedModel
+    from sam2unet.checkpoints import BaseRef, LoadedModel
     from sam2unet.config import ModelConfig
     from sam2unet.modeling import SAM2UNet
 
@@ -62,10 +62,10 @@ class VersionInfo:
     train_size: int = 0
     note: str = ""
     #: whether the automatic head (the U-Net decoder) was ever trained; None in meta.json files
-    #: written before it was recorded (see :func:`common.heads.decoder_trained`)
+    #: written before it was recorded (see :func:`contracts.heads.decoder_trained`)
     decoder_trained: bool | None = None
     #: whether the base checkpoint holds SAM2's prompt encoder and mask decoder; None: not
-    #: recorded (see :func:`common.heads.prompt_head_for`)
+    #: recorded (see :func:`contracts.heads.prompt_head_for`)
     base_prompt_decoder: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,7 +210,7 @@ class ModelRegistry:
         (made from an official SAM2 checkpoint or a random trunk): it makes no automatic
         predictions. Whether the base checkpoint holds SAM2's prompt decoder is read from the
         base file here and recorded too."""
-        from sam2unet.build import has_prompt_decoder, save_delta
+        from sam2unet.checkpoints import has_prompt_decoder, save_delta
 
         base_path = None if base is None else self.base_path(base.name)
         prompt_decoder = base_path is not None and has_prompt_decoder(base_path)
@@ -295,7 +295,7 @@ class ModelRegistry:
     # ------------------------------------------------------------------ loading
 
     def load(self, name: str, trunk_cache: dict[str, Any] | None = None) -> LoadedModel:
-        from sam2unet.build import load_delta
+        from sam2unet.checkpoints import load_delta
 
         return load_delta(
             self.model_path(name),

@@ -8,7 +8,7 @@ automatic masks from the start; an official SAM2/SAM2.1 checkpoint found in ``MO
 initialised trunk, with a loud warning: predictions then come from an untrained encoder.
 
 Only a version made from an official checkpoint or a random trunk is recorded as having an
-untrained decoder (see :mod:`common.heads`).
+untrained decoder (see :mod:`contracts.heads`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.registry import ModelRegistry, VersionInfo
-from common.settings import Settings
+from contracts.registry import ModelRegistry, VersionInfo
+from contracts.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def ensure_current_version(registry: ModelRegistry, settings: Settings) -> Versi
 def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
     import torch
 
-    from common.pretrained import find_downloaded
-    from sam2unet.build import (
+    from contracts.pretrained import find_downloaded
+    from sam2unet.checkpoints import (
         BaseRef,
         build_from_sam2,
         load_any,

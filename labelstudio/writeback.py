@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from common.exceptions import AssistError
-from common.heads import is_untrained
-from common.jobs import ItemResult, PredictPayload
+from contracts.errors import AssistError
+from contracts.heads import is_untrained
+from contracts.jobs import ItemResult, PredictPayload
 
 log = logging.getLogger(__name__)
 
