@@ -175,8 +175,13 @@ def _download_pretrained(args: argparse.Namespace, settings) -> int:
         )
     except PretrainedError as e:
         raise SystemExit(e.message) from None
-    print(
-        f"saved {Path(settings.model_dir) / 'base' / record.file} (sha256 {record.sha256}); "
-        "the first model version of an empty registry starts from it"
-    )
+    print(f"saved {Path(settings.model_dir) / 'base' / record.file} (sha256 {record.sha256})")
+    versions = Path(settings.model_dir) / "versions"
+    if versions.is_dir() and any(p.name.startswith("sam2unet-") for p in versions.iterdir()):
+        print(
+            f"note: {versions} already holds versions, and only the first version of an empty "
+            "registry starts from a released model; use an empty MODEL_DIR to start from it"
+        )
+    else:
+        print("the first model version (made when a worker or the trainer starts) starts from it")
     return 0

@@ -69,7 +69,7 @@ def test_download_verifies_records_and_seeds_the_first_version(served, tmp_path)
     assert done.returncode == 0, done.stderr
     saved = model_dir / "base" / "SAM2UNet-SOD.pth"
     want = hashlib.sha256((root / "SAM2UNet-SOD.pth").read_bytes()).hexdigest()
-    assert want in done.stdout
+    assert want in done.stdout and "the first model version" in done.stdout
     manifest = json.loads((model_dir / "base" / "pretrained.json").read_text())
     assert manifest["latest"] == "salient"
     assert manifest["models"]["salient"]["sha256"] == want
@@ -93,6 +93,10 @@ def test_download_verifies_records_and_seeds_the_first_version(served, tmp_path)
     theirs = Predictor(reference.model, reference.config, device="cpu").predict(images)
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+    # a later download says that the registry, no longer empty, will not start from it
+    again = download(model_dir, "--pretrained", "mirror", "--url", f"{url}/SAM2UNet-SOD.pth")
+    assert again.returncode == 0 and "already holds versions" in again.stdout
 
 
 @pytest.mark.parametrize(
