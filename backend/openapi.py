@@ -151,6 +151,11 @@ SCHEMAS: dict[str, Any] = {
                 "score 0) for an automatic prediction of a version whose U-Net decoder was "
                 "never trained",
             },
+            "error": {
+                "type": "string",
+                "description": "why a '<version>/failed' task has no prediction (Label Studio "
+                "keeps only result, score and model_version; the reason is also logged)",
+            },
         },
     },
     "PredictResponse": {

@@ -354,7 +354,7 @@ def test_preannotations_decode_back_to_per_label_masks(project, kind):
         target=target_to_json(tgt),
         reply_key=None,
     )
-    out = run_predict(payload, runtime, lambda url, base: files[url], None, threshold=0.5)
+    out = run_predict(payload, runtime, lambda url, base, task: files[url], None, threshold=0.5)
     probs = runtime.predict(images)
     assert runtime.labels == LABELS
     present = set()
@@ -402,7 +402,7 @@ def test_labels_of_the_project_differ_from_the_model(project):
             target=target_to_json(tgt),
             reply_key=None,
         )
-        (item,) = run_predict(payload, runtime, lambda u, b: files[u], None, threshold=threshold)
+        (item,) = run_predict(payload, runtime, lambda u, b, t: files[u], None, threshold=threshold)
         assert item.error is None
         return item
 

@@ -503,7 +503,7 @@ def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(model_dir, redi
     Image.fromarray(im).save(buf, format="PNG")
     png = buf.getvalue()
 
-    def fetch(url: str, base: str | None) -> bytes:
+    def fetch(url: str, base: str | None, task: int | None) -> bytes:
         return png
 
     def run(context):

@@ -165,7 +165,7 @@ def test_preannotation_run_writes_no_noise(fresh, redis_conn):
         settings,
         redis_conn,
         runtime,
-        fetch=lambda url, base: b"",
+        fetch=lambda url, base, task: b"",
         ls_client=LabelStudioClient("http://127.0.0.1:9", "token"),
     )
     run_id, started = runs.start_run(redis_conn, 7)

@@ -94,7 +94,7 @@ def _cache_key(digest: str, version: str, target: Target, threshold: float) -> s
 def run_predict(
     payload: PredictPayload,
     runtime: Any,
-    fetch: Callable[[str, str | None], bytes],
+    fetch: Callable[[str, str | None, int | None], bytes],
     redis_client: redis.Redis | None,
     *,
     threshold: float = 0.5,
@@ -129,7 +129,7 @@ def run_predict(
 
     def load(item):  # runs in a thread: network I/O and decoding overlap
         t0 = time.perf_counter()
-        data = fetch(item.url, payload.ls_base)
+        data = fetch(item.url, payload.ls_base, item.task_id)
         t1 = time.perf_counter()
         digest = hashlib.sha256(data).hexdigest()
         return data, digest, t1 - t0
