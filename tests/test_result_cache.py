@@ -120,7 +120,12 @@ def test_model_version_label_config_and_threshold_are_part_of_the_key(cache):
     # another model version: the registry's pointer moves, the worker loads it before the job
     registry = ModelRegistry(cache.settings.model_dir, cache.conn)
     held = registry.current()
-    other = next(v.name for v in registry.versions() if v.name != held)
+    # a new trained version (the registry's other one, v1, was never trained: it answers
+    # without the model, so nothing of it is cached)
+    loaded = registry.load(held)
+    other = registry.create_version(
+        loaded.model, loaded.config, loaded.base, parent=held, source="test"
+    ).name
     assert base["model_version"] == held
     registry.promote(other, reason="test")
     moved, cached, hits = cache.predict(url)

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from backend.app import create_app
+from contracts.heads import untrained_version
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from tests.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env, workers
@@ -65,7 +66,9 @@ def test_rollback_then_a_running_worker_serves_the_rolled_back_version(
             assert (last["version"], last["reason"]) == (older, "rollback")
             assert client.get("/versions").get_json()["current"] == older
 
-            assert served(1) == older  # the same worker process, its next job
+            # the same worker process, its next job; v1's decoder was never trained, so its
+            # automatic answer is the empty one marked as such
+            assert served(1) == untrained_version(older)
             assert f"loaded model version {older}" in worker.log()
 
             # an unknown version: a clear error, and nothing moves
@@ -73,7 +76,7 @@ def test_rollback_then_a_running_worker_serves_the_rolled_back_version(
             assert bad.returncode != 0
             assert "no model version 'sam2unet-test-v99'" in bad.stderr
             assert "Traceback" not in bad.stderr
-            assert registry.current() == older and served(2) == older
+            assert registry.current() == older and served(2) == untrained_version(older)
             assert worker.proc.poll() is None
     finally:
         files.close()
