@@ -209,11 +209,14 @@ def validate(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     bf16: bool = False,
+    per_image: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset``'s raw samples, compared at each sample's own size
     (as the released test script does): the :class:`~sam2unet.metrics.MetricSuite` keys plus
     ``iou`` / ``dice`` of the map thresholded at 0.5, averaged over samples and labels.
-    With several labels, ``<metric>/<label>`` keys give each label's value."""
+    With several labels, ``<metric>/<label>`` keys give each label's value. ``per_image``, when
+    given, receives one dict per sample in dataset order: every metric of that sample alone,
+    averaged over labels (for paired comparisons of two models on the same samples)."""
     was_training = model.training
     predictor = Predictor(model, config, device=device, batch_size=batch_size, bf16=bf16)
     labels = dataset.labels
@@ -224,10 +227,20 @@ def validate(
             raws = [dataset.raw(i) for i in range(start, min(start + batch_size, len(dataset)))]
             probs = predictor.predict([rgb for rgb, _ in raws])
             for (_, mask), prob in zip(raws, probs, strict=True):
+                alone = []
                 for k in range(len(labels)):
                     gt = mask[k] > 128
                     suites[k].step(prob[k], gt)
                     bin_scores[k].append((iou(prob[k] > 0.5, gt), dice(prob[k] > 0.5, gt)))
+                    if per_image is not None:
+                        one = MetricSuite()
+                        one.step(prob[k], gt)
+                        iou_k, dice_k = bin_scores[k][-1]
+                        alone.append({**one.results(), "iou": iou_k, "dice": dice_k})
+                if per_image is not None:
+                    per_image.append(
+                        {m: float(np.mean([a[m] for a in alone])) for m in alone[0] if m != "count"}
+                    )
     finally:
         model.train(was_training)
     per_label = []

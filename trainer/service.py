@@ -160,6 +160,7 @@ class TrainerService:
             labels = manifest.labels if manifest else []
             samples = [(s.task, img, m) for s, img, m in self.cache.samples(project)]
             self._status("training", project)
+            sides = self.cache.load_sides(project)
             report = run_round(
                 self.registry,
                 self.settings,
@@ -169,7 +170,10 @@ class TrainerService:
                 reason=reason,
                 progress=self._progress,
                 should_stop=self.stop_event.is_set,
+                sides=sides,
             )
+            if report.sides:
+                self.cache.save_sides(project, {**sides, **report.sides})
             self._write_correction_rates()
             self.redis.lpush(
                 ROUNDS_KEY,
