@@ -3,6 +3,8 @@ differences, and held-out sides with a minimum size that never change once decid
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -60,7 +62,7 @@ def test_held_out_sides_have_a_minimum_and_never_change():
         assert held >= min(5, n // 2), (n, held)
         assert any(s == TRAIN for s in sides.values())
         assert 0.1 * n <= held <= max(5, 0.3 * n) + 1  # about the share once past the minimum
-    for earlier, later in zip(history, history[1:], strict=False):
+    for earlier, later in itertools.pairwise(history):
         assert all(later[t] == s for t, s in earlier.items())  # every task keeps its side
 
 
