@@ -26,9 +26,7 @@ pytestmark = pytest.mark.e2e
 STRATEGY = "tta"
 
 
-def test_sorting_by_prediction_score_lists_the_strategys_order(
-    tmp_path, redis_server, model_dir
-):
+def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_server, model_dir):
     import redis
 
     from common.fetch import FetchPolicy, ImageFetcher
