@@ -88,7 +88,7 @@ def make_test(n: int, size: int, seed: int = TEST_SEED) -> list:
 
 
 def settings_for(opts: Options, model_dir: Path):
-    from common.settings import Settings
+    from contracts.settings import Settings
 
     return Settings(
         model_dir=model_dir,
@@ -126,7 +126,7 @@ def run_strategy(
     sides: dict[int, str],
 ) -> dict[str, Any]:
     """The rounds of one strategy from a registry whose first round is done."""
-    from common.registry import ModelRegistry
+    from contracts.registry import ModelRegistry
     from sam2unet.acquisition import acquire, select
     from sam2unet.predictor import Predictor
     from trainer.round import run_round
@@ -186,8 +186,8 @@ def run_strategy(
 
 
 def run_seed(seed: int, opts: Options, pool: list, test_set: list, tmp: Path) -> list[dict]:
-    from common.bootstrap import ensure_current_version
-    from common.registry import ModelRegistry
+    from contracts.bootstrap import ensure_current_version
+    from contracts.registry import ModelRegistry
     from trainer.round import run_round
 
     base = tmp / f"seed{seed}-base"
@@ -241,7 +241,7 @@ def acquisition_costs(opts: Options) -> dict[str, float]:
     random model of ``cost_size`` at ``cost_image_size`` on 480 x 640 images, one image
     per forward pass as a CPU worker runs."""
     from sam2unet.acquisition import STRATEGIES, acquire
-    from sam2unet.build import random_model
+    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.predictor import Predictor
     from sam2unet.synthetic import generate

@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 
-from common.codecs import brush_result
-from common.labelconfig import parse_label_config
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
+from labelstudio.codecs import brush_result
+from labelstudio.labelconfig import parse_label_config
 from sam2unet.acquisition import acquire, select
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng
@@ -29,8 +29,8 @@ STRATEGY = "tta"
 def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_server, model_dir):
     import redis
 
-    from common.fetch import FetchPolicy, ImageFetcher
-    from common.lsclient import LabelStudioClient
+    from labelstudio.client import LabelStudioClient
+    from labelstudio.fetch import FetchPolicy, ImageFetcher
     from trainer.service import TrainerService
 
     shutil.copytree(model_dir, tmp_path / "models")

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import redis
 
-from common.codecs import brush_result, polygon_results, prediction_score
-from common.exceptions import AssistError
-from common.jobs import ItemResult, PredictPayload, target_from_json
-from common.labelconfig import Target
+from contracts.errors import AssistError
+from contracts.jobs import ItemResult, PredictPayload
+from labelstudio.codecs import brush_result, polygon_results, prediction_score
+from labelstudio.labelconfig import Target, target_from_json
 from sam2unet.acquisition import sort_score
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
-from worker.prompts import apply_prompts
+from worker.crop_prompts import apply_prompts
 
 log = logging.getLogger(__name__)
 

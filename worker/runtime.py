@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from common.bootstrap import ensure_current_version
-from common.registry import ModelRegistry, VersionInfo
-from common.settings import Settings
+from contracts.bootstrap import ensure_current_version
+from contracts.registry import ModelRegistry, VersionInfo
+from contracts.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ModelRuntime:
         return self.version or name
 
     def _load(self, name: str) -> None:
-        from sam2unet.build import trunk_state_of
+        from sam2unet.checkpoints import trunk_state_of
         from sam2unet.predictor import Predictor
 
         t0 = time.perf_counter()
