@@ -133,7 +133,7 @@ def training_png(
         )
         interval = (
             f"\ndifference {d['mean']:+.3f}, {d.get('confidence', 0):.0%} bounds "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}], promote if lower >= {-d.get('tolerance', 0):+.3f}"
+            f"[{d['low']:+.3f}, {d['high']:+.3f}], promote if lower >= {-(d.get('tolerance') or 0) + 0.0:+.3f}"
         )
     ax_val.set_xticks(xs, [_metric_name(k) for k in keys], fontsize=9)
     if metric in keys:
