@@ -18,6 +18,7 @@ from contracts.jobs import QUEUES
 from contracts.metrics import record_answer
 from contracts.schedule import scheduled_rounds
 from labelstudio.labelconfig import parse_label_config
+from sam2unet.acquisition import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,12 @@ def preannotate_start():
     unlabeled_only = body.get("unlabeled_only", True)
     if not isinstance(unlabeled_only, bool):
         raise BadRequest("/preannotate: 'unlabeled_only' must be true or false")
+    acquisition = body.get("acquisition")
+    if acquisition is not None and acquisition not in STRATEGIES:
+        raise BadRequest(f"/preannotate: 'acquisition' must be one of {list(STRATEGIES)}")
     conn = _ext()["redis"]
     run_id, started = runs.start_run(
-        conn, project, page_size=page_size, unlabeled_only=unlabeled_only
+        conn, project, page_size=page_size, unlabeled_only=unlabeled_only, acquisition=acquisition
     )
     return jsonify({"started": started, **runs.status(conn, run_id)}), 202 if started else 200
 

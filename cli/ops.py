@@ -23,6 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-follow", action="store_true", help="start the run and return at once")
     p.add_argument("--page-size", type=int, default=100)
     p.add_argument(
+        "--acquisition",
+        choices=["random", "confidence", "tta", "diverse"],
+        help="acquisition strategy of this run's prediction scores (default: SAM2UNET_ACQUISITION)",
+    )
+    p.add_argument(
         "--include-labeled",
         action="store_true",
         help="also predict tasks that already have a label",
@@ -77,6 +82,7 @@ def _preannotate(args: argparse.Namespace) -> int:
                 args.project,
                 page_size=args.page_size,
                 unlabeled_only=not args.include_labeled,
+                acquisition=args.acquisition,
             )
             print(f"{'started' if started else 'following the run in progress'}: {run_id}")
         else:

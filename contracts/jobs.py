@@ -45,7 +45,8 @@ class PredictPayload:
     ``context`` an interactive prompt (Label Studio's ``params.context``) or None.
     ``reply_key`` is the waiting request's reply list (None: nobody waits); ``write_back``
     stores the results in Label Studio through its API; ``run_id`` names the pre-annotation
-    run whose progress the job counts."""
+    run whose progress the job counts; ``acquisition`` the strategy whose score the
+    predictions carry (None: the workers' ``SAM2UNET_ACQUISITION``)."""
 
     items: tuple[PredictItem, ...]
     target: dict[str, Any]
@@ -57,6 +58,7 @@ class PredictPayload:
     request_id: str = field(default_factory=lambda: secrets.token_hex(6))
     write_back: bool = False
     run_id: str | None = None
+    acquisition: str | None = None
     v: int = PAYLOAD_VERSION
 
     def to_json(self) -> dict[str, Any]:

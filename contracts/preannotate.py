@@ -40,6 +40,7 @@ def start_run(
     reason: str = "requested",
     job_timeout: int = 300,
     unlabeled_only: bool = True,
+    acquisition: str | None = None,
 ) -> tuple[str, bool]:
     """Start pre-annotating ``project``, or return its run in progress: (run id, started).
 
@@ -73,6 +74,7 @@ def start_run(
                 "model_version": "",
                 "page_size": page_size,
                 "unlabeled_only": int(bool(unlabeled_only)),
+                "acquisition": acquisition or "",
             },
         )
         pipe.expire(_key(run_id), RUN_TTL)

@@ -77,12 +77,29 @@ class Settings:
     train_lr: float = 1e-3
     train_holdout: float = 0.2  # share of annotated tasks held out for evaluation
     promote_metric: str = "miou"
-    promote_tolerance: float = 0.0  # promote if candidate >= current - tolerance
+    holdout_min: int = 5  # fewest held-out tasks (while at most half of them)
+    promote_tolerance: float = 0.01  # promote if not worse by more than this (see promote_conf.)
+    promote_confidence: float = 0.9  # confidence of the paired bootstrap's lower bound
     active_learning: bool = True  # after a promotion, re-predict unlabeled tasks
     train_devices: str = ""  # processes of a round: auto, cuda:0,cuda:1, cpu:N; empty: one
     train_cron: str = ""  # scheduled rounds: "EXPR" for every project, "; PROJECT=EXPR" each
+    acquisition: str = "confidence"  # prediction score: random, confidence, tta or diverse
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from sam2unet.acquisition import STRATEGIES
+
+        if self.acquisition not in STRATEGIES:
+            raise ValueError(
+                f"invalid SAM2UNET_ACQUISITION {self.acquisition!r}; one of {list(STRATEGIES)}"
+            )
+        if not 0.5 <= self.promote_confidence < 1.0:
+            raise ValueError(
+                f"invalid SAM2UNET_PROMOTE_CONFIDENCE {self.promote_confidence}: need 0.5 <= c < 1"
+            )
+        if self.holdout_min < 0:
+            raise ValueError(f"invalid SAM2UNET_HOLDOUT_MIN {self.holdout_min}: need >= 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

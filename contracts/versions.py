@@ -41,6 +41,7 @@ def versions_json(registry: ModelRegistry, settings: Settings) -> list[dict[str,
                 "val_size": v.metrics.get("val_size"),
                 "metrics": val,
                 "parent_metrics": v.metrics.get("parent_val", {}),
+                "decision": v.metrics.get("decision"),
                 "correction_rate": rates.get(v.name),
                 "note": v.note,
                 **heads_json(v, registry),
@@ -56,12 +57,20 @@ def per_label(metrics: dict[str, Any], key: str = "miou") -> dict[str, float]:
     return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
+def interval_text(decision: dict[str, Any] | None) -> str:
+    """``+0.041 [+0.012,+0.070]``: a round's paired difference and its bounds, or ``-``."""
+    d = decision or {}
+    if not all(isinstance(d.get(k), (int, float)) for k in ("mean", "low", "high")):
+        return "-"
+    return f"{d['mean']:+.3f} [{d['low']:+.3f},{d['high']:+.3f}]"
+
+
 def version_table(rows: list[dict[str, Any]]) -> str:
     """A text table of :func:`versions_json` rows; versions with several labels also list
     each label's mIoU, in the version's label order."""
     head = (
         f"{'':2}{'version':<26}{'state':<10}{'train':>6}{'val':>5}{'mIoU':>8}{'S':>8}{'corr.':>8}"
-        f"  {'prompts':<8}{'auto':<10}base"
+        f"{'diff [interval]':>26}  {'prompts':<8}{'auto':<10}base"
     )
     lines = [head + "  (mIoU per label)"]
     for r in rows:
@@ -76,7 +85,8 @@ def version_table(rows: list[dict[str, Any]]) -> str:
             f"{'*' if r['current'] else '':2}{r['version']:<26}{state:<10}{r['train_size']:>6}"
             f"{(r['val_size'] or 0):>5}{m.get('miou', float('nan')):>8.3f}"
             f"{m.get('sm', float('nan')):>8.3f}"
-            f"{(corr['mean'] if corr else float('nan')):>8.3f}  {r.get('prompt_head', '-'):<8}"
+            f"{(corr['mean'] if corr else float('nan')):>8.3f}"
+            f"{interval_text(r.get('decision')):>26}  {r.get('prompt_head', '-'):<8}"
             f"{'trained' if r.get('automatic_head_trained', True) else 'untrained':<10}"
             f"{r['base'] or '-'}" + (f"  ({labels})" if labels else "")
         )

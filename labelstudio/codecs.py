@@ -27,6 +27,7 @@ import numpy as np
 
 from contracts.errors import AnnotationFormatError, LabelConfigError
 from labelstudio.labelconfig import Target
+from sam2unet.acquisition import balanced_confidence
 
 logger = logging.getLogger(__name__)
 
@@ -465,10 +466,4 @@ def prediction_score(prob: np.ndarray, mask: np.ndarray) -> float:
         raise ValueError(f"prob shape {p.shape} differs from mask shape {fg.shape}")
     if np.isnan(p).any():
         raise ValueError("prob contains NaN")
-    p = np.clip(p, 0.0, 1.0)
-    parts = []
-    if fg.any():
-        parts.append(float(p[fg].mean()))
-    if not fg.all():
-        parts.append(float(1.0 - p[~fg].mean()))
-    return float(np.clip(sum(parts) / len(parts), 0.0, 1.0))
+    return balanced_confidence(p, fg)

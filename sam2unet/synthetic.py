@@ -251,3 +251,50 @@ def write_synthetic_dataset(
         for d, m in zip(paths.mask_dirs, mask, strict=True):
             Image.fromarray(m).save(d / f"{name}.png")
     return paths
+
+
+#: Kinds of :func:`make_domain_sample`: an easy high-contrast object, a low-contrast object,
+#: a small object, several objects, and an object with a texture like its busy background's.
+DOMAINS: tuple[str, ...] = ("easy", "low_contrast", "small", "several", "camouflage")
+
+
+def make_domain_sample(
+    rng: np.random.Generator, size: int | tuple[int, int], domain: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One salient-mode sample of ``domain`` (see :data:`DOMAINS`): (H x W x 3 uint8 image,
+    1 x H x W uint8 0/255 mask). ``easy`` is a :func:`make_sample` with one object."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown domain {domain!r}; known: {list(DOMAINS)}")
+    if domain == "easy":
+        return make_sample(rng, size, None, max_objects=1)
+    h, w = _hw(size)
+    img = _background(rng, h, w)
+    bg_mean = img.reshape(-1, 3).mean(axis=0)
+    mask = np.zeros((h, w), dtype=bool)
+    count = int(rng.integers(3, 6)) if domain == "several" else 1
+    for _ in range(count):
+        kind = SALIENT_SHAPES[int(rng.integers(len(SALIENT_SHAPES)))]
+        shape = _shape_mask(rng, kind, h, w)
+        if domain in ("small", "several"):  # shrink the shape around its centre
+            ys, xs = np.nonzero(shape)
+            cy, cx = ys.mean(), xs.mean()
+            f = rng.uniform(0.25, 0.4) if domain == "small" else rng.uniform(0.4, 0.6)
+            yy, xx = np.mgrid[0:h, 0:w]
+            sy = np.clip(np.round(cy + (yy - cy) / f), 0, h - 1).astype(int)
+            sx = np.clip(np.round(cx + (xx - cx) / f), 0, w - 1).astype(int)
+            shape = shape[sy, sx] & (np.abs(yy - cy) * 1.0 / f < h) & (np.abs(xx - cx) / f < w)
+        if not shape.any():
+            shape[int(h // 2), int(w // 2)] = True
+        if domain == "low_contrast":
+            colour = bg_mean + rng.choice([-1.0, 1.0], size=3) * rng.uniform(14, 26, size=3)
+        elif domain == "camouflage":
+            colour = bg_mean + rng.normal(0, 20, size=3)
+        else:
+            colour = _foreground_colour(rng, bg_mean)
+        tex = _texture(rng, h, w, np.clip(colour, 0, 255).astype(np.float32))
+        if domain == "camouflage":
+            tex = 0.5 * tex + 0.5 * _background(rng, h, w)
+        img[shape] = tex[shape]
+        mask |= shape
+    out = Image.fromarray(np.round(img).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    return np.asarray(out).copy(), mask[None].astype(np.uint8) * 255

@@ -211,15 +211,18 @@ def validate(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     bf16: bool = False,
+    per_image: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset``'s raw samples, compared at each sample's own size
     (as the released test script does): the :class:`~sam2unet.metrics.MetricSuite` keys plus
     ``iou`` / ``dice`` of the map thresholded at 0.5, averaged over samples and labels.
-    With several labels, ``<metric>/<label>`` keys give each label's value.
+    With several labels, ``<metric>/<label>`` keys give each label's value. ``per_image``, when
+    given, receives one dict per sample in dataset order: every metric of that sample alone,
+    averaged over labels (for paired comparisons of two models on the same samples).
 
     In a data-parallel run every rank predicts its share (sample ``i`` on rank ``i % N``),
     rank 0 scores the gathered per-sample maps in dataset order (the same numbers as one
-    process) and every rank returns rank 0's result."""
+    process) and every rank returns rank 0's result; ``per_image`` is filled on rank 0."""
     was_training = model.training
     predictor = Predictor(model, config, device=device, batch_size=batch_size, bf16=bf16)
     labels = dataset.labels
@@ -228,9 +231,18 @@ def validate(
     bin_scores: list[list[tuple[float, float]]] = [[] for _ in labels]
 
     def score(maps: list[np.ndarray], gts: list[np.ndarray], bins: list[tuple[float, float]]):
+        alone = []
         for k in range(len(labels)):
             suites[k].step(maps[k], gts[k])
             bin_scores[k].append(bins[k])
+            if per_image is not None:
+                one = MetricSuite()
+                one.step(maps[k], gts[k])
+                alone.append({**one.results(), "iou": bins[k][0], "dice": bins[k][1]})
+        if per_image is not None:
+            per_image.append(
+                {m: float(np.mean([a[m] for a in alone])) for m in alone[0] if m != "count"}
+            )
 
     mine = list(range(rank, len(dataset), world))
     shard: list[tuple[int, list[np.ndarray], list[np.ndarray], list[tuple[float, float]]]] = []

@@ -371,9 +371,11 @@ def test_preannotations_decode_back_to_per_label_masks(project, kind):
             label = r["value"][tgt.result_type][0]
             k = LABELS.index(label)
             assert r["score"] == pytest.approx(prediction_score(prob[k], masks[label]))
-        assert item.score == pytest.approx(
-            np.mean([prediction_score(prob[k], masks[lab]) for k, lab in enumerate(LABELS)])
-        )
+        # the prediction's score: the default acquisition strategy's (confidence), ascending
+        # from the least confident: 2 x the mean of the labels' scores - 1
+        mean = np.mean([prediction_score(prob[k], masks[lab]) for k, lab in enumerate(LABELS)])
+        assert settings.acquisition == "confidence"
+        assert item.score == pytest.approx(2 * mean - 1)
         decoded = results_to_masks(item.result, tgt, *prob.shape[1:])
         for label in LABELS:
             got = decoded.get(label, np.zeros(prob.shape[1:], dtype=bool))

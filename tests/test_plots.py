@@ -97,3 +97,25 @@ def test_a_plot_that_cannot_be_drawn_never_fails_a_round(tmp_path, caplog):
     not_a_dir.write_text("x")
     settings = Settings(model_dir=not_a_dir)
     assert plots.write_versions_png(ModelRegistry(not_a_dir, None), settings) is None
+
+
+def test_training_png_draws_the_paired_interval_and_the_table_lists_it():
+    from contracts.versions import interval_text
+    from trainer.promotion import paired_bootstrap
+
+    cur = np.linspace(0.4, 0.6, 8)
+    decision = paired_bootstrap(cur + np.linspace(0.0, 0.2, 8), cur).to_json()
+    kwargs = {"metric": "miou", "parent": "sam2unet-test-v1", "promoted": True}
+    plain = decode(plots.training_png(HISTORY, CURRENT, CANDIDATE, **kwargs))
+    with_interval = decode(
+        plots.training_png(HISTORY, CURRENT, CANDIDATE, decision=decision, **kwargs)
+    )
+    assert (np.abs(with_interval - plain).sum(axis=-1) > 0).mean() > 0.001
+    # the error bar is black, in the held-out panel
+    right = slice(plain.shape[1] // 2, None)
+    assert (with_interval[:, right].sum(axis=-1) < 60).sum() > (
+        plain[:, right].sum(axis=-1) < 60
+    ).sum() + 20
+    text = interval_text(decision)
+    assert text == f"{decision['mean']:+.3f} [{decision['low']:+.3f},{decision['high']:+.3f}]"
+    assert interval_text(None) == "-"

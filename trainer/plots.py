@@ -69,10 +69,13 @@ def training_png(
     project: int | None = None,
     train_size: int = 0,
     val_size: int = 0,
+    decision: Mapping[str, Any] | None = None,
 ) -> bytes:
     """One round as a PNG: loss and learning rate per epoch (``history``: the
-    :class:`sam2unet.training.EpochRecord` dicts) and candidate vs current held-out metrics."""
-    from sam2unet.metrics import METRIC_NAMES
+    :class:`sam2unet.training.EpochRecord` dicts) and candidate vs current held-out metrics;
+    ``decision`` (:class:`trainer.promotion.PairedDecision` as JSON) adds the paired
+    interval of the difference, drawn on the candidate's bar of the deciding metric."""
+    from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
 
     fig = _figure(11.5, 4.6)
     ax_loss, ax_val = fig.subplots(1, 2, width_ratios=(1, 1.25))
@@ -113,6 +116,25 @@ def training_png(
     )
     for bars in (bars_cur, bars_cand):
         ax_val.bar_label(bars, fmt="%.2f", fontsize=7.5, padding=2)
+    interval = ""
+    d = decision or {}
+    if metric in keys and all(_finite(d.get(k)) for k in ("mean", "low", "high")):
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # the difference is "positive: better"
+        base = cur[keys.index(metric)]
+        lo, hi = sorted((base + sign * d["low"], base + sign * d["high"]))
+        ax_val.errorbar(
+            [keys.index(metric) + width / 2],
+            [(lo + hi) / 2],
+            yerr=[[(hi - lo) / 2], [(hi - lo) / 2]],
+            fmt="none",
+            ecolor="black",
+            capsize=5,
+            lw=1.5,
+        )
+        interval = (
+            f"\ndifference {d['mean']:+.3f}, {d.get('confidence', 0):.0%} bounds "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}], promote if lower >= {-(d.get('tolerance') or 0) + 0.0:+.3f}"
+        )
     ax_val.set_xticks(xs, [_metric_name(k) for k in keys], fontsize=9)
     if metric in keys:
         tick = ax_val.get_xticklabels()[keys.index(metric)]
@@ -122,8 +144,9 @@ def training_png(
     ax_val.set_ylabel(f"held-out score ({val_size} task(s))")
     verdict = "PROMOTED" if promoted else "REJECTED"
     ax_val.set_title(
-        f"Same held-out tasks: candidate {verdict} ({METRIC_NAMES.get(metric, metric)})",
+        f"Same held-out tasks: candidate {verdict} ({METRIC_NAMES.get(metric, metric)})" + interval,
         color=colour,
+        fontsize=10,
     )
     if keys:
         ax_val.legend(loc="upper right", fontsize=9)
@@ -149,6 +172,7 @@ def safe_training_png(report: Any, promoted: bool) -> bytes | None:
             project=report.project,
             train_size=report.train_size,
             val_size=report.val_size,
+            decision=getattr(report, "decision", None),
         )
     except Exception:  # a plot is a side product: it never fails a round
         log.exception("could not draw the round's training plot")

@@ -2,9 +2,12 @@
 decoder, evaluate candidate and current version on the same held-out corrections, and promote the
 candidate only if it is not worse.
 
-Promotion rule (``SAM2UNET_PROMOTE_METRIC``, ``SAM2UNET_PROMOTE_TOLERANCE``): the candidate is
-promoted when ``candidate[metric] >= current[metric] - tolerance`` (``<=`` and ``+`` for MAE,
-where lower is better), with both measured on the same held-out set. Every candidate is kept as
+Promotion rule (``SAM2UNET_PROMOTE_METRIC``, ``SAM2UNET_PROMOTE_TOLERANCE``,
+``SAM2UNET_PROMOTE_CONFIDENCE``): both are scored image by image on the same held-out set, and
+the candidate is promoted when a paired bootstrap of the per-image differences says it is not
+worse by more than the tolerance with that confidence (:mod:`trainer.promotion`). The held-out
+set has at least ``SAM2UNET_HOLDOUT_MIN`` tasks and each task keeps its side across rounds
+(``sides``: the previous rounds' assignment; the report returns the new one). Every candidate is kept as
 a version with its metrics, promoted or not; only the pointer flip makes it current, after the
 evaluation, so a crash at any point never leaves an unevaluated model current.
 """
@@ -12,7 +15,6 @@ evaluation, so a crash at any point never leaves an unevaluated model current.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +27,7 @@ import numpy as np
 from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
 from trainer.plots import TRAINING_PNG, safe_training_png
+from trainer.promotion import VAL, assign_sides, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -45,46 +48,21 @@ class RoundReport:
     val_size: int = 0
     seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    decision: dict[str, Any] = field(default_factory=dict)
+    sides: dict[int, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def holdout_split(
-    task_ids: Sequence[int], fraction: float, salt: str = "sam2unet"
+    task_ids: Sequence[int], fraction: float, minimum: int = 0, salt: str = "sam2unet"
 ) -> tuple[list[int], list[int]]:
-    """Stable train/held-out split by a hash of the task id: a task never moves between the two
-    sets as the project grows, so no held-out label is ever trained on. At least one task goes
-    each way when there are two or more."""
-    scored = sorted(
-        task_ids,
-        key=lambda t: hashlib.sha256(f"{salt}:{t}".encode()).hexdigest(),
-    )
-    val = [t for t in task_ids if _bucket(t, salt) < fraction]
-    if len(task_ids) >= 2:
-        if not val:
-            val = [scored[0]]
-        if len(val) == len(task_ids):
-            val = val[:-1]
-    train = [t for t in task_ids if t not in set(val)]
-    return train, val
-
-
-def _bucket(task: int, salt: str) -> float:
-    h = hashlib.sha256(f"{salt}:{task}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
-def is_not_worse(metric: str, candidate: float, current: float, tolerance: float) -> bool:
-    from sam2unet.metrics import LOWER_IS_BETTER
-
-    if np.isnan(candidate):
-        return False
-    if np.isnan(current):
-        return True
-    if metric in LOWER_IS_BETTER:
-        return candidate <= current + tolerance
-    return candidate >= current - tolerance
+    """(train, held-out) task ids of a first round (no previous sides): see
+    :func:`trainer.promotion.assign_sides`."""
+    sides = assign_sides(task_ids, fraction, minimum, None, salt)
+    val = [t for t in task_ids if sides[int(t)] == VAL]
+    return [t for t in task_ids if sides[int(t)] != VAL], val
 
 
 def run_round(
@@ -97,6 +75,7 @@ def run_round(
     reason: str = "",
     progress: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    sides: dict[int, str] | None = None,
 ) -> RoundReport:
     """Train a candidate from the current version on ``samples`` ((task id, H x W x 3 image,
     K x H x W mask) with channels in ``labels`` order) and promote it if it is not worse.
@@ -114,7 +93,9 @@ def run_round(
         report.reason = "no current version"
         return report
     ids = [int(t) for t, _, _ in samples]
-    train_ids, val_ids = holdout_split(ids, settings.train_holdout)
+    report.sides = assign_sides(ids, settings.train_holdout, settings.holdout_min, sides)
+    val_ids = [t for t in ids if report.sides[t] == VAL]
+    train_ids = [t for t in ids if report.sides[t] != VAL]
     report.train_size, report.val_size = len(train_ids), len(val_ids)
     if len(samples) < max(2, settings.train_min_samples) or not val_ids or not train_ids:
         report.reason = f"{len(samples)} annotated task(s): too few for a round"
@@ -176,8 +157,21 @@ def run_round(
     report.current_metrics = outcome.current_metrics
     report.history = outcome.history
     report.candidate_metrics = outcome.candidate_metrics
+    current_images, candidate_images = outcome.current_images, outcome.candidate_images
     cand, cur = report.candidate_metrics[metric], report.current_metrics[metric]
-    promote = is_not_worse(metric, cand, cur, settings.promote_tolerance)
+    from sam2unet.metrics import LOWER_IS_BETTER
+
+    decision = paired_bootstrap(
+        [m[metric] for m in candidate_images],
+        [m[metric] for m in current_images],
+        metric=metric,
+        confidence=settings.promote_confidence,
+        tolerance=settings.promote_tolerance,
+        lower_is_better=metric in LOWER_IS_BETTER,
+        seed=len(ids),
+    )
+    report.decision = decision.to_json()
+    promote = decision.promote
     png = safe_training_png(report, promote)
     info: VersionInfo = registry.create_version(
         model,
@@ -190,6 +184,7 @@ def run_round(
             "parent_val": report.current_metrics,
             "val_size": len(val_ids),
             "promoted": promote,
+            "decision": report.decision,
         },
         train_size=len(train_ids),
         note=reason or "",
@@ -203,7 +198,7 @@ def run_round(
         report.status = "promoted"
     else:
         report.status = "rejected"
-    report.reason = f"{metric}: candidate {cand:.4f}, current {cur:.4f}"
+    report.reason = f"{metric}: candidate {cand:.4f}, current {cur:.4f}; {decision.describe()}"
     report.seconds = time.monotonic() - t0
     log.info(
         "round for project %s: %s %s (%s) in %.1fs",
@@ -224,6 +219,8 @@ class _Outcome:
     current_metrics: dict[str, float]
     candidate_metrics: dict[str, float]
     history: list[dict[str, Any]]
+    current_images: list[dict[str, float]] = field(default_factory=list)
+    candidate_images: list[dict[str, float]] = field(default_factory=list)
     model: Any = None
     weights: dict[str, Any] | None = None
 
@@ -245,7 +242,10 @@ def _train_and_evaluate(
 
     if parallel:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": str(device)})
-    current_metrics = validate(current.model, current.config, val_data, device=device)
+    current_images: list[dict[str, float]] = []
+    current_metrics = validate(
+        current.model, current.config, val_data, device=device, per_image=current_images
+    )
     candidate = copy.deepcopy(current)
     result = train(
         candidate,
@@ -255,11 +255,15 @@ def _train_and_evaluate(
         progress=relay.progress,
         should_stop=relay.should_stop,
     )
-    candidate_metrics = validate(result.model, candidate.config, val_data, device=device)
+    candidate_images: list[dict[str, float]] = []
+    candidate_metrics = validate(
+        result.model, candidate.config, val_data, device=device, per_image=candidate_images
+    )
     history = [asdict(r) for r in result.history]
+    metrics = (current_metrics, candidate_metrics, history, current_images, candidate_images)
     if not parallel:
-        return _Outcome(current_metrics, candidate_metrics, history, model=result.model)
+        return _Outcome(*metrics, model=result.model)
     if not distributed.is_main():
         return None
     weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
-    return _Outcome(current_metrics, candidate_metrics, history, weights=weights)
+    return _Outcome(*metrics, weights=weights)

@@ -258,8 +258,9 @@ class TrainerService:
         self, project: int, reason: str, labels: list[str], samples: list[Any]
     ) -> RoundReport:
         self._status("training", project)
+        sides = self.cache.load_sides(project)
         try:
-            return run_round(
+            report = run_round(
                 self.registry,
                 self.settings,
                 samples,
@@ -268,10 +269,14 @@ class TrainerService:
                 reason=reason,
                 progress=self._progress,
                 should_stop=self.stop_event.is_set,
+                sides=sides,
             )
         except DistributedRunError as e:
             log.error("round for project %s failed, nothing promoted: %s", project, e)
             return RoundReport("failed", str(e), project, self.registry.current())
+        if report.sides:
+            self.cache.save_sides(project, {**sides, **report.sides})
+        return report
 
     @contextlib.contextmanager
     def round_lock(self) -> Iterator[None]:

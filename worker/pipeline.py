@@ -1,5 +1,8 @@
 """One predict job: fetch images, run the model in device batches, encode Label Studio results.
 
+A prediction's score is its acquisition score (:mod:`sam2unet.acquisition`; the job's strategy or
+``SAM2UNET_ACQUISITION``): sorting by prediction score ascending lists the tasks to label next.
+
 Per-task failures (unreachable or undecodable image) become an error on that task only.
 Results are cached per (image content hash, model version, target) in Redis.
 """
@@ -24,6 +27,7 @@ from contracts.heads import untrained_version
 from contracts.jobs import ItemResult, PredictPayload
 from labelstudio.codecs import brush_result, polygon_results, prediction_score
 from labelstudio.labelconfig import Target, target_from_json
+from sam2unet.acquisition import sort_score
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
 from worker.crop_prompts import apply_prompts
@@ -82,10 +86,13 @@ def encode_results(
     return results, float(np.mean(scores)) if scores else 0.0
 
 
-def _cache_key(digest: str, version: str, target: Target, threshold: float) -> str:
+def _cache_key(
+    digest: str, version: str, target: Target, threshold: float, strategy: str = ""
+) -> str:
     sig = hashlib.sha1(
         json.dumps(
             [target.from_name, target.to_name, target.kind, list(target.labels), threshold]
+            + ([strategy] if strategy else [])
         ).encode()
     ).hexdigest()[:16]
     return f"{CACHE_PREFIX}{version}:{digest}:{sig}"
@@ -123,6 +130,8 @@ def run_predict(
     channels = label_channels(runtime.labels, target)
     if payload.context is not None:  # a prompted result depends on the prompts: not cached
         cache_ttl = 0
+    settings = getattr(runtime, "settings", None)
+    strategy = payload.acquisition or getattr(settings, "acquisition", "confidence")
     results = {
         it.index: ItemResult(it.index, it.task_id, model_version=version) for it in payload.items
     }
@@ -155,7 +164,7 @@ def run_predict(
             for index, fut in futures.items():
                 take(index, fut.result)
 
-    keys = {i: _cache_key(d, version, target, threshold) for i, (_, d) in fetched.items()}
+    keys = {i: _cache_key(d, version, target, threshold, strategy) for i, (_, d) in fetched.items()}
     if redis_client is not None and cache_ttl > 0 and keys:
         order = list(keys)
         for i, raw in zip(order, redis_client.mget([keys[i] for i in order]), strict=True):
@@ -181,8 +190,15 @@ def run_predict(
 
     if images:
         t0 = time.perf_counter()
+        uncertainty: dict[int, float] = {}
         if payload.context is None:
-            probs = runtime.predict(images)
+            acquired = runtime.acquire(
+                images,
+                strategy,
+                [f"{payload.project}:{version}:{results[i].task_id}" for i in order],
+            )
+            probs = [a.prob for a in acquired]
+            uncertainty = {i: a.uncertainty for i, a in zip(order, acquired, strict=True)}
         else:  # interactive call: prompts applied around the model
             probs = []
             for i, rgb in zip(order, images, strict=True):
@@ -206,6 +222,8 @@ def run_predict(
             if prob is None:
                 continue
             res, score = encode_results(prob, target, channels, threshold)
+            if i in uncertainty:
+                score = sort_score(uncertainty[i])
             results[i].result, results[i].score = res, score
             to_cache[keys[i]] = json.dumps({"result": res, "score": score})
         times.encode += time.perf_counter() - t0

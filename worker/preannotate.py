@@ -51,6 +51,7 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     project = st["project"]
     page_size = int(conn.hget(runs.RUN_PREFIX + run_id, "page_size") or 100)
     unlabeled_only = (conn.hget(runs.RUN_PREFIX + run_id, "unlabeled_only") or b"1") == b"1"
+    acquisition = (conn.hget(runs.RUN_PREFIX + run_id, "acquisition") or b"").decode() or None
     try:
         version = ctx.runtime.ensure_current()
         if not ctx.runtime.decoder_trained and ctx.runtime.info is not None:
@@ -106,6 +107,7 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         model_version=version,
         write_back=True,
         run_id=run_id,
+        acquisition=acquisition,
     )
     runs.record(conn, run_id, queued=len(todo), skipped=skipped)
     if last:

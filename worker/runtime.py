@@ -114,6 +114,17 @@ class ModelRuntime:
             self.ensure_current()
         return self.predictor.predict(images)
 
+    def acquire(self, images: list[np.ndarray], strategy: str, keys: list[str]) -> list[Any]:
+        """Per image, the prediction and its acquisition uncertainty
+        (:func:`sam2unet.acquisition.acquire`)."""
+        from sam2unet.acquisition import acquire
+
+        if self.predictor is None:
+            self.ensure_current()
+        return acquire(
+            self.predictor, images, strategy, threshold=self.settings.threshold, keys=keys
+        )
+
 
 @dataclass
 class WorkerContext:
