@@ -25,7 +25,7 @@ from common.jobs import ItemResult, PredictPayload, target_from_json
 from common.labelconfig import Target
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
-from worker.prompts import apply_prompts
+from worker.prompts import apply_prompts, parse_context
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,43 @@ def _cache_key(digest: str, version: str, target: Target, threshold: float) -> s
         ).encode()
     ).hexdigest()[:16]
     return f"{CACHE_PREFIX}{version}:{digest}:{sig}"
+
+
+def answer_with_sam2(
+    runtime: Any,
+    rgb: np.ndarray,
+    digest: str,
+    url: str,
+    payload: PredictPayload,
+    target: Target,
+    channels: list[tuple[int, str]],
+    redis_client: redis.Redis | None,
+    times: StageTimes,
+    threshold: float = 0.5,
+) -> tuple[list[dict[str, Any]], float]:
+    """One image's interactive call answered by SAM2's promptable head: features from the
+    worker's embedding cache or the trunk, then the prompt encoder and mask decoder."""
+    from worker.sam2_prompts import answer_prompts
+
+    height, width = rgb.shape[:2]
+    prompts = parse_context(payload.context, height, width, target.to_name)
+    if not prompts:  # nothing to click on: the automatic model's answer
+        prob = runtime.predict([rgb])[0]
+        return encode_results(prob, target, channels, threshold)
+    t0 = time.perf_counter()
+    features, hit = runtime.image_features(rgb, digest)
+    times.extra["embed"] = times.extra.get("embed", 0.0) + time.perf_counter() - t0
+    times.extra["embedding_hits"] = times.extra.get("embedding_hits", 0) + int(hit)
+    if redis_client is not None and runtime.worker_name:
+        from common.routing import remember_route
+
+        try:
+            remember_route(redis_client, payload.ls_base, url, runtime.worker_name)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not record the route of an image's prompts: %s", e)
+    result, score, info = answer_prompts(runtime.promptable, features, prompts, target, channels)
+    log.info("prompts (%s features): %s", "cached" if hit else "new", info)
+    return result, score
 
 
 def run_predict(
@@ -165,14 +202,31 @@ def run_predict(
             results[i].error = str(e)
     times.decode += time.perf_counter() - t0
 
+    answered: dict[int, tuple[list[dict[str, Any]], float]] = {}
     if images:
         t0 = time.perf_counter()
         if payload.context is None:
             probs = runtime.predict(images)
-        else:  # interactive call: prompts applied around the model
+        else:  # interactive call: SAM2's head, or prompts applied around the model
             probs = []
             for i, rgb in zip(order, images, strict=True):
                 try:
+                    if runtime.prompt_head == "sam2":
+                        item = next(it for it in payload.items if it.index == i)
+                        answered[i] = answer_with_sam2(
+                            runtime,
+                            rgb,
+                            fetched[i][1],
+                            item.url,
+                            payload,
+                            target,
+                            channels,
+                            redis_client,
+                            times,
+                            threshold,
+                        )
+                        probs.append(None)
+                        continue
                     prob, info = apply_prompts(
                         rgb,
                         payload.context,
@@ -189,6 +243,9 @@ def run_predict(
         t0 = time.perf_counter()
         to_cache = {}
         for i, prob in zip(order, probs, strict=True):
+            if i in answered:
+                results[i].result, results[i].score = answered[i]
+                continue
             if prob is None:
                 continue
             res, score = encode_results(prob, target, channels, threshold)
