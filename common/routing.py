@@ -86,8 +86,8 @@ def rescue_routed(connection: Any, grace: float = ROUTE_GRACE) -> list[str]:
             continue
         worker = queue.name[len(WORKER_QUEUE_PREFIX) :]
         alive = _worker_alive(connection, worker)
-        if not alive:  # jobs it started and never finished go back to its queue, then here
-            StartedJobRegistry(queue.name, connection=connection).cleanup()
+        # jobs whose lease ran out (their worker died) go back to its queue, then on from here
+        StartedJobRegistry(queue.name, connection=connection).cleanup()
         for job in queue.get_jobs():
             if job is None:
                 continue

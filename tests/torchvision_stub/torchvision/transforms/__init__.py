@@ -8,7 +8,6 @@
 Resize and Normalize are TorchScript-compatible modules, as ``SAM2Transforms`` scripts them.
 """
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
