@@ -40,10 +40,13 @@ RUN pip install hydra-core iopath tqdm
 WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY sam2unet ./sam2unet
-COPY common ./common
+COPY contracts ./contracts
+COPY labelstudio ./labelstudio
 COPY backend ./backend
 COPY worker ./worker
 COPY trainer ./trainer
+COPY launcher ./launcher
+COPY cli ./cli
 RUN pip install . "rq-dashboard==${RQ_DASHBOARD_VERSION}" six
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ COPY --from=builder /opt/venv /opt/venv
 # Fails the build when the environment is not what the services expect.
 RUN --mount=type=bind,source=docker/verify_image.py,target=/tmp/verify_image.py \
     python /tmp/verify_image.py --torch "${TORCH_VERSION}" --cuda \
-    --modules sam2 sam2unet common.cli backend.app worker.process rq_dashboard
+    --modules sam2 sam2unet cli backend.app worker.process rq_dashboard
 
 # Named volumes mounted here start with this directory's owner (the unprivileged user).
 VOLUME ["/models"]

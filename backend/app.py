@@ -14,18 +14,12 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
-from common.exceptions import AssistError
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.connections import redis_client
+from contracts.errors import AssistError
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A Redis client that fails fast when the server is down (no hang)."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=2.0, socket_timeout=10.0, health_check_interval=15
-    )
 
 
 def create_app(settings: Settings | None = None, connection: redis.Redis | None = None) -> Flask:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 
-from common.exceptions import Unauthorized
+from contracts.errors import Unauthorized
 
 
 def check_basic_auth(header: str | None, user: str, password: str) -> None:

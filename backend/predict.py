@@ -20,7 +20,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.schemas import PredictRequest
-from common.jobs import (
+from contracts.jobs import (
     QUEUE_BATCH,
     QUEUE_INTERACTIVE,
     ItemResult,
@@ -33,10 +33,10 @@ from common.jobs import (
     requeue_lost,
     target_to_json,
 )
-from common.labelconfig import Target
-from common.registry import ModelRegistry
-from common.routing import rescue_routed, routed_queue
-from common.settings import Settings
+from contracts.registry import ModelRegistry
+from contracts.routing import rescue_routed, routed_queue
+from contracts.settings import Settings
+from labelstudio.labelconfig import Target
 
 log = logging.getLogger(__name__)
 

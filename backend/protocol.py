@@ -9,13 +9,13 @@ from flask import Blueprint, current_app, jsonify, request
 
 from backend.auth import check_basic_auth
 from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
-from backend.metrics import record_answer
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
-from common.bootstrap import UNTRAINED_SOURCE
-from common.exceptions import BadRequest, NotFound
-from common.jobs import QUEUES
-from common.labelconfig import parse_label_config
+from contracts.bootstrap import UNTRAINED_SOURCE
+from contracts.errors import BadRequest, NotFound
+from contracts.jobs import QUEUES
+from contracts.metrics import record_answer
+from labelstudio.labelconfig import parse_label_config
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def train():
 def versions():
     """Label Studio reads ``versions``; ``details`` has each version's metrics, base
     checkpoint, training data size and correction rate."""
-    from trainer.versions import versions_json
+    from contracts.versions import versions_json
 
     _require_auth()
     ext = _ext()
@@ -179,7 +179,7 @@ def versions():
 @bp.post("/preannotate")
 def preannotate_start():
     """Start pre-annotating a whole project (``{"project": ID}``); answers the run's status."""
-    from common import preannotate as runs
+    from contracts import preannotate as runs
 
     _require_auth()
     body = _json_body()
@@ -203,7 +203,7 @@ def preannotate_start():
 
 @bp.get("/preannotate")
 def preannotate_list():
-    from common import preannotate as runs
+    from contracts import preannotate as runs
 
     _require_auth()
     return jsonify({"runs": runs.list_runs(_ext()["redis"])})
@@ -211,7 +211,7 @@ def preannotate_list():
 
 @bp.get("/preannotate/<run_id>")
 def preannotate_status(run_id: str):
-    from common import preannotate as runs
+    from contracts import preannotate as runs
 
     _require_auth()
     return jsonify(runs.status(_ext()["redis"], run_id))
@@ -219,7 +219,7 @@ def preannotate_status(run_id: str):
 
 @bp.post("/preannotate/<run_id>/cancel")
 def preannotate_cancel(run_id: str):
-    from common import preannotate as runs
+    from contracts import preannotate as runs
 
     _require_auth()
     return jsonify(runs.cancel(_ext()["redis"], run_id))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.exceptions import BadRequest
+from contracts.errors import BadRequest
 
 
 def _obj(body: Any, what: str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from common.settings import Settings
+from contracts.settings import Settings
 
 
 class _GunicornApp(BaseApplication):

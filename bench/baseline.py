@@ -75,7 +75,7 @@ def run_baseline(
     warmup_paths: list[Path],
 ) -> dict[str, Any]:
     """Images/s of both loops on ``paths`` (after one untimed pass over ``warmup_paths``)."""
-    from sam2unet.build import random_model
+    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.predictor import Predictor
 

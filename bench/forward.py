@@ -17,7 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.measure import repeat_timed, sync
-from sam2unet.build import random_model
+from sam2unet.checkpoints import random_model
 from sam2unet.config import ModelConfig
 
 log = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ class SectionRunner:
     def _raw_now(self, size: str, batch: int, dtype: str, images: int) -> float:
         """Raw forward images/s of a model size and batch, measured now in this process over
         at least as many images as ``images``."""
-        from sam2unet.build import random_model
+        from sam2unet.checkpoints import random_model
         from sam2unet.config import ModelConfig
 
         o = self.opts
@@ -98,7 +98,7 @@ class SectionRunner:
             prepare_model_dir,
             worker_env,
         )
-        from common.redis_server import EmbeddedRedis
+        from launcher.redis_server import EmbeddedRedis
         from sam2unet.transforms import decode_image
 
         o = self.opts
@@ -166,7 +166,7 @@ class SectionRunner:
 
     def _client(self, kind: str) -> tuple[Any, redis.Redis]:
         from backend.app import create_app
-        from common.settings import Settings
+        from contracts.settings import Settings
 
         env = self._ctx["envs"][kind]
         conn = redis.Redis.from_url(env["REDIS_URL"])

@@ -190,7 +190,7 @@ def raw_forward_in_worker(
     from rq import Queue
     from rq.job import JobStatus
 
-    from common.jobs import QUEUE_INTERACTIVE
+    from contracts.jobs import QUEUE_INTERACTIVE
 
     job = Queue(QUEUE_INTERACTIVE, connection=conn).enqueue(
         RAW_FORWARD_FUNC, batch, repeats, warmup, job_timeout=int(timeout), result_ttl=600

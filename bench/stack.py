@@ -85,9 +85,9 @@ def prepare_model_dir(
     first version promoted). With ``calibrate_on`` images, a second version is promoted whose
     output bias puts the median probability on those images at 0.5, so that masks are not
     empty and the encoding stage does real work (an untrained head predicts nothing)."""
-    from common.bootstrap import ensure_current_version
-    from common.registry import ModelRegistry
-    from common.settings import Settings
+    from contracts.bootstrap import ensure_current_version
+    from contracts.registry import ModelRegistry
+    from contracts.settings import Settings
     from sam2unet.predictor import Predictor
 
     settings = Settings(model_size=size, image_size=image_size, model_dir=model_dir)
@@ -149,7 +149,7 @@ def worker_env(
     return env
 
 
-PRODUCTION_WORKER = ("common.cli", "worker")
+PRODUCTION_WORKER = ("cli", "worker")
 
 
 class BenchWorker:

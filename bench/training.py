@@ -76,7 +76,7 @@ def run(
     bf16: bool,
 ) -> dict[str, Any]:
     """Both measurements in this process; returns the section's numbers."""
-    from sam2unet.build import BaseRef, LoadedModel, random_model
+    from sam2unet.checkpoints import BaseRef, LoadedModel, random_model
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.predictor import pick_device

@@ -191,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rq-echo", action="store_true", help="bare rq SimpleWorker")
     args = parser.parse_args(argv)
 
-    from backend.app import redis_client
-    from common.settings import Settings
+    from contracts.connections import redis_client
+    from contracts.settings import Settings
 
     settings = Settings.from_env()
     logging.basicConfig(

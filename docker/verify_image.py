@@ -36,7 +36,7 @@ def problems(torch_version: str, cuda: bool, modules: Sequence[str]) -> list[str
         except ImportError as e:
             found.append(f"{name} does not import: {e}")
     try:
-        from common.cli import build_parser
+        from cli import build_parser
 
         build_parser()
     except ImportError as e:

@@ -1,9 +1,12 @@
-"""Model configuration: a frozen dataclass saved inside every checkpoint."""
+"""Model sizes and configuration: the Hiera settings per size, the official SAM2 checkpoints per
+size, and the frozen dataclass saved inside every checkpoint."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from sam2unet.exceptions import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,28 @@ class HieraSpec:
         return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
 
 
+HIERA_SPECS: dict[str, HieraSpec] = {
+    # A very small trunk for tests and CPU demos: same architecture, few narrow blocks.
+    "test": HieraSpec(16, 1, (1, 1, 2, 1), (3,), (7, 7), (8, 4, 4, 2)),
+    "tiny": HieraSpec(96, 1, (1, 2, 7, 2), (5, 7, 9), (7, 7)),
+    "small": HieraSpec(96, 1, (1, 2, 11, 2), (7, 10, 13), (7, 7)),
+    "base_plus": HieraSpec(112, 2, (2, 3, 16, 3), (12, 16, 20), (14, 14)),
+    "large": HieraSpec(144, 2, (2, 6, 36, 4), (23, 33, 43), (7, 7), (8, 4, 16, 8)),
+}
+
+# Official checkpoints (Meta's SAM2 and SAM2.1 releases) per size.
+OFFICIAL_CHECKPOINTS: dict[str, dict[str, str]] = {
+    "sam2.1": {
+        s: f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{s}.pt"
+        for s in ("tiny", "small", "base_plus", "large")
+    },
+    "sam2": {
+        s: f"https://dl.fbaipublicfiles.com/segment_anything_2/072824/sam2_hiera_{s}.pt"
+        for s in ("tiny", "small", "base_plus", "large")
+    },
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a SAM2-UNet model (besides the base trunk weights).
@@ -45,8 +70,6 @@ class ModelConfig:
     hiera: HieraSpec | None = field(default=None)
 
     def __post_init__(self) -> None:
-        from sam2unet.exceptions import ConfigError
-
         if self.image_size <= 0 or self.image_size % 32:
             raise ConfigError(
                 f"image_size must be a positive multiple of 32 (Hiera's total stride), got {self.image_size}"
@@ -58,8 +81,6 @@ class ModelConfig:
         if self.rfb_channels is None:
             object.__setattr__(self, "rfb_channels", 16 if self.size == "test" else 64)
         if self.hiera is None:
-            from sam2unet.build import HIERA_SPECS
-
             if self.size not in HIERA_SPECS:
                 raise ConfigError(
                     f"unknown model size {self.size!r}; known sizes: {', '.join(HIERA_SPECS)}"
@@ -79,8 +100,6 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            from sam2unet.exceptions import ConfigError
-
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         d = dict(d)
         if d.get("hiera") is not None:

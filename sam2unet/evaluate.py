@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sam2unet.build import LoadedModel
+from sam2unet.checkpoints import LoadedModel
 from sam2unet.data import FolderSource, pair_by_stem, read_mask
 from sam2unet.exceptions import ConfigError, DatasetError
 from sam2unet.metrics import MetricSuite

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam2unet.build import HIERA_SPECS, _torch_load, detect_format, load_strict
+from sam2unet.build import load_strict
+from sam2unet.checkpoints import _torch_load, detect_format
+from sam2unet.config import HIERA_SPECS
 from sam2unet.exceptions import CheckpointError, ImageError
 from sam2unet.modeling.encoder import adapters_bypassed
 from sam2unet.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb_array

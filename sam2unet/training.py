@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sam2unet.build import LoadedModel, build_from_sam2, load_any, random_model, save_delta
+from sam2unet.checkpoints import LoadedModel, build_from_sam2, load_any, random_model, save_delta
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
 from sam2unet.exceptions import ConfigError
@@ -174,7 +174,7 @@ def initial_model(
 ) -> LoadedModel:
     """The model a run starts from.
 
-    ``init`` (any checkpoint format, see :func:`sam2unet.build.load_any`) takes precedence;
+    ``init`` (any checkpoint format, see :func:`sam2unet.checkpoints.load_any`) takes precedence;
     otherwise fresh adapters and decoder on the trunk of the official SAM2 checkpoint ``sam2``;
     otherwise a random trunk (useful for tests only). ``config`` gives the image size and
     labels (and the size when no checkpoint is given); a delta keeps its own labels.

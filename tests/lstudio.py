@@ -13,7 +13,7 @@ The organization is left as Label Studio 1.23 creates it by default: legacy toke
 personal access tokens on. ``enable_legacy_tokens()`` turns legacy tokens on.
 
 The helpers talk to the API with their own small token handling, independent of
-``common.lsclient``, so that the client can be tested against them.
+``labelstudio.client``, so that the client can be tested against them.
 """
 
 from __future__ import annotations

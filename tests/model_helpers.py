@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam2unet.build import build_sam2unet, trunk_state_of, write_sam2_checkpoint
+from sam2unet.build import build_sam2unet
+from sam2unet.checkpoints import trunk_state_of, write_sam2_checkpoint
 from sam2unet.config import ModelConfig
 from sam2unet.modeling.sam2unet import SAM2UNet
 

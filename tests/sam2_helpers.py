@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sam2unet.build import HIERA_SPECS
+from sam2unet.config import HIERA_SPECS
 from sam2unet.promptable import config_name, head_image_size
 
 STUB = Path(__file__).parent / "torchvision_stub"

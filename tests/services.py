@@ -154,7 +154,7 @@ class ServiceProcess:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from common.codecs import (
+from contracts.errors import AnnotationFormatError, LabelConfigError
+from labelstudio.codecs import (
     brush_result,
     mask_to_polygons,
     mask_to_rle,
@@ -23,8 +24,7 @@ from common.codecs import (
     results_to_masks,
     rle_to_mask,
 )
-from common.exceptions import AnnotationFormatError, LabelConfigError
-from common.labelconfig import Target, parse_label_config
+from labelstudio.labelconfig import Target, parse_label_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 

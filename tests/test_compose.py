@@ -26,9 +26,9 @@ import pytest
 import redis
 import yaml
 
-from common.cli import build_parser
-from common.redis_server import free_port, redis_server_binary
-from common.settings import _ENV_NAMES, Settings
+from cli import build_parser
+from contracts.settings import _ENV_NAMES, Settings
+from launcher.redis_server import free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -265,7 +265,7 @@ def test_app_environment_is_valid_settings(services: dict[str, Any], env: dict[s
     for name in APP_SERVICES:
         e = service_env(services[name])
         unknown = set(e) - known
-        assert not unknown, f"{name}: {unknown} are not settings (common/settings.py)"
+        assert not unknown, f"{name}: {unknown} are not settings (contracts/settings.py)"
         s = Settings.from_env(e)
         assert s.model_dir == Path("/models")
         assert s.label_studio_api_key == env["LABEL_STUDIO_API_KEY"]
@@ -435,7 +435,7 @@ def test_backend_service_healthcheck(
     argv[argv.index("--port") + 1] = str(port)
     log = open(tmp_path / "backend.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", *argv],
+        [sys.executable, "-m", "cli", *argv],
         cwd=ROOT,
         env=run_env,
         stdout=log,
@@ -624,7 +624,7 @@ def test_verify_image_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     vi = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vi)
     version = torch.__version__.split("+")[0]
-    modules = ["sam2", "sam2unet", "common.cli", "backend.app", "worker.process"]
+    modules = ["sam2", "sam2unet", "cli", "backend.app", "worker.process"]
     assert vi.problems(version, False, modules) == []
     assert any("expected 0.0.1" in p for p in vi.problems("0.0.1", False, []))
     assert any("no_such_module" in p for p in vi.problems(version, False, ["no_such_module"]))

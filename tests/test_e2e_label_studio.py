@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import requests
 
-from common.codecs import brush_result
-from common.labelconfig import parse_label_config
-from common.redis_server import free_port
+from labelstudio.codecs import brush_result
+from labelstudio.labelconfig import parse_label_config
+from launcher.redis_server import free_port
 from tests.lstudio import running_label_studio
 from tests.services import ServiceProcess, png_bytes, service_env
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.exceptions import ImageFetchError
-from common.fetch import FetchPolicy, ImageFetcher, address_kind
-from common.lsclient import LabelStudioClient, redact_url
+from contracts.errors import ImageFetchError
+from labelstudio.client import LabelStudioClient, redact_url
+from labelstudio.fetch import FetchPolicy, ImageFetcher, address_kind
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 

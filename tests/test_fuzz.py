@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from backend.app import create_app
-from common.settings import Settings
+from contracts.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ BRUSH = (
 @pytest.fixture(scope="module")
 def fuzz_model_dir(tmp_path_factory):
     """A registry with one test-size version (random trunk): /versions has details to show."""
-    from common.bootstrap import ensure_current_version
-    from common.registry import ModelRegistry
+    from contracts.bootstrap import ensure_current_version
+    from contracts.registry import ModelRegistry
 
     d = tmp_path_factory.mktemp("fuzz-models")
     ensure_current_version(ModelRegistry(d, None), Settings(model_size="test", image_size=64))

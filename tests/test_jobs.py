@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.exceptions import BadRequest
-from common.jobs import (
+from contracts.errors import BadRequest
+from contracts.jobs import (
     ItemResult,
     PredictItem,
     PredictPayload,

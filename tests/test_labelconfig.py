@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.exceptions import BadRequest, LabelConfigError
-from common.labelconfig import Target, parse_label_config
+from contracts.errors import BadRequest, LabelConfigError
+from labelstudio.labelconfig import Target, parse_label_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 

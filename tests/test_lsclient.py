@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.exceptions import ImageFetchError, LabelStudioError
-from common.fetch import FetchPolicy, ImageFetcher
-from common.lsclient import LabelStudioClient, jwt_claims
+from contracts.errors import ImageFetchError, LabelStudioError
+from labelstudio.client import LabelStudioClient, jwt_claims
+from labelstudio.fetch import FetchPolicy, ImageFetcher
 from tests.lstudio import LabelStudio, free_port, running_label_studio
 
 LABEL_CONFIG = """<View>

@@ -15,12 +15,13 @@ import redis
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend import metrics
 from backend.app import create_app
-from common import preannotate as runs
-from common.jobs import QUEUE_BACKGROUND, QUEUE_BATCH
-from common.redis_server import EmbeddedRedis, free_port
-from common.settings import Settings
+from backend.metrics import RedisCollector
+from contracts import metrics
+from contracts import preannotate as runs
+from contracts.jobs import QUEUE_BACKGROUND, QUEUE_BATCH
+from contracts.settings import Settings
+from launcher.redis_server import EmbeddedRedis, free_port
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 
@@ -89,7 +90,7 @@ def test_histogram_observations_become_cumulative_buckets(own_redis):
         h.observe(pipe, 2.0, "b")
         pipe.execute()
     fields = {k.decode(): v.decode() for k, v in conn.hgetall(h.key).items()}
-    fam = metrics.RedisCollector._histogram(h, fields, HistogramMetricFamily)
+    fam = RedisCollector._histogram(h, fields, HistogramMetricFamily)
     got = {(s.name, s.labels.get("kind"), s.labels.get("le")): s.value for s in fam.samples}
     assert got[("sam2unet_test_seconds_bucket", "a", "0.1")] == 3  # -1 (clamped to 0), .05, .1
     assert got[("sam2unet_test_seconds_bucket", "a", "1.0")] == 4

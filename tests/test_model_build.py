@@ -7,8 +7,8 @@ import pytest
 import torch
 from model_helpers import cpu_config, seeded_model
 
-from sam2unet.build import HIERA_SPECS, SIZES, build_trunk, count_parameters
-from sam2unet.config import ModelConfig
+from sam2unet.build import SIZES, build_trunk, count_parameters
+from sam2unet.config import HIERA_SPECS, ModelConfig
 from sam2unet.exceptions import ConfigError, ImageError
 from sam2unet.modeling.sam2unet import is_frozen_key
 

@@ -14,7 +14,7 @@ from model_helpers import (
     write_official_checkpoint,
 )
 
-from sam2unet.build import (
+from sam2unet.checkpoints import (
     BaseRef,
     build_from_sam2,
     detect_format,

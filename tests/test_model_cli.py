@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from model_helpers import cpu_config, seeded_model, torch_threads, write_official_checkpoint
 
-from common.cli import main
-from sam2unet.build import read_delta
+from cli import main
+from sam2unet.checkpoints import read_delta
 from sam2unet.data import FolderSource, train_val_datasets
 from sam2unet.training import TrainConfig, initial_model, train
 

@@ -10,7 +10,7 @@ import pytest
 from model_helpers import cpu_config, seeded_model
 from PIL import Image
 
-from sam2unet.build import LoadedModel
+from sam2unet.checkpoints import LoadedModel
 from sam2unet.evaluate import evaluate_dirs, evaluate_model, label_channel
 from sam2unet.exceptions import ConfigError, DatasetError
 from sam2unet.metrics import METRIC_NAMES, MetricSuite, dice, format_table, iou

@@ -11,7 +11,7 @@ import pytest
 import torch
 from model_helpers import cpu_config, torch_threads, write_official_checkpoint
 
-from sam2unet.build import load_delta, random_model, read_delta, save_delta
+from sam2unet.checkpoints import load_delta, random_model, read_delta, save_delta
 from sam2unet.data import ArraySource, SegmentationDataset, train_val_datasets
 from sam2unet.exceptions import ConfigError
 from sam2unet.modeling.sam2unet import is_frozen_key

@@ -18,18 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-from common.bootstrap import ensure_current_version
-from common.codecs import brush_result, polygon_results, prediction_score, results_to_masks
-from common.jobs import PredictItem, PredictPayload, target_to_json
-from common.labelconfig import Target, parse_label_config
-from common.registry import ModelRegistry
-from common.settings import Settings
-from sam2unet.build import read_delta, relabel
+from contracts.bootstrap import ensure_current_version
+from contracts.jobs import PredictItem, PredictPayload, target_to_json
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
+from contracts.versions import version_table, versions_json
+from labelstudio.codecs import brush_result, polygon_results, prediction_score, results_to_masks
+from labelstudio.labelconfig import Target, parse_label_config
+from sam2unet.checkpoints import read_delta, relabel
 from sam2unet.modeling.loss import BCEMode, structure_loss
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import generate
 from trainer.round import run_round
-from trainer.versions import version_table, versions_json
 from worker.pipeline import label_channels, run_predict
 from worker.runtime import ModelRuntime
 

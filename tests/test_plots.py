@@ -10,13 +10,13 @@ import logging
 import numpy as np
 from PIL import Image
 
-from common.bootstrap import ensure_current_version
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.bootstrap import ensure_current_version
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
+from contracts.versions import versions_json
 from sam2unet.synthetic import generate
 from trainer import plots
 from trainer.round import run_round
-from trainer.versions import versions_json
 
 HISTORY = [
     {"epoch": e, "loss": 1.0 / e, "lr": 1e-3 * (1 - e / 6), "seconds": 1.0} for e in range(1, 6)

@@ -18,12 +18,12 @@ import pytest
 import redis
 import torch
 
-from common.bootstrap import ensure_current_version
-from common.codecs import rle_to_mask
-from common.jobs import PredictItem, PredictPayload, target_to_json
-from common.labelconfig import parse_label_config
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.bootstrap import ensure_current_version
+from labelstudio.codecs import rle_to_mask
+from contracts.jobs import PredictItem, PredictPayload, target_to_json
+from labelstudio.labelconfig import parse_label_config
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 from sam2unet.promptable import PromptObject, preprocess_image
 from tests.sam2_helpers import reference_predictor, write_official
 from tests.services import png_bytes
@@ -345,7 +345,7 @@ def test_cache_bound_unit():
 def test_cache_key_includes_the_base_checkpoint(official, tmp_path):
     """A version on another base checkpoint embeds the image again (and answers as that
     base's SAM2 does)."""
-    from sam2unet.build import build_from_sam2
+    from sam2unet.checkpoints import build_from_sam2
 
     model_dir, _ = official("test")
     rt = make_runtime(model_dir, "test")
@@ -376,7 +376,7 @@ def test_prompts_go_to_the_worker_holding_the_features(redis_server, official, t
     """Two real workers: every later prompt on an image runs on the worker that embedded it,
     from its cache; once that worker is killed, the prompt still completes on the other."""
     from backend.app import create_app
-    from common.routing import route_key, worker_queue
+    from contracts.routing import route_key, worker_queue
     from tests.services import LabelStudioLikeFiles, service_env, workers
 
     model_dir, _ = official("test")
@@ -453,8 +453,8 @@ def test_routing_falls_back_when_the_worker_is_unregistered(redis_conn):
     from rq import Queue
     from rq.job import Job
 
-    from common.jobs import QUEUE_INTERACTIVE
-    from common.routing import remember_route, rescue_routed, routed_queue, worker_queue
+    from contracts.jobs import QUEUE_INTERACTIVE
+    from contracts.routing import remember_route, rescue_routed, routed_queue, worker_queue
 
     remember_route(redis_conn, None, "http://x/a.png", "gone-worker")
     assert routed_queue(redis_conn, None, "http://x/a.png") is None

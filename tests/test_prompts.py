@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.exceptions import BadRequest
-from worker.prompts import apply_prompts, parse_context
+from contracts.errors import BadRequest
+from worker.crop_prompts import apply_prompts
+from worker.prompts import parse_context
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 BG = (40, 40, 40)
@@ -439,7 +440,7 @@ def test_malformed_context_is_a_bad_request(context, message):
 
 @pytest.fixture(scope="module")
 def predictor():
-    from sam2unet.build import random_model
+    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.predictor import Predictor
 
@@ -485,10 +486,10 @@ def test_real_model_interactive_latency_512(predictor):
 
 
 def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(tmp_path, redis_conn):
-    from common.jobs import PredictItem, PredictPayload, target_to_json
-    from common.labelconfig import parse_label_config
-    from common.registry import ModelRegistry
-    from common.settings import Settings
+    from contracts.jobs import PredictItem, PredictPayload, target_to_json
+    from contracts.registry import ModelRegistry
+    from contracts.settings import Settings
+    from labelstudio.labelconfig import parse_label_config
     from worker.pipeline import run_predict
     from worker.runtime import ModelRuntime
 
@@ -516,7 +517,7 @@ def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(tmp_path, redis
         )
         return res
 
-    from common.codecs import rle_to_mask
+    from labelstudio.codecs import rle_to_mask
 
     plain = run(None)  # fills the cache for this image
     assert plain.error is None and not plain.cached

@@ -19,8 +19,8 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.events import EVENTS_STREAM
-from common.redis_server import free_port
-from common.settings import Settings
+from contracts.settings import Settings
+from launcher.redis_server import free_port
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_fetch import Server, body, bomb_png, redirect
 from tests.test_serving import fixture, red_circle

@@ -16,12 +16,13 @@ import pytest
 import redis
 from rq.registry import StartedJobRegistry
 
-from backend.app import create_app, redis_client
+from backend.app import create_app
 from backend.events import EVENTS_STREAM
-from common.jobs import QUEUE_BATCH
-from common.redis_server import EmbeddedRedis
-from common.registry import POINTER_KEY, ModelRegistry
-from common.settings import Settings
+from contracts.connections import redis_client
+from contracts.jobs import QUEUE_BATCH
+from contracts.registry import POINTER_KEY, ModelRegistry
+from contracts.settings import Settings
+from launcher.redis_server import EmbeddedRedis
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 
@@ -213,7 +214,7 @@ def test_retries_with_an_interval_run_without_a_scheduler_process(stack):
     from rq import Queue, Retry
     from rq.job import JobStatus
 
-    from common.jobs import PREDICT_FUNC, QUEUE_BACKGROUND
+    from contracts.jobs import PREDICT_FUNC, QUEUE_BACKGROUND
 
     conn = stack["conn"]
     queue = Queue(QUEUE_BACKGROUND, connection=conn)

@@ -26,9 +26,10 @@ import pytest
 import redis
 import requests
 
-from backend.app import create_app, redis_client
-from common.redis_server import EmbeddedRedis, free_port
-from common.settings import Settings
+from backend.app import create_app
+from contracts.connections import redis_client
+from contracts.settings import Settings
+from launcher.redis_server import EmbeddedRedis, free_port
 from tests.services import LabelStudioLikeFiles, ServiceProcess, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 

@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from backend.app import create_app
-from common.codecs import polygons_to_mask, rle_to_mask
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
+from labelstudio.codecs import polygons_to_mask, rle_to_mask
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
@@ -266,7 +266,7 @@ def test_bad_requests_get_clear_json_errors(stack):
 
 
 def test_redis_down_gives_503_json_quickly(model_dir):
-    from common.redis_server import free_port
+    from launcher.redis_server import free_port
 
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", model_dir=model_dir)
     client = create_app(settings).test_client()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.bootstrap import ensure_current_version
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.bootstrap import ensure_current_version
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 from sam2unet.synthetic import generate
 from trainer.round import holdout_split, is_not_worse, run_round
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from backend.app import create_app
-from common.settings import Settings
+from contracts.settings import Settings
 from tests.test_serving import fixture
 from trainer.round import RoundReport
 from trainer.service import EVENTS_STREAM, GROUP, TrainerService

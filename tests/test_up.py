@@ -20,7 +20,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.metrics import RedisCollector
-from common.redis_server import EmbeddedRedis, free_port
+from launcher.redis_server import EmbeddedRedis, free_port
 from tests.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env
 from tests.test_serving import fixture, red_circle
 
@@ -39,7 +39,7 @@ class Up:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "common.cli", "up", "--host", "127.0.0.1"),
+                *(sys.executable, "-m", "cli", "up", "--host", "127.0.0.1"),
                 *("--port", str(self.port), "--grace", "10", *args),
             ],
             cwd=ROOT,
@@ -160,7 +160,7 @@ def test_up_serves_a_prediction_and_ctrl_c_stops_everything(model_dir, tmp_path)
 
         # a second `up` for the same MODEL_DIR refuses to start
         second = subprocess.run(
-            [sys.executable, "-m", "common.cli", "up", "--port", str(free_port())],
+            [sys.executable, "-m", "cli", "up", "--port", str(free_port())],
             cwd=ROOT,
             env=up.env,
             capture_output=True,

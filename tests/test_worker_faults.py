@@ -12,8 +12,8 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from backend.app import create_app
-from common.jobs import QUEUE_BATCH
-from common.settings import Settings
+from contracts.jobs import QUEUE_BATCH
+from contracts.settings import Settings
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 
@@ -86,7 +86,7 @@ def run_leased_job(redis_url: str, lease: int, queues: list[str], seconds: float
 
     from rq import Queue, Retry
 
-    from common.jobs import reap_abandoned
+    from contracts.jobs import reap_abandoned
     from tests.services import ROOT
 
     conn = redis.Redis.from_url(redis_url)
@@ -163,7 +163,7 @@ def test_redis_gone_in_the_middle_of_a_job_the_worker_reconnects(model_dir, tmp_
     from rq import Queue
     from rq.job import JobStatus
 
-    from common.redis_server import EmbeddedRedis
+    from launcher.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(data_dir=tmp_path / "redis").start()
     conn = redis.Redis.from_url(server.url)
@@ -215,7 +215,7 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_requeued(
     )
     queue_key = f"rq:queue:{QUEUE_BATCH}"
     try:
-        with caplog.at_level("WARNING", logger="common.jobs"):
+        with caplog.at_level("WARNING", logger="contracts.jobs"):
             caller.start()
             deadline = time.monotonic() + 10
             while not conn.llen(queue_key) and time.monotonic() < deadline:

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from common.codecs import results_to_masks
-from common.exceptions import AnnotationFormatError, AssistError
-from common.labelconfig import Target, parse_label_config
+from contracts.errors import AnnotationFormatError, AssistError
+from labelstudio.codecs import results_to_masks
+from labelstudio.labelconfig import Target, parse_label_config
 from sam2unet.transforms import decode_image
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from common.registry import ModelRegistry, VersionInfo
-from common.settings import Settings
+from contracts.registry import ModelRegistry, VersionInfo
+from contracts.settings import Settings
 from trainer.plots import TRAINING_PNG, safe_training_png
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def run_round(
     ``corrupt_labels`` shuffles masks across images (a deliberately bad candidate, for tests
     and demonstrations of the promotion gate).
     """
-    from sam2unet.build import relabel
+    from sam2unet.checkpoints import relabel
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.training import TrainConfig, train, validate
 

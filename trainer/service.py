@@ -24,9 +24,9 @@ from typing import Any
 
 import redis
 
-from backend.metrics import record_round
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.metrics import record_round
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 from trainer.dataset import DatasetCache, correction_rates
 from trainer.plots import write_versions_png
 from trainer.round import RoundReport, run_round
@@ -66,7 +66,7 @@ def due(state: ProjectState, settings: Settings, now: float) -> bool:
 
 
 class TrainerService:
-    """One trainer process. ``client`` is a :class:`common.lsclient.LabelStudioClient`."""
+    """One trainer process. ``client`` is a :class:`labelstudio.client.LabelStudioClient`."""
 
     def __init__(
         self,
@@ -216,7 +216,7 @@ class TrainerService:
     def active_learning(self, project: int) -> str | None:
         """Re-predict the project's tasks with the new version (through the workers); the
         predictions' scores rank the most uncertain tasks first (sort by score, ascending)."""
-        from common.preannotate import start_run
+        from contracts.preannotate import start_run
 
         run_id, _ = start_run(self.redis, project, reason="active learning after promotion")
         log.info("project %s: re-predicting with the new version (run %s)", project, run_id)

@@ -7,9 +7,9 @@ from typing import Any
 
 from rq import get_current_job
 
-from backend.metrics import record_job
-from common import preannotate as runs
-from common.jobs import PredictPayload, deliver_reply, encode_reply
+from contracts import preannotate as runs
+from contracts.jobs import PredictPayload, deliver_reply, encode_reply
+from contracts.metrics import record_job
 from worker.pipeline import StageTimes, run_predict
 from worker.runtime import get_context
 

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import redis
 
-from common.codecs import brush_result, polygon_results, prediction_score
-from common.exceptions import AssistError
-from common.jobs import ItemResult, PredictPayload, target_from_json
-from common.labelconfig import Target
+from contracts.errors import AssistError
+from contracts.jobs import ItemResult, PredictPayload, target_from_json
+from labelstudio.codecs import brush_result, polygon_results, prediction_score
+from labelstudio.labelconfig import Target
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
-from worker.prompts import apply_prompts, parse_context
+from worker.crop_prompts import apply_prompts
+from worker.prompts import parse_context
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def answer_with_sam2(
     times.extra["embed"] = times.extra.get("embed", 0.0) + time.perf_counter() - t0
     times.extra["embedding_hits"] = times.extra.get("embedding_hits", 0) + int(hit)
     if redis_client is not None and runtime.worker_name:
-        from common.routing import remember_route
+        from contracts.routing import remember_route
 
         try:
             remember_route(redis_client, payload.ls_base, url, runtime.worker_name)

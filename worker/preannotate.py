@@ -1,4 +1,4 @@
-"""The worker side of project-wide pre-annotation runs (see :mod:`common.preannotate`)."""
+"""The worker side of project-wide pre-annotation runs (see :mod:`contracts.preannotate`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from typing import Any
 
 from rq import Queue
 
-from common import preannotate as runs
-from common.exceptions import AssistError
-from common.jobs import (
+from contracts import preannotate as runs
+from contracts.errors import AssistError
+from contracts.jobs import (
     QUEUE_BACKGROUND,
     PredictItem,
     enqueue_predict,
     target_to_json,
 )
-from common.labelconfig import parse_label_config
+from labelstudio.labelconfig import parse_label_config
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
 
-from common.jobs import QUEUES
-from common.registry import ModelRegistry
-from common.routing import rescue_routed, worker_queue
-from common.settings import Settings
+from contracts.jobs import QUEUES
+from contracts.registry import ModelRegistry
+from contracts.routing import rescue_routed, worker_queue
+from contracts.settings import Settings, apply_torch_threads
 from worker.runtime import ModelRuntime, WorkerContext, install_context
 
 log = logging.getLogger(__name__)
@@ -151,19 +151,10 @@ class _Lease:
             self.ended.set()
 
 
-def apply_torch_threads(settings: Settings) -> None:
-    """Limit torch's CPU threads when configured (several processes sharing few cores run
-    much faster with one thread each than with spinning thread pools)."""
-    if settings.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-
-
 def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     """The job context of a worker process: registry, model runtime, image fetcher."""
-    from common.fetch import FetchPolicy, ImageFetcher
-    from common.lsclient import LabelStudioClient
+    from labelstudio.client import LabelStudioClient
+    from labelstudio.fetch import FetchPolicy, ImageFetcher
 
     ls_client = None
     if settings.label_studio_url and not settings.label_studio_api_key:
@@ -178,7 +169,7 @@ def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     fetcher = ImageFetcher(ls_client, FetchPolicy.from_settings(settings))
     registry = ModelRegistry(settings.model_dir, connection)
     runtime = ModelRuntime(settings, registry)
-    from worker.writeback import make_write_back
+    from labelstudio.writeback import make_write_back
 
     return WorkerContext(
         settings=settings,

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from common.bootstrap import ensure_current_version
-from common.registry import ModelRegistry, VersionInfo
-from common.settings import Settings
+from contracts.bootstrap import ensure_current_version
+from contracts.registry import ModelRegistry, VersionInfo
+from contracts.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ModelRuntime:
         return self.version or name
 
     def _load(self, name: str) -> None:
-        from sam2unet.build import trunk_state_of
+        from sam2unet.checkpoints import trunk_state_of
         from sam2unet.predictor import Predictor
 
         t0 = time.perf_counter()
@@ -124,7 +124,7 @@ class ModelRuntime:
 
     def _promptable(self, loaded: Any, predictor: Any) -> Any:
         """SAM2's promptable head on ``predictor``'s trunk, or None (with a log line why)."""
-        from sam2unet.build import find_base
+        from sam2unet.checkpoints import find_base
         from sam2unet.exceptions import CheckpointError
         from sam2unet.promptable import PromptableSAM2, load_prompt_head
 
@@ -151,7 +151,7 @@ class ModelRuntime:
     def _publish_head(self, version: str) -> None:
         if self.registry.redis is None:
             return
-        from common.routing import publish_prompt_head
+        from contracts.routing import publish_prompt_head
 
         try:
             publish_prompt_head(self.registry.redis, version, self.prompt_head)

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from common.codecs import brush_result, polygon_results
-from common.labelconfig import Target
+from labelstudio.codecs import brush_result, polygon_results
+from labelstudio.labelconfig import Target
 from sam2unet.promptable import ImageFeatures, PromptableSAM2, PromptObject
 from worker.prompts import Box, Point, Prompts
 

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from backend.server import serve
-    from common.settings import Settings
+    from contracts.settings import Settings
 
     serve(Settings.from_env(), args.host, args.port, args.workers, args.threads)
     return 0

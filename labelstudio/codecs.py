@@ -25,8 +25,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.exceptions import AnnotationFormatError, LabelConfigError
-from common.labelconfig import Target
+from contracts.errors import AnnotationFormatError, LabelConfigError
+from labelstudio.labelconfig import Target
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from common.registry import ModelRegistry
-from common.settings import Settings
+from contracts.registry import ModelRegistry
+from contracts.settings import Settings
 
 
 def correction_rates(settings: Settings) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 
-from common.exceptions import NotFound
-from common.jobs import QUEUE_BACKGROUND
+from contracts.errors import NotFound
+from contracts.jobs import QUEUE_BACKGROUND
 
 RUN_PREFIX = "sam2unet:preannotate:run:"
 ACTIVE_PREFIX = "sam2unet:preannotate:active:"

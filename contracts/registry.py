@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from common.exceptions import NotFound
+from contracts.errors import NotFound
 
 if TYPE_CHECKING:  # torch-free at import time: the backend uses this module too
-    from sam2unet.build import BaseRef, LoadedModel
+    from sam2unet.checkpoints import BaseRef, LoadedModel
     from sam2unet.config import ModelConfig
     from sam2unet.modeling import SAM2UNet
 
@@ -191,7 +191,7 @@ class ModelRegistry:
         extra_files: dict[str, bytes] | None = None,
     ) -> VersionInfo:
         """Write a new, not yet promoted version atomically and return its info."""
-        from sam2unet.build import save_delta
+        from sam2unet.checkpoints import save_delta
 
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.versions_dir))
@@ -267,7 +267,7 @@ class ModelRegistry:
     # ------------------------------------------------------------------ loading
 
     def load(self, name: str, trunk_cache: dict[str, Any] | None = None) -> LoadedModel:
-        from sam2unet.build import load_delta
+        from sam2unet.checkpoints import load_delta
 
         return load_delta(
             self.model_path(name),

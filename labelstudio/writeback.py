@@ -7,8 +7,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from common.exceptions import AssistError
-from common.jobs import ItemResult, PredictPayload
+from contracts.errors import AssistError
+from contracts.jobs import ItemResult, PredictPayload
 
 log = logging.getLogger(__name__)
 

@@ -101,7 +101,7 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sam2unet.build import load_delta
+    from sam2unet.checkpoints import load_delta
     from sam2unet.config import ModelConfig
     from sam2unet.data import FolderSource, train_val_datasets
     from sam2unet.exceptions import Sam2UnetError
@@ -165,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from sam2unet.build import load_any
+    from sam2unet.checkpoints import load_any
     from sam2unet.evaluate import evaluate_dirs, evaluate_model
     from sam2unet.exceptions import Sam2UnetError
     from sam2unet.metrics import format_table

@@ -2,7 +2,7 @@
 
 Started in this order, each service a child process in a process group of its own:
 
-1. Redis: the embedded ``redis-server`` (:class:`common.redis_server.EmbeddedRedis`) with its
+1. Redis: the embedded ``redis-server`` (:class:`launcher.redis_server.EmbeddedRedis`) with its
    append-only file under ``MODEL_DIR/redis`` (or ``--data``), so queues, the current-version
    pointer and the metrics survive a restart; or the Redis of ``REDIS_URL`` when that is set.
 2. The backend (``sam2unet-assist backend``, gunicorn) on ``--port`` (9090).
@@ -45,12 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from common.settings import Settings
+from contracts.settings import Settings
+from launcher.processes import Child, alive, death_signal_hook, group_alive, is_redis_server
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "up.json"
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -70,49 +70,6 @@ class UpOptions:
     startup_timeout: float = 300.0
 
 
-@dataclass
-class Child:
-    """One service process; ``proc.pid`` is also its process group id."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    relay: threading.Thread | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` still exists."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else (a reused id)
-        return True
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _is_redis_server(pid: int) -> bool:
-    """Whether ``pid`` is a live redis-server (Linux: read from /proc; elsewhere False)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"redis-server" in cmdline.split(b"\0", 1)[0]
-
-
 def host_address() -> str | None:
     """This machine's address on its default route (no packet is sent), or None."""
     try:
@@ -125,29 +82,9 @@ def host_address() -> str | None:
 
 
 def _redacted(url: str) -> str:
-    from common.lsclient import redact_url
+    from labelstudio.client import redact_url
 
     return redact_url(url)
-
-
-def _die_with_parent() -> None:
-    """Run in the child before exec: SIGTERM when ``up`` dies (Linux only)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_prctl = _load_prctl()
 
 
 class Stack:
@@ -215,28 +152,28 @@ class Stack:
             pid = int(state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and alive(pid):
             raise SystemExit(
                 f"`up` already runs for MODEL_DIR {self.settings.model_dir} (pid {pid}); stop it "
                 f"first, or remove {self.state_path} if that process is not `up`"
             )
         redis_pid = state.get("redis_pid")
-        if isinstance(redis_pid, int) and _is_redis_server(redis_pid):
+        if isinstance(redis_pid, int) and is_redis_server(redis_pid):
             log.warning(
                 "a killed `up` (pid %d) left its Redis (pid %d): stopping it", pid, redis_pid
             )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(redis_pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while _alive(redis_pid) and time.monotonic() < deadline:
+            while alive(redis_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(redis_pid):
+            if alive(redis_pid):
                 raise SystemExit(f"the Redis left by a killed `up` (pid {redis_pid}) does not stop")
 
     def start_redis(self) -> None:
         import redis
 
-        from common.redis_server import EmbeddedRedis
+        from launcher.redis_server import EmbeddedRedis
 
         if self.options.redis_url:
             self.redis_url = self.options.redis_url
@@ -276,13 +213,13 @@ class Stack:
 
     def spawn(self, name: str, args: list[str]) -> Child:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=self.child_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if _prctl is not None else None,
+            preexec_fn=death_signal_hook(),
         )
         child = Child(name, proc)
         self.children.append(child)
@@ -355,9 +292,9 @@ class Stack:
         """Say which model the workers will serve, loudly when it is an untrained encoder."""
         import redis
 
-        from common.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
-        from common.exceptions import NotFound
-        from common.registry import ModelRegistry
+        from contracts.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
+        from contracts.errors import NotFound
+        from contracts.registry import ModelRegistry
 
         s = self.settings
         registry = ModelRegistry(s.model_dir, redis.Redis.from_url(self.redis_url))

@@ -26,7 +26,7 @@ import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ReadTimeoutError
 
-from common.exceptions import ImageFetchError, LabelStudioError
+from contracts.errors import ImageFetchError, LabelStudioError
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _services(settings):
-    from backend.app import redis_client
-    from common.fetch import FetchPolicy, ImageFetcher
-    from common.lsclient import LabelStudioClient
+    from contracts.connections import redis_client
+    from labelstudio.client import LabelStudioClient
+    from labelstudio.fetch import FetchPolicy, ImageFetcher
 
     if not (settings.label_studio_url and settings.label_studio_api_key):
         raise SystemExit("the trainer needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
@@ -34,10 +34,9 @@ def _services(settings):
 
 
 def _trainer(args: argparse.Namespace) -> int:
-    from common.bootstrap import ensure_current_version
-    from common.settings import Settings
+    from contracts.bootstrap import ensure_current_version
+    from contracts.settings import Settings, apply_torch_threads
     from trainer.service import TrainerService
-    from worker.process import apply_torch_threads
 
     settings = Settings.from_env()
     apply_torch_threads(settings)
@@ -59,10 +58,10 @@ def _trainer(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
-    from common.exceptions import NotFound
-    from common.registry import ModelRegistry
-    from common.settings import Settings
-    from trainer.versions import version_table, versions_json
+    from contracts.errors import NotFound
+    from contracts.registry import ModelRegistry
+    from contracts.settings import Settings
+    from contracts.versions import version_table, versions_json
 
     settings = Settings.from_env()
     try:

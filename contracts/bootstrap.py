@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.registry import ModelRegistry, VersionInfo
-from common.settings import Settings
+from contracts.registry import ModelRegistry, VersionInfo
+from contracts.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def ensure_current_version(registry: ModelRegistry, settings: Settings) -> Versi
 def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
     import torch
 
-    from sam2unet.build import (
+    from sam2unet.checkpoints import (
         BaseRef,
         build_from_sam2,
         load_any,

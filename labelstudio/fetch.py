@@ -43,14 +43,14 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from common.exceptions import ImageFetchError, LabelStudioError
-from common.lsclient import origin, read_limited, redact_url
+from contracts.errors import ImageFetchError, LabelStudioError
+from labelstudio.client import origin, read_limited, redact_url
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import MAX_IMAGE_PIXELS, decode_image
 
 if TYPE_CHECKING:
-    from common.lsclient import LabelStudioClient
-    from common.settings import Settings
+    from contracts.settings import Settings
+    from labelstudio.client import LabelStudioClient
 
 logger = logging.getLogger(__name__)
 

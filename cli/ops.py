@@ -43,10 +43,10 @@ def _preannotate(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from backend.app import redis_client
-    from common import preannotate as runs
-    from common.exceptions import NotFound
-    from common.settings import Settings
+    from contracts import preannotate as runs
+    from contracts.connections import redis_client
+    from contracts.errors import NotFound
+    from contracts.settings import Settings
 
     settings = Settings.from_env()
     conn = redis_client(settings.redis_url)
@@ -81,7 +81,7 @@ def _preannotate(args: argparse.Namespace) -> int:
 def _follow(conn, run_id: str, tqdm) -> int:
     import json
 
-    from common import preannotate as runs
+    from contracts import preannotate as runs
 
     bar = tqdm(desc=f"pre-annotating ({run_id})", unit="task", total=None)
     try:
@@ -112,8 +112,8 @@ def _download(args: argparse.Namespace) -> int:
     import requests
     from tqdm.auto import tqdm
 
-    from common.settings import Settings
-    from sam2unet.build import OFFICIAL_CHECKPOINTS
+    from contracts.settings import Settings
+    from sam2unet.config import OFFICIAL_CHECKPOINTS
 
     settings = Settings.from_env()
     size = args.size or settings.model_size

@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from backend.app import redis_client
-    from common.settings import Settings
+    from contracts.connections import redis_client
+    from contracts.settings import Settings
     from worker.process import run_worker
 
     overrides = {}

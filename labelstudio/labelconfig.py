@@ -15,7 +15,7 @@ from typing import Literal
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.interface import LabelStudioXMLSyntaxErrorSentryIgnored
 
-from common.exceptions import LabelConfigError
+from contracts.errors import LabelConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
+
+# Each module defines ``register(subparsers)``, which adds its subcommands with
+# ``set_defaults(func=handler)``; a handler takes the parsed arguments and returns an exit code.
+COMMAND_MODULES: list[str] = [
+    "cli.serve",
+    "cli.worker",
+    "cli.trainer",
+    "cli.ops",
+    "cli.up",
+    "cli.model",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,9 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from common.commands import register_all
-
-    register_all(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

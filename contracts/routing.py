@@ -27,7 +27,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from common.jobs import QUEUE_INTERACTIVE
+from contracts.jobs import QUEUE_INTERACTIVE
 
 log = logging.getLogger(__name__)
 

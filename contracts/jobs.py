@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from common.exceptions import BadRequest
+from contracts.errors import BadRequest
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class PredictItem:
 
 @dataclass(frozen=True)
 class PredictPayload:
-    """What a predict job needs. ``target`` is a :class:`common.labelconfig.Target` as a dict;
+    """What a predict job needs. ``target`` is a :class:`labelstudio.labelconfig.Target` as a dict;
     ``context`` an interactive prompt (Label Studio's ``params.context``) or None.
     ``reply_key`` is the waiting request's reply list (None: nobody waits); ``write_back``
     stores the results in Label Studio through its API; ``run_id`` names the pre-annotation
@@ -139,12 +139,12 @@ def decode_reply(raw: bytes | str) -> tuple[str, list[ItemResult]]:
 
 
 def target_to_json(target: Any) -> dict[str, Any]:
-    """A :class:`common.labelconfig.Target` as a JSON-ready dict."""
+    """A :class:`labelstudio.labelconfig.Target` as a JSON-ready dict."""
     return asdict(target)
 
 
 def target_from_json(d: dict[str, Any]) -> Any:
-    from common.labelconfig import Target
+    from labelstudio.labelconfig import Target
 
     d = dict(d)
     d["labels"] = tuple(d.get("labels") or ())

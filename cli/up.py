@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import os
 
-    from common.settings import Settings
-    from common.up import UpOptions, run_up
+    from contracts.settings import Settings
+    from launcher.up import UpOptions, run_up
 
     if args.workers < 1 or args.backend_processes < 1:
         raise SystemExit("--workers and --backend-processes must be at least 1")
