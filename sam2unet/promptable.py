@@ -36,7 +36,7 @@ from torch import nn
 from sam2unet.build import load_strict
 from sam2unet.checkpoints import _torch_load, detect_format
 from sam2unet.config import HIERA_SPECS
-from sam2unet.exceptions import CheckpointError, ImageError
+from sam2unet.exceptions import CheckpointError
 from sam2unet.modeling.encoder import adapters_bypassed
 from sam2unet.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb_array
 
@@ -182,6 +182,23 @@ def load_prompt_head(path: str | os.PathLike[str], size: str) -> PromptHead:
     if detect_format(obj) != "sam2":
         raise CheckpointError(f"{Path(path).name} is not an official SAM2/SAM2.1 checkpoint")
     return build_prompt_head(size, obj["model"])
+
+
+def prompt_head_kind(path: str | os.PathLike[str] | None, size: str) -> str:
+    """Which head would answer prompts for a model on the base checkpoint ``path``: "sam2"
+    when it carries SAM2's prompt encoder and mask decoder for ``size``, else "crop"
+    (crop-and-segment around the automatic model). The file is memory-mapped, not read."""
+    if path is None:
+        return "crop"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if detect_format(obj) != "sam2":
+            return "crop"
+        build_prompt_head(size, obj["model"])
+    except (CheckpointError, OSError, RuntimeError, ValueError) as e:
+        log.debug("no promptable head in %s: %s", path, e)
+        return "crop"
+    return "sam2"
 
 
 # --------------------------------------------------------------------------- prompts
@@ -332,9 +349,65 @@ class PromptableSAM2:
         return ObjectMask(out > MASK_THRESHOLD, out, float(scores[best]))
 
 
-def check_image(image: np.ndarray) -> np.ndarray:
-    """An H x W x 3 uint8 image fit for :meth:`PromptableSAM2.embed`."""
-    rgb = to_rgb_array(image)
-    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise ImageError(f"empty image of shape {rgb.shape}")
-    return rgb
+# --------------------------------------------------------------------------- random checkpoints
+
+
+def sam2_overrides(size: str) -> list[str]:
+    """Hydra overrides of the shipped config for ``size``: none for the four real sizes; the
+    small test size gets its own trunk, narrow widths, a 256-pixel input and one
+    memory-attention layer."""
+    if size != "test":
+        return []
+    spec = HIERA_SPECS["test"]
+
+    def ints(values) -> str:
+        return "[" + ",".join(str(v) for v in values) + "]"
+
+    t, n = "model.image_encoder.trunk", "model.image_encoder.neck"
+    return [
+        "++model.memory_attention.num_layers=1",
+        f"{t}.embed_dim={spec.embed_dim}",
+        f"{t}.num_heads={spec.num_heads}",
+        f"{t}.stages={ints(spec.stages)}",
+        f"{t}.global_att_blocks={ints(spec.global_att_blocks)}",
+        f"++{t}.window_spec={ints(spec.window_spec)}",
+        f"{n}.d_model=32",
+        f"{n}.position_encoding.num_pos_feats=32",
+        f"{n}.backbone_channel_list={ints(reversed(spec.stage_channels))}",
+        f"model.image_size={head_image_size('test')}",
+    ]
+
+
+def random_sam2_model(size: str, sam21: bool = True, seed: int = 0) -> nn.Module:
+    """A whole SAM2Base of ``size`` with random weights, built by ``sam2.build_sam.build_sam2``
+    from the shipped config (for tests, benchmarks and demos without downloads). Biases, norms
+    and zero-initialised tensors are drawn too, so that no part is at a trivial init."""
+    from sam2.build_sam import build_sam2
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_sam2(
+            config_name(size, sam21), None, device="cpu", hydra_overrides_extra=sam2_overrides(size)
+        )
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if not t.is_floating_point():
+                    continue
+                if "norm" in name or name.endswith(".bias"):
+                    t.add_(torch.randn(t.shape, generator=g) * 0.05)
+                elif t.abs().sum() == 0:
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def write_random_sam2_checkpoint(
+    path: str | os.PathLike[str], size: str, sam21: bool = True, seed: int = 0
+) -> nn.Module:
+    """Save :func:`random_sam2_model` as the official checkpoints are (``{"model": state}``);
+    returns the model."""
+    model = random_sam2_model(size, sam21, seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+    return model

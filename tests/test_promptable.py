@@ -19,11 +19,11 @@ import redis
 import torch
 
 from contracts.bootstrap import ensure_current_version
-from labelstudio.codecs import rle_to_mask
 from contracts.jobs import PredictItem, PredictPayload, target_to_json
-from labelstudio.labelconfig import parse_label_config
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from labelstudio.codecs import rle_to_mask
+from labelstudio.labelconfig import parse_label_config
 from sam2unet.promptable import PromptObject, preprocess_image
 from tests.sam2_helpers import reference_predictor, write_official
 from tests.services import png_bytes
@@ -465,3 +465,20 @@ def test_routing_falls_back_when_the_worker_is_unregistered(redis_conn):
     shared = Queue(QUEUE_INTERACTIVE, connection=redis_conn)
     assert shared.job_ids == [job.id] and q.count == 0
     assert Job.fetch(job.id, connection=redis_conn).origin == QUEUE_INTERACTIVE
+
+
+def test_prompt_head_kind_of_checkpoints(official, model_dir, tmp_path):
+    """For status reports: an official checkpoint with the head -> "sam2"; a trunk-only file,
+    a checkpoint of another size, or none -> "crop"."""
+    from sam2unet.promptable import prompt_head_kind
+
+    sam2_dir, _ = official("test")
+    path = sam2_dir / "base" / "sam2.1_hiera_test.pt"
+    assert prompt_head_kind(path, "test") == "sam2"
+    assert prompt_head_kind(path, "tiny") == "crop"
+    assert prompt_head_kind(None, "test") == "crop"
+    (trunk_only,) = (model_dir / "base").glob("trunk-*.pt")
+    assert prompt_head_kind(trunk_only, "test") == "crop"
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert prompt_head_kind(bad, "test") == "crop"
