@@ -16,7 +16,7 @@ from labelstudio.codecs import rle_to_mask
 from launcher.redis_server import free_port
 from tests.lstudio import running_label_studio
 from tests.sam2_helpers import reference_predictor, write_official
-from tests.services import ServiceProcess, png_bytes, service_env
+from tests.services import ServiceProcess, backend_process, label_studio_env, png_bytes
 from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, rect, reference
 
 pytestmark = pytest.mark.e2e
@@ -36,22 +36,10 @@ def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_ser
     ref.set_image(img)
     with running_label_studio(tmp_path / "ls") as ls:
         port = free_port()
-        env = service_env(
-            redis_url,
-            model_dir,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.pat,
-            BASIC_AUTH_USER=AUTH[0],
-            BASIC_AUTH_PASS=AUTH[1],
-        )
+        env = label_studio_env(redis_url, model_dir, ls, AUTH)
         logs = tmp_path / "logs"
         logs.mkdir()
-        backend = ServiceProcess(
-            ["backend", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env,
-            "backend",
-            logs,
-        )
+        backend = backend_process(env, port, logs)
         worker = ServiceProcess(["worker", "--name", "e2e-prompts"], env, "worker", logs)
         try:
             backend.wait_http(f"http://127.0.0.1:{port}/health")
