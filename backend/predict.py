@@ -31,12 +31,11 @@ from contracts.jobs import (
     new_reply_key,
     reap_abandoned,
     requeue_lost,
-    target_to_json,
 )
 from contracts.registry import ModelRegistry
 from contracts.routing import rescue_routed, routed_queue
 from contracts.settings import Settings
-from labelstudio.labelconfig import Target
+from labelstudio.labelconfig import Target, target_to_json
 
 log = logging.getLogger(__name__)
 

@@ -138,20 +138,6 @@ def decode_reply(raw: bytes | str) -> tuple[str, list[ItemResult]]:
     return d["job"], [ItemResult.from_json(i) for i in d["items"]]
 
 
-def target_to_json(target: Any) -> dict[str, Any]:
-    """A :class:`labelstudio.labelconfig.Target` as a JSON-ready dict."""
-    return asdict(target)
-
-
-def target_from_json(d: dict[str, Any]) -> Any:
-    from labelstudio.labelconfig import Target
-
-    d = dict(d)
-    d["labels"] = tuple(d.get("labels") or ())
-    d["prompt_controls"] = tuple(d.get("prompt_controls") or ())
-    return Target(**d)
-
-
 def reap_abandoned(connection: Any, queue_names: tuple[str, ...] = QUEUES) -> None:
     """Retry (or fail, when out of retries) jobs whose worker stopped renewing its lease."""
     from rq.registry import StartedJobRegistry

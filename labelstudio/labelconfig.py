@@ -8,9 +8,9 @@ The same config arrives with every request, so parsing is cached by the XML text
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.interface import LabelStudioXMLSyntaxErrorSentryIgnored
@@ -151,3 +151,16 @@ def _load(xml: str) -> LabelInterface:
         raise LabelConfigError(f"label config is not valid XML: {exc}") from None
     except (ValueError, TypeError, KeyError) as exc:
         raise LabelConfigError(f"label config cannot be parsed: {exc}") from None
+
+
+def target_to_json(target: Target) -> dict[str, Any]:
+    """A :class:`Target` as a JSON-ready dict (as job payloads carry it)."""
+    return asdict(target)
+
+
+def target_from_json(d: dict[str, Any]) -> Target:
+    """The :class:`Target` of :func:`target_to_json`'s dict."""
+    d = dict(d)
+    d["labels"] = tuple(d.get("labels") or ())
+    d["prompt_controls"] = tuple(d.get("prompt_controls") or ())
+    return Target(**d)

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from contracts.settings import Settings
+from launcher import messages
+from launcher.messages import redacted
 from launcher.processes import Child, alive, death_signal_hook, group_alive, is_redis_server
 
 log = logging.getLogger(__name__)
@@ -68,23 +69,6 @@ class UpOptions:
     trainer: bool = True
     grace: float = 15.0
     startup_timeout: float = 300.0
-
-
-def host_address() -> str | None:
-    """This machine's address on its default route (no packet is sent), or None."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.254.254.254", 1))
-            addr = s.getsockname()[0]
-    except OSError:
-        return None
-    return None if addr.startswith("127.") else addr
-
-
-def _redacted(url: str) -> str:
-    from labelstudio.client import redact_url
-
-    return redact_url(url)
 
 
 class Stack:
@@ -181,10 +165,10 @@ class Stack:
                 redis.Redis.from_url(self.redis_url, socket_connect_timeout=3).ping()
             except redis.exceptions.RedisError as e:
                 raise SystemExit(
-                    f"REDIS_URL is set but Redis at {_redacted(self.redis_url)} does not answer "
+                    f"REDIS_URL is set but Redis at {redacted(self.redis_url)} does not answer "
                     f"({type(e).__name__}); unset REDIS_URL to use an embedded Redis"
                 ) from None
-            self.say(f"Redis: {_redacted(self.redis_url)} (REDIS_URL)")
+            self.say(f"Redis: {redacted(self.redis_url)} (REDIS_URL)")
             return
         data = self.options.data_dir or self.settings.model_dir / "redis"
         self.redis = EmbeddedRedis(port=self.options.redis_port or None, data_dir=data)
@@ -273,7 +257,7 @@ class Stack:
         state = {
             "pid": os.getpid(),
             "started_at": time.time(),
-            "redis_url": _redacted(self.redis_url),
+            "redis_url": redacted(self.redis_url),
             "redis_pid": self.redis.proc.pid if self.redis is not None else None,
             "backend": f"http://{self.local_host}:{self.options.port}",
             "children": {c.name: c.pid for c in self.children},
@@ -287,52 +271,18 @@ class Stack:
         h = self.options.host
         return "127.0.0.1" if h in ("0.0.0.0", "::", "") else h
 
-    # ------------------------------------------------------------------ model state
+    # ------------------------------------------------------------------ messages
     def model_state(self) -> None:
         """Say which model the workers will serve, loudly when it is an untrained encoder."""
-        import redis
+        for loud, lines in messages.model_state(self.settings, self.redis_url):
+            if loud:
+                self.loud(lines)
+            else:
+                self.say("\n".join(lines))
 
-        from contracts.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
-        from contracts.errors import NotFound
-        from contracts.registry import ModelRegistry
-
-        s = self.settings
-        registry = ModelRegistry(s.model_dir, redis.Redis.from_url(self.redis_url))
-        name = registry.current()
-        if name is not None:
-            try:
-                info = registry.get(name)
-            except NotFound:
-                self.loud([f"the current model version {name} is missing from {s.model_dir}"])
-                return
-            self.say(f"Model: {name} (from {info.source or 'unknown'}, size {info.size})")
-            if info.source == UNTRAINED_SOURCE:
-                self.loud(
-                    [
-                        f"MODEL {name} HAS AN UNTRAINED (RANDOM) ENCODER: no SAM2 checkpoint was",
-                        "found when it was made, so its masks are poor until training improves it.",
-                        f"Get weights: sam2unet-assist download --size {info.size}, then start",
-                        "from a fresh MODEL_DIR (or roll back to a version built from them).",
-                    ]
-                )
-            return
-        if s.init_checkpoint:
-            self.say(f"Model: the first version is made from {s.init_checkpoint}")
-            return
-        found = find_sam2_checkpoints(registry)
-        if found:
-            self.say(
-                "Model: the first worker makes the first version from the SAM2 checkpoint of "
-                f"size {s.model_size} among: {', '.join(p.name for p in found)}"
-            )
-            return
-        self.loud(
-            [
-                f"NO SAM2 WEIGHTS in {registry.base_dir} or {s.model_dir} for size {s.model_size}:",
-                "the first version gets a RANDOM, UNTRAINED encoder and its masks will be poor.",
-                f"Stop (Ctrl-C), run `sam2unet-assist download --size {s.model_size}`, start again.",
-            ]
-        )
+    def banner(self) -> None:
+        for text in messages.banner(self.settings, self.options, self.redis_url, self.local_host):
+            self.say(text)
 
     # ------------------------------------------------------------------ waiting
     def health(self) -> dict[str, Any] | None:
@@ -393,51 +343,6 @@ class Stack:
         for w in body.get("warnings", []):
             self.say(f"WARNING (from /health): {w}")
         return True
-
-    # ------------------------------------------------------------------ banner
-    def banner(self) -> None:
-        o, s = self.options, self.settings
-        addr = host_address() if o.host in ("0.0.0.0", "::", "") else None
-        public = addr or ("localhost" if self.local_host.startswith("127.") else o.host)
-        url = f"http://{public}:{o.port}"
-        local = f"http://localhost:{o.port}"
-        auth = (
-            f"Basic Auth: user {s.basic_auth_user!r} and the BASIC_AUTH_PASS password"
-            if s.basic_auth_enabled
-            else "No Authentication (set BASIC_AUTH_USER and BASIC_AUTH_PASS to require it)"
-        )
-        lines = [
-            "",
-            "=" * 78,
-            f"sam2unet-assist is up: {url}",
-            "",
-            "In Label Studio: project Settings > Model > Connect Model",
-            f"  Backend URL     {url}",
-            f"                  ({local} from Label Studio running on this machine, outside Docker;"
-            f" http://host.docker.internal:{o.port} from its container)",
-            f"  Authentication  {auth}",
-            "  Interactive preannotations: on, to get predictions as tasks open",
-            "Label Studio refuses a backend at a private or loopback address unless it runs with",
-            "  ML_BLOCK_LOCAL_IP=false and SSRF_PROTECTION_ENABLED=false (docs/deployment.md).",
-        ]
-        if not (s.label_studio_url and s.label_studio_api_key):
-            lines += [
-                "Task images uploaded to Label Studio (/data/upload/...) need LABEL_STUDIO_URL and",
-                "  LABEL_STUDIO_API_KEY here (a legacy token or a personal access token).",
-            ]
-        lines += [
-            "",
-            f"Health and metrics: {local}/health  {local}/metrics",
-            f"Queue dashboard:    rq-dashboard --redis-url {_redacted(self.redis_url)}",
-            f"Other commands (preannotate, versions): export REDIS_URL={_redacted(self.redis_url)}",
-            "Stop everything: Ctrl-C",
-            "=" * 78,
-        ]
-        self.say("\n".join(lines))
-        if not s.basic_auth_enabled and o.host in ("0.0.0.0", "::"):
-            self.say(
-                f"note: the backend listens on every interface ({o.host}) without authentication"
-            )
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> list[str]:

@@ -486,10 +486,10 @@ def test_real_model_interactive_latency_512(predictor):
 
 
 def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(tmp_path, redis_conn):
-    from contracts.jobs import PredictItem, PredictPayload, target_to_json
+    from contracts.jobs import PredictItem, PredictPayload
     from contracts.registry import ModelRegistry
     from contracts.settings import Settings
-    from labelstudio.labelconfig import parse_label_config
+    from labelstudio.labelconfig import parse_label_config, target_to_json
     from worker.pipeline import run_predict
     from worker.runtime import ModelRuntime
 

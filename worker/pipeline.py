@@ -20,9 +20,9 @@ import numpy as np
 import redis
 
 from contracts.errors import AssistError
-from contracts.jobs import ItemResult, PredictPayload, target_from_json
+from contracts.jobs import ItemResult, PredictPayload
 from labelstudio.codecs import brush_result, polygon_results, prediction_score
-from labelstudio.labelconfig import Target
+from labelstudio.labelconfig import Target, target_from_json
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
 from worker.crop_prompts import apply_prompts

@@ -13,9 +13,8 @@ from contracts.jobs import (
     QUEUE_BACKGROUND,
     PredictItem,
     enqueue_predict,
-    target_to_json,
 )
-from labelstudio.labelconfig import parse_label_config
+from labelstudio.labelconfig import parse_label_config, target_to_json
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
