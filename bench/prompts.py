@@ -57,10 +57,10 @@ def _child(
 
     from bench.measure import proc_memory_mb, summary
     from contracts.bootstrap import ensure_current_version
-    from contracts.jobs import PredictItem, PredictPayload, target_to_json
+    from contracts.jobs import PredictItem, PredictPayload
     from contracts.registry import ModelRegistry
     from contracts.settings import Settings
-    from labelstudio.labelconfig import Target
+    from labelstudio.labelconfig import Target, target_to_json
     from worker.pipeline import run_predict
     from worker.runtime import ModelRuntime
 
