@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam2unet.build import load_strict
-from sam2unet.checkpoints import _torch_load, detect_format
+from sam2unet.checkpoints import detect_format
 from sam2unet.config import HIERA_SPECS
 from sam2unet.exceptions import CheckpointError
 from sam2unet.modeling.encoder import adapters_bypassed
@@ -177,11 +177,28 @@ def build_prompt_head(
 
 def load_prompt_head(path: str | os.PathLike[str], size: str) -> PromptHead:
     """The promptable head of an official SAM2 / SAM2.1 checkpoint file (see
-    :func:`build_prompt_head`)."""
-    obj = _torch_load(path)
+    :func:`build_prompt_head`). The file is memory-mapped: only the head's tensors are read
+    (and copied), not the trunk and memory modules."""
+    obj = _load_mapped(path)
     if detect_format(obj) != "sam2":
         raise CheckpointError(f"{Path(path).name} is not an official SAM2/SAM2.1 checkpoint")
-    return build_prompt_head(size, obj["model"])
+    model = obj["model"]
+    wanted = {
+        k: v.clone()
+        for k, v in model.items()
+        if k.startswith(HEAD_PREFIXES) or k in (NO_MEM_EMBED, "no_obj_embed_spatial")
+    }
+    return build_prompt_head(size, wanted, sam21="no_obj_embed_spatial" in model)
+
+
+def _load_mapped(path: str | os.PathLike[str]) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
 def prompt_head_kind(path: str | os.PathLike[str] | None, size: str) -> str:
@@ -191,11 +208,8 @@ def prompt_head_kind(path: str | os.PathLike[str] | None, size: str) -> str:
     if path is None:
         return "crop"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if detect_format(obj) != "sam2":
-            return "crop"
-        build_prompt_head(size, obj["model"])
-    except (CheckpointError, OSError, RuntimeError, ValueError) as e:
+        load_prompt_head(path, size)
+    except CheckpointError as e:
         log.debug("no promptable head in %s: %s", path, e)
         return "crop"
     return "sam2"
