@@ -85,7 +85,23 @@ SCHEMAS: dict[str, Any] = {
     "SetupResponse": {
         "type": "object",
         "required": ["model_version"],
-        "properties": {"model_version": {"type": "string"}},
+        "properties": {
+            "model_version": {"type": "string"},
+            "prompt_head": _ref("PromptHead"),
+            "automatic_head_trained": _ref("AutomaticHeadTrained"),
+        },
+    },
+    "PromptHead": {
+        "type": "string",
+        "enum": ["sam2", "crop"],
+        "description": "what answers keypoint/rectangle prompts: SAM2's own prompt encoder and "
+        "mask decoder ('sam2', when the base checkpoint holds them) or crop-and-segment "
+        "around the U-Net ('crop')",
+    },
+    "AutomaticHeadTrained": {
+        "type": "boolean",
+        "description": "whether the U-Net decoder was ever trained; when false, automatic "
+        "predictions are empty results marked '<version>/untrained'",
     },
     "Task": {
         "type": "object",
@@ -131,7 +147,14 @@ SCHEMAS: dict[str, Any] = {
             "model_version": {
                 "type": "string",
                 "description": "the current version; '<version>/failed' for a task without "
-                "a prediction (bad image, deadline)",
+                "a prediction (bad image, deadline); '<version>/untrained' (empty result, "
+                "score 0) for an automatic prediction of a version whose U-Net decoder was "
+                "never trained",
+            },
+            "error": {
+                "type": "string",
+                "description": "why a '<version>/failed' task has no prediction (Label Studio "
+                "keeps only result, score and model_version; the reason is also logged)",
             },
         },
     },
@@ -197,6 +220,8 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["UP"]},
             "model_class": {"type": "string"},
             "model_version": {"type": "string"},
+            "prompt_head": _ref("PromptHead"),
+            "automatic_head_trained": _ref("AutomaticHeadTrained"),
             "queue_depth": {"type": "object", "additionalProperties": {"type": "integer"}},
             "workers": {"type": "integer"},
             "warnings": {"type": "array", "items": {"type": "string"}},

@@ -206,13 +206,21 @@ def answer(results: list[ItemResult], model_version: str | None) -> dict[str, An
     A task without a prediction (bad image, deadline) gets an empty result whose model_version
     is marked ``<version>/failed``: Label Studio then stores nothing useful under the current
     version and asks again next time, and a late result written back later is the task's only
-    prediction of the current version.
+    prediction of the current version. Its ``error`` says why (Label Studio does not store it;
+    the reason is logged as well).
     """
     out = []
     for r in results:
         version = r.model_version or model_version
         if r.error:
-            out.append({"result": [], "score": 0.0, "model_version": f"{version}{FAILED_SUFFIX}"})
+            out.append(
+                {
+                    "result": [],
+                    "score": 0.0,
+                    "model_version": f"{version}{FAILED_SUFFIX}",
+                    "error": r.error,
+                }
+            )
         else:
             out.append({"result": r.result, "score": r.score, "model_version": version})
     return {"results": out}

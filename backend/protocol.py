@@ -13,6 +13,7 @@ from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
 from contracts.bootstrap import UNTRAINED_SOURCE
 from contracts.errors import BadRequest, NotFound
+from contracts.heads import decoder_trained, heads_json, untrained_warning
 from contracts.jobs import QUEUES
 from contracts.metrics import record_answer
 from labelstudio.labelconfig import parse_label_config
@@ -42,10 +43,6 @@ def _require_auth() -> None:
         check_basic_auth(request.headers.get("Authorization"), s.basic_auth_user, s.basic_auth_pass)
 
 
-def current_version() -> str:
-    return _ext()["registry"].current() or NO_VERSION
-
-
 @bp.get("/")
 @bp.get("/health")
 def health():
@@ -70,6 +67,8 @@ def health():
             "predictions come from an UNTRAINED encoder: no SAM2 checkpoint was found; "
             "run `sam2unet-assist download`"
         )
+    if info is not None and not decoder_trained(info):
+        warnings.append(untrained_warning(info))
     depth = {q: Queue(q, connection=conn).count for q in QUEUES}
     workers = Worker.count(connection=conn)
     if workers == 0:
@@ -78,6 +77,7 @@ def health():
         "status": "UP",
         "model_class": MODEL_CLASS,
         "model_version": version or NO_VERSION,
+        **(heads_json(info, registry) if info is not None else {}),
         "queue_depth": depth,
         "workers": workers,
         "warnings": warnings,
@@ -89,13 +89,25 @@ def health():
 
 @bp.post("/setup")
 def setup():
-    """Cheap by design: validates the label config and returns the current model version."""
+    """Cheap by design: validates the label config and returns the current model version.
+
+    Label Studio reads ``model_version`` only (other keys are ignored); ``prompt_head`` and
+    ``automatic_head_trained`` tell an operator which head answers prompts and whether
+    automatic predictions are made (see :mod:`contracts.heads`)."""
     _require_auth()
     req = SetupRequest.parse(_json_body())
     target = parse_label_config(req.schema)
     _ext()["predict"].remember_hostname(req.project, req.hostname)
     log.debug("setup for project %s: %s %s", req.project, target.kind, target.from_name)
-    return jsonify({"model_version": current_version()})
+    registry = _ext()["registry"]
+    version = registry.current()
+    body: dict[str, Any] = {"model_version": version or NO_VERSION}
+    if version is not None:
+        try:
+            body.update(heads_json(registry.get(version), registry))
+        except NotFound:
+            log.warning("setup: current version %s is missing from MODEL_DIR", version)
+    return jsonify(body)
 
 
 @bp.post("/predict")

@@ -82,8 +82,8 @@ def prepare_model_dir(
     model_dir: Path, size: str, image_size: int, calibrate_on: list[np.ndarray] | None
 ) -> dict[str, float | str]:
     """Bootstrap ``model_dir`` as a worker would (random trunk written as the base checkpoint,
-    first version promoted). With ``calibrate_on`` images, a second version is promoted whose
-    output bias puts the median probability on those images at 0.5, so that masks are not
+    first version promoted), then a second version, promoted: with ``calibrate_on`` images,
+    its output bias puts the median probability on those images at 0.5, so that masks are not
     empty and the encoding stage does real work (an untrained head predicts nothing)."""
     from contracts.bootstrap import ensure_current_version
     from contracts.registry import ModelRegistry
@@ -104,11 +104,14 @@ def prepare_model_dir(
         median = float(np.clip(np.median(probs), 1e-6, 1 - 1e-6))
         with torch.no_grad():
             loaded.model.head.bias -= math.log(median / (1 - median))
-        v = registry.create_version(
-            loaded.model, loaded.config, loaded.base, parent=first.name, source="bench"
-        )
-        registry.promote(v.name, reason="bench: output bias calibrated")
-        info["version"] = v.name
+    # promoted as a trained version either way: the first one's decoder is recorded as never
+    # trained, and such a version skips the automatic path the benchmarks measure
+    v = registry.create_version(
+        loaded.model, loaded.config, loaded.base, parent=first.name, source="bench"
+    )
+    reason = "output bias calibrated" if calibrate_on else "the first version, as trained"
+    registry.promote(v.name, reason=f"bench: {reason}")
+    info["version"] = v.name
     return info
 
 

@@ -75,6 +75,14 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--label", help="output label to score (models with several labels)")
     p.add_argument("--save-pred", help="also write the predicted maps here as PNGs")
+    p.add_argument(
+        "--postprocess",
+        choices=["default", "released"],
+        default="default",
+        help="how outputs become maps: 'default' as served (sigmoid, resize, round); "
+        "'released' exactly as the authors' test.py (logits resized to the mask, sigmoid, "
+        "per-image min-max, truncated to uint8), to reproduce the paper's tables",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bf16", action="store_true")
@@ -178,6 +186,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if by_dirs:
             if not (args.pred and args.gt):
                 return _fail("--pred and --gt go together")
+            if args.postprocess != "default":
+                return _fail("--postprocess applies to --checkpoint runs, not to saved maps")
             results = evaluate_dirs(args.pred, args.gt)
             title = f"{args.pred} vs {args.gt}"
         else:
@@ -193,6 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                 bf16=args.bf16,
                 label=args.label,
                 save_dir=args.save_pred,
+                postprocess=args.postprocess,
             )
             title = f"{args.checkpoint} on {args.images}"
     except Sam2UnetError as e:

@@ -30,10 +30,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_preannotate)
 
     d = sub.add_parser(
-        "download", help="download an official SAM2/SAM2.1 checkpoint into MODEL_DIR/base"
+        "download",
+        help="download an official SAM2/SAM2.1 checkpoint (or, with --pretrained, a released "
+        "SAM2-UNet task model) into MODEL_DIR/base",
     )
     d.add_argument("--size", default=None, choices=["tiny", "small", "base_plus", "large"])
     d.add_argument("--release", default="sam2.1", choices=["sam2.1", "sam2"])
+    d.add_argument(
+        "--pretrained",
+        metavar="NAME",
+        help="a released SAM2-UNet task model (camouflaged, salient, marine, mirror, "
+        "mirror-pmd, polyp; large trunk): the first model version starts from it",
+    )
+    d.add_argument(
+        "--url", help="with --pretrained: fetch the checkpoint from this URL (e.g. a mirror)"
+    )
     d.add_argument("--timeout", type=float, default=30.0)
     d.set_defaults(func=_download)
 
@@ -116,6 +127,10 @@ def _download(args: argparse.Namespace) -> int:
     from sam2unet.config import OFFICIAL_CHECKPOINTS
 
     settings = Settings.from_env()
+    if args.pretrained:
+        return _download_pretrained(args, settings)
+    if args.url:
+        raise SystemExit("--url goes with --pretrained NAME")
     size = args.size or settings.model_size
     if size not in OFFICIAL_CHECKPOINTS[args.release]:
         raise SystemExit(f"no official {args.release} checkpoint for size {size!r}")
@@ -146,4 +161,27 @@ def _download(args: argparse.Namespace) -> int:
             f"to {dest_dir} yourself (it is the official {args.release} checkpoint for size {size})."
         ) from None
     print(f"saved {dest}")
+    return 0
+
+
+def _download_pretrained(args: argparse.Namespace, settings) -> int:
+    from contracts.pretrained import PretrainedError, fetch_released
+
+    if args.size:
+        raise SystemExit("--pretrained and --size do not go together: released models are large")
+    try:
+        record = fetch_released(
+            args.pretrained, Path(settings.model_dir) / "base", url=args.url, timeout=args.timeout
+        )
+    except PretrainedError as e:
+        raise SystemExit(e.message) from None
+    print(f"saved {Path(settings.model_dir) / 'base' / record.file} (sha256 {record.sha256})")
+    versions = Path(settings.model_dir) / "versions"
+    if versions.is_dir() and any(p.name.startswith("sam2unet-") for p in versions.iterdir()):
+        print(
+            f"note: {versions} already holds versions, and only the first version of an empty "
+            "registry starts from a released model; use an empty MODEL_DIR to start from it"
+        )
+    else:
+        print("the first model version (made when a worker or the trainer starts) starts from it")
     return 0

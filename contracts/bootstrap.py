@@ -1,9 +1,14 @@
 """The first model version: created once, when the registry has never promoted anything.
 
-Sources, in order: the configured ``SAM2UNET_INIT_CHECKPOINT`` (any checkpoint format); an
-official SAM2/SAM2.1 checkpoint found in ``MODEL_DIR/base`` or ``MODEL_DIR`` (fresh adapters and
-decoder); else a randomly initialised trunk, with a loud warning: predictions then come from an
-untrained encoder.
+Sources, in order: the configured ``SAM2UNET_INIT_CHECKPOINT`` (any checkpoint format); a
+released SAM2-UNet task model fetched by ``sam2unet-assist download --pretrained NAME`` (the
+latest one recorded in ``MODEL_DIR/base/pretrained.json``, checked against its sha256): trained,
+automatic masks from the start; an official SAM2/SAM2.1 checkpoint found in ``MODEL_DIR/base`` or
+``MODEL_DIR`` (fresh adapters and decoder: prompts only until the first round); else a randomly
+initialised trunk, with a loud warning: predictions then come from an untrained encoder.
+
+Only a version made from an official checkpoint or a random trunk is recorded as having an
+untrained decoder (see :mod:`contracts.heads`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from contracts.settings import Settings
 log = logging.getLogger(__name__)
 
 UNTRAINED_SOURCE = "random-init"
+SAM2_SOURCE_PREFIX = "sam2:"
+RELEASED_SOURCE_PREFIX = "released:"
 
 
 def find_sam2_checkpoints(registry: ModelRegistry) -> list[Path]:
@@ -45,10 +52,12 @@ def ensure_current_version(registry: ModelRegistry, settings: Settings) -> Versi
 def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
     import torch
 
+    from contracts.pretrained import find_downloaded
     from sam2unet.checkpoints import (
         BaseRef,
         build_from_sam2,
         load_any,
+        load_released,
         load_sam2_trunk,
         random_model,
         trunk_state_of,
@@ -58,11 +67,21 @@ def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
     from sam2unet.exceptions import CheckpointError
 
     registry.base_dir.mkdir(parents=True, exist_ok=True)
+    released = None if settings.init_checkpoint else find_downloaded(registry.base_dir)
+    trained = True
     if settings.init_checkpoint:
         path = Path(settings.init_checkpoint)
         loaded = load_any(path, search_dirs=[registry.base_dir, registry.model_dir])
         source = f"init-checkpoint:{path.name}"
+        # a delta records whether its decoder was trained; an official checkpoint's is fresh
+        trained = loaded.source_format != "sam2" and bool(loaded.meta.get("decoder_trained", True))
+    elif released is not None:
+        name, path = released
+        loaded = load_released(path, image_size=settings.image_size)
+        source = f"{RELEASED_SOURCE_PREFIX}{name}"
+        log.info("first version from the released SAM2-UNet task model %r (%s)", name, path)
     else:
+        trained = False
         loaded = None
         for cand in find_sam2_checkpoints(registry):
             try:
@@ -73,7 +92,7 @@ def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
             if size == settings.model_size:
                 config = ModelConfig(size=size, image_size=settings.image_size)
                 loaded = build_from_sam2(cand, config)
-                source = f"sam2:{cand.name}"
+                source = f"{SAM2_SOURCE_PREFIX}{cand.name}"
                 break
         if loaded is None:
             config = ModelConfig(size=settings.model_size, image_size=settings.image_size)
@@ -99,5 +118,10 @@ def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
         del trunk
     with torch.no_grad():
         return registry.create_version(
-            loaded.model, loaded.config, base, source=source, metrics=loaded.metrics
+            loaded.model,
+            loaded.config,
+            base,
+            source=source,
+            metrics=loaded.metrics,
+            decoder_trained=trained,
         )

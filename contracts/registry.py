@@ -61,6 +61,12 @@ class VersionInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     train_size: int = 0
     note: str = ""
+    #: whether the automatic head (the U-Net decoder) was ever trained; None in meta.json files
+    #: written before it was recorded (see :func:`contracts.heads.decoder_trained`)
+    decoder_trained: bool | None = None
+    #: whether the base checkpoint holds SAM2's prompt encoder and mask decoder; None: not
+    #: recorded (see :func:`contracts.heads.prompt_head_for`)
+    base_prompt_decoder: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,6 +116,13 @@ class ModelRegistry:
 
     def model_path(self, name: str) -> Path:
         return self.versions_dir / name / "model.pt"
+
+    def base_path(self, name: str) -> Path | None:
+        """The base checkpoint file called ``name`` (in ``base/`` or ``MODEL_DIR``), if any."""
+        for d in (self.base_dir, self.model_dir):
+            if (d / name).is_file():
+                return d / name
+        return None
 
     def promotions(self) -> list[dict[str, Any]]:
         """The promotion log, oldest first."""
@@ -189,9 +202,18 @@ class ModelRegistry:
         note: str = "",
         train_state: dict[str, Any] | None = None,
         extra_files: dict[str, bytes] | None = None,
+        decoder_trained: bool = True,
     ) -> VersionInfo:
-        """Write a new, not yet promoted version atomically and return its info."""
-        from sam2unet.checkpoints import save_delta
+        """Write a new, not yet promoted version atomically and return its info.
+
+        ``decoder_trained``: False for a version whose U-Net decoder is freshly initialised
+        (made from an official SAM2 checkpoint or a random trunk): it makes no automatic
+        predictions. Whether the base checkpoint holds SAM2's prompt decoder is read from the
+        base file here and recorded too."""
+        from sam2unet.checkpoints import has_prompt_decoder, save_delta
+
+        base_path = None if base is None else self.base_path(base.name)
+        prompt_decoder = base_path is not None and has_prompt_decoder(base_path)
 
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.versions_dir))
@@ -211,6 +233,8 @@ class ModelRegistry:
                     metrics=dict(metrics or {}),
                     train_size=int(train_size),
                     note=note,
+                    decoder_trained=bool(decoder_trained),
+                    base_prompt_decoder=prompt_decoder,
                 )
                 save_delta(
                     tmp / "model.pt",
@@ -219,7 +243,11 @@ class ModelRegistry:
                     base,
                     metrics=metrics,
                     train_state=train_state,
-                    meta={"version": name, "parent": parent},
+                    meta={
+                        "version": name,
+                        "parent": parent,
+                        "decoder_trained": bool(decoder_trained),
+                    },
                 )
                 for fname, data in (extra_files or {}).items():
                     (tmp / fname).write_bytes(data)

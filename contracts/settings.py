@@ -65,6 +65,8 @@ class Settings:
     fetch_timeout: float = 15.0
     allow_private_urls: bool = False
     allow_hosts: tuple[str, ...] = ()
+    # a presigned URL that Label Studio's storage endpoint redirects to may be on a private address
+    allow_private_storage: bool = False
     local_files_roots: tuple[str, ...] = ()
     # trainer
     train_min_new: int = 10  # corrections that start a round

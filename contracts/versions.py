@@ -1,11 +1,13 @@
 """Version listings for the CLI and the backend: metrics, base checkpoint, training data size,
-promotion state and correction rate."""
+promotion state, correction rate, the head that serves prompts and whether the automatic head
+was ever trained."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from contracts.heads import heads_json
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 
@@ -41,6 +43,7 @@ def versions_json(registry: ModelRegistry, settings: Settings) -> list[dict[str,
                 "parent_metrics": v.metrics.get("parent_val", {}),
                 "correction_rate": rates.get(v.name),
                 "note": v.note,
+                **heads_json(v, registry),
             }
         )
     return out
@@ -56,7 +59,10 @@ def per_label(metrics: dict[str, Any], key: str = "miou") -> dict[str, float]:
 def version_table(rows: list[dict[str, Any]]) -> str:
     """A text table of :func:`versions_json` rows; versions with several labels also list
     each label's mIoU, in the version's label order."""
-    head = f"{'':2}{'version':<26}{'state':<10}{'train':>6}{'val':>5}{'mIoU':>8}{'S':>8}{'corr.':>8}  base"
+    head = (
+        f"{'':2}{'version':<26}{'state':<10}{'train':>6}{'val':>5}{'mIoU':>8}{'S':>8}{'corr.':>8}"
+        f"  {'prompts':<8}{'auto':<10}base"
+    )
     lines = [head + "  (mIoU per label)"]
     for r in rows:
         state = "current" if r["current"] else ("promoted" if r["promoted"] else "candidate")
@@ -70,7 +76,8 @@ def version_table(rows: list[dict[str, Any]]) -> str:
             f"{'*' if r['current'] else '':2}{r['version']:<26}{state:<10}{r['train_size']:>6}"
             f"{(r['val_size'] or 0):>5}{m.get('miou', float('nan')):>8.3f}"
             f"{m.get('sm', float('nan')):>8.3f}"
-            f"{(corr['mean'] if corr else float('nan')):>8.3f}  {r['base'] or '-'}"
-            + (f"  ({labels})" if labels else "")
+            f"{(corr['mean'] if corr else float('nan')):>8.3f}  {r.get('prompt_head', '-'):<8}"
+            f"{'trained' if r.get('automatic_head_trained', True) else 'untrained':<10}"
+            f"{r['base'] or '-'}" + (f"  ({labels})" if labels else "")
         )
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.cookiejar
 import json
 import logging
 import threading
@@ -154,6 +155,9 @@ class LabelStudioClient:
         self.host = host
         self.timeout = timeout
         self.session = session or requests.Session()
+        # no cookies kept: Label Studio's session cookie (cookies ignore ports) would go with a
+        # download redirected to another service on the same host name
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self._origin = origin(url)
         self._key = api_key.strip()
         self._lock = threading.Lock()

@@ -13,8 +13,11 @@ reach the worker's private network (SSRF), exhaust its memory or hold it forever
 - DNS rebinding: the address checked before connecting could differ from the one connected to
   if DNS answers differently the second time. Every new connection therefore checks the peer
   address of its socket again, right after connecting and before sending a byte.
-- ``data:`` URIs with base64 data are decoded, size-capped. ``file:``, ``ftp:`` and cloud
-  storage URIs (``s3://``, ``gs://``, ``azure-blob://``) are refused.
+- Cloud storage URIs (``s3://``, ``gs://``, ``azure-blob://``) are read through Label Studio's
+  storage endpoint for the task (see :mod:`labelstudio.storage`); a presigned URL it redirects
+  to is fetched without credentials, on a private address only when allow-listed or when
+  ``allow_private_storage`` is on.
+- ``data:`` URIs with base64 data are decoded, size-capped. ``file:`` and ``ftp:`` are refused.
 - Bodies are streamed and cut off past ``max_bytes``; the whole fetch, redirects included,
   must finish within ``timeout`` seconds.
 
@@ -27,165 +30,40 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.cookiejar
 import ipaddress
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from contracts.errors import ImageFetchError, LabelStudioError
+from labelstudio import storage
+from labelstudio.addresses import (
+    PRIVATE_KINDS,
+    AddressRefused,
+    FetchPolicy,
+    address_kind,
+    guarded_adapter,
+    parse_allow,
+)
 from labelstudio.client import origin, read_limited, redact_url
 from sam2unet.exceptions import ImageError
-from sam2unet.transforms import MAX_IMAGE_PIXELS, decode_image
+from sam2unet.transforms import decode_image
 
 if TYPE_CHECKING:
-    from contracts.settings import Settings
     from labelstudio.client import LabelStudioClient
 
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 USER_AGENT = "sam2unet-assist"
-_CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "az", "wasb", "wasbs", "abfs", "abfss")
-# Address kinds that ``allow_private`` admits; multicast, reserved and unspecified never are.
-_PRIVATE_KINDS = ("private", "loopback", "link-local", "non-public")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """Limits for fetching task images.
-
-    Attributes:
-        max_bytes: largest body accepted, in bytes.
-        timeout: seconds for a whole fetch (connect, redirects and body).
-        max_pixels: largest decoded image, in pixels (decompression bombs).
-        allow_private: admit private, loopback and link-local addresses.
-        allow_hosts: hosts admitted even when their addresses are not public: host names,
-            ``host:port``, IP addresses or CIDR networks. The Label Studio origin is always
-            admitted.
-        local_roots: Label Studio local-files document roots readable from disk here: a
-            ``/data/local-files/?d=<path>`` URL is read from ``<root>/<path>`` when that file
-            exists under a root, else fetched from Label Studio.
-    """
-
-    max_bytes: int = 50 * 1024 * 1024
-    timeout: float = 15.0
-    max_pixels: int = MAX_IMAGE_PIXELS
-    allow_private: bool = False
-    allow_hosts: tuple[str, ...] = ()
-    local_roots: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.timeout <= 0 or self.max_pixels <= 0:
-            raise ValueError("max_bytes, timeout and max_pixels must be positive")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> FetchPolicy:
-        return cls(
-            max_bytes=settings.max_image_bytes,
-            timeout=settings.fetch_timeout,
-            max_pixels=settings.max_image_pixels,
-            allow_private=settings.allow_private_urls,
-            allow_hosts=tuple(settings.allow_hosts),
-            local_roots=tuple(settings.local_files_roots),
-        )
-
-
-def address_kind(ip: IPAddress) -> str | None:
-    """Why an address is not a public unicast one (``"loopback"``, ``"private"``, ...), or None
-    for a public address. IPv4-mapped IPv6 addresses are judged as their IPv4 address."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_multicast:
-        return "multicast"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_reserved:
-        return "reserved"
-    if ip.is_private:
-        return "private"
-    if not ip.is_global:
-        return "non-public"
-    return None
-
-
-class _AddressRefused(Exception):
-    """Raised inside a connection whose peer address is refused (before anything is sent)."""
-
-
-class _PeerCheck:
-    """Mixin for urllib3 connections: check the connected socket's peer address."""
-
-    check: Callable[[str, int | None, str], str | None]
-
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        peer = sock.getpeername()[0]
-        reason = type(self).check(self.host, self.port, peer)
-        if reason:
-            sock.close()
-            raise _AddressRefused(f"connected to {peer}, a {reason} address")
-        return sock
-
-
-def _guarded_adapter(check: Callable[[str, int | None, str], str | None]) -> HTTPAdapter:
-    """A requests adapter whose new connections refuse peers for which ``check(host, port,
-    peer_ip)`` gives a reason."""
-    conn = type(
-        "GuardedHTTPConnection", (_PeerCheck, HTTPConnection), {"check": staticmethod(check)}
-    )
-    sconn = type(
-        "GuardedHTTPSConnection", (_PeerCheck, HTTPSConnection), {"check": staticmethod(check)}
-    )
-    pool = type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": conn})
-    spool = type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": sconn})
-
-    class GuardedAdapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": pool, "https": spool}
-
-    return GuardedAdapter()
-
-
-def _parse_allow(
-    entries: tuple[str, ...],
-) -> tuple[set[str], set[tuple[str, int]], list[IPNetwork]]:
-    names: set[str] = set()
-    origins: set[tuple[str, int]] = set()
-    nets: list[IPNetwork] = []
-    for raw in entries:
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
-            continue
-        except ValueError:
-            pass
-        host, sep, port = entry.rpartition(":")
-        if sep and port.isdigit() and (host.startswith("[") or ":" not in host):
-            origins.add((host.strip("[]"), int(port)))
-        else:
-            names.add(entry.strip("[]"))
-    return names, origins, nets
 
 
 class ImageFetcher:
@@ -202,15 +80,19 @@ class ImageFetcher:
     ) -> None:
         self.client = ls_client
         self.policy = policy or FetchPolicy()
-        self._names, self._origins, self._nets = _parse_allow(self.policy.allow_hosts)
+        self._names, self._origins, self._nets = parse_allow(self.policy.allow_hosts)
         if ls_client is not None:
             _, host, port = origin(ls_client.url)
             self._origins.add((host, port or 80))
         self._roots = [os.path.realpath(r) for r in self.policy.local_roots]
+        # per thread: the (host, port) of a presigned URL Label Studio just redirected to
+        self._issued = threading.local()
         self.session = requests.Session()
         self.session.trust_env = False  # a proxy would hide the peer address being checked
+        # no cookies kept: Label Studio's session cookie would go to any host of its name
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.session.headers["User-Agent"] = USER_AGENT
-        adapter = _guarded_adapter(self._refusal)
+        adapter = guarded_adapter(self._refusal)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -221,6 +103,7 @@ class ImageFetcher:
     def _refusal(self, host: str, port: int | None, ip_text: str) -> str | None:
         """Why connecting to ``ip_text`` for ``host:port`` is refused, or None if allowed."""
         host = host.lower().strip("[]").rstrip(".")
+        issued = getattr(self._issued, "target", None) == (host, port)
         if host in self._names or (host, port) in self._origins:
             return None
         ip = ipaddress.ip_address(ip_text.split("%", 1)[0])
@@ -229,7 +112,8 @@ class ImageFetcher:
         if any(ip in net for net in self._nets):
             return None
         kind = address_kind(ip)
-        if kind is None or (self.policy.allow_private and kind in _PRIVATE_KINDS):
+        private_ok = self.policy.allow_private or (issued and self.policy.allow_private_storage)
+        if kind is None or (private_ok and kind in PRIVATE_KINDS):
             return None
         return kind
 
@@ -259,20 +143,28 @@ class ImageFetcher:
         for ip in addrs:
             reason = self._refusal(host, port, str(ip))
             if reason:
+                if getattr(self._issued, "target", None) is not None:
+                    how = (
+                        "Label Studio's storage endpoint redirected here; allow it with "
+                        f"SAM2UNET_ALLOW_HOSTS={host}:{port} or SAM2UNET_ALLOW_PRIVATE_STORAGE=true"
+                    )
+                else:
+                    how = "allow it with SAM2UNET_ALLOW_HOSTS or SAM2UNET_ALLOW_PRIVATE_URLS"
                 raise ImageFetchError(
-                    f"{redact_url(url)}: host {host} is a {reason} address ({ip}); refused "
-                    "(allow it with SAM2UNET_ALLOW_HOSTS or SAM2UNET_ALLOW_PRIVATE_URLS)"
+                    f"{redact_url(url)}: host {host} is a {reason} address ({ip}); refused ({how})"
                 )
 
     # --- fetching --------------------------------------------------------------------------
-    def fetch(self, url: str, ls_base: str | None = None) -> bytes:
+    def fetch(self, url: str, ls_base: str | None = None, task_id: int | None = None) -> bytes:
         """The bytes at ``url`` (see the module docstring for what is accepted).
 
         Args:
-            url: a task's image reference: relative Label Studio URL, http(s) URL or data URI.
+            url: a task's image reference: relative Label Studio URL, http(s) URL, cloud
+                storage URI or data URI.
             ls_base: Label Studio's own base URL as it names itself (``hostname`` from
                 ``/setup``). Relative URLs use the client's URL when there is a client, else
                 this; absolute URLs on this origin are fetched from the client's URL instead.
+            task_id: the task whose image it is (needed for cloud storage URIs).
         """
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError("the task has no image URL")
@@ -283,12 +175,8 @@ class ImageFetcher:
             data = self._from_data_uri(url)
         elif scheme in ("http", "https") or (not scheme and url.startswith("/")):
             data = self._from_http(self._resolve(url, ls_base))
-        elif scheme in _CLOUD_SCHEMES:
-            raise ImageFetchError(
-                f"{redact_url(url)}: {scheme}:// URIs are resolved by Label Studio's storage "
-                "proxy, not fetched here: connect the bucket as cloud storage in Label Studio "
-                "(so that tasks carry Label Studio or presigned URLs) or use http(s) URLs"
-            )
+        elif scheme in storage.CLOUD_SCHEMES:
+            data = self._from_http(self._storage_url(url, task_id), name=redact_url(url))
         elif scheme:
             raise ImageFetchError(
                 f"{redact_url(url)}: the {scheme!r} scheme is not allowed; use http(s) URLs, "
@@ -301,14 +189,31 @@ class ImageFetcher:
         )
         return data
 
-    def fetch_image(self, url: str, ls_base: str | None = None) -> np.ndarray:
+    def fetch_image(
+        self, url: str, ls_base: str | None = None, task_id: int | None = None
+    ) -> np.ndarray:
         """``fetch`` and decode: H x W x 3 uint8. Empty, corrupt, truncated or oversized images
         (more than ``policy.max_pixels``) raise ImageFetchError."""
-        data = self.fetch(url, ls_base)
+        data = self.fetch(url, ls_base, task_id)
         try:
             return decode_image(data, max_pixels=self.policy.max_pixels)
         except ImageError as e:
             raise ImageFetchError(f"{redact_url(url)}: {e}") from e
+
+    def _storage_url(self, uri: str, task_id: int | None) -> str:
+        """Label Studio's storage endpoint that reads cloud URI ``uri`` of task ``task_id``."""
+        if self.client is None:
+            raise ImageFetchError(
+                f"{redact_url(uri)}: cloud storage URIs are read through Label Studio: set "
+                "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (and connect the bucket as cloud "
+                "storage in the project)"
+            )
+        if not isinstance(task_id, int) or isinstance(task_id, bool):
+            raise ImageFetchError(
+                f"{redact_url(uri)}: a cloud storage URI is resolved by Label Studio per task, "
+                "and this image has no task id"
+            )
+        return storage.resolve_url(self.client.url, uri, task_id)
 
     def _resolve(self, url: str, ls_base: str | None) -> str:
         """Make a Label Studio URL absolute, pointing at the client's URL where possible."""
@@ -357,67 +262,97 @@ class ImageFetcher:
             raise ImageFetchError(f"{redact_url(url)}: file exceeds {self.policy.max_bytes} bytes")
         return data
 
-    def _from_http(self, url: str) -> bytes:
+    def _from_http(self, url: str, name: str | None = None) -> bytes:
+        """GET ``url`` under the policy; ``name`` names the image in errors (default: the
+        redacted URL, or the cloud URI of a storage endpoint URL)."""
         path = self._local_file(url)
         if path is not None:
             return self._read_file(path, url)
+        name = name or storage.describe(url)
         deadline = time.monotonic() + self.policy.timeout
         current, hops, retried = url, 0, False
-        while True:
-            self._check_url(current)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ImageFetchError(f"{redact_url(url)}: timed out after {self.policy.timeout} s")
-            is_ls = self.client is not None and self.client.is_label_studio_url(current)
-            headers = {"Accept-Encoding": "identity"}
-            if is_ls:
-                headers.update(self.client.auth_header())
-            try:
-                r = self.session.get(
-                    current,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(left, left),
-                )
-            except _AddressRefused as e:
-                raise ImageFetchError(f"{redact_url(current)}: {e}; refused") from e
-            except requests.Timeout as e:
-                raise ImageFetchError(
-                    f"{redact_url(current)}: timed out after {self.policy.timeout} s"
-                ) from e
-            except requests.RequestException as e:
-                if is_ls:
-                    raise LabelStudioError(f"Label Studio unreachable at {self.client.url}") from e
-                raise ImageFetchError(
-                    f"{redact_url(current)}: cannot connect ({type(e).__name__})"
-                ) from e
-            if (
-                r.status_code == 401
-                and is_ls
-                and not retried
-                and self.client.handle_unauthorized(headers)
-            ):
-                r.close()
-                retried = True
-                continue
-            if r.is_redirect:
-                location = r.headers.get("Location", "")
-                r.close()
-                hops += 1
-                if hops > MAX_REDIRECTS:
-                    raise ImageFetchError(f"{redact_url(url)}: more than {MAX_REDIRECTS} redirects")
-                current = urljoin(current, location)
-                logger.debug("redirect %d to %s", hops, redact_url(current))
-                continue
-            if r.status_code != 200:
-                try:
-                    if is_ls and r.status_code in (401, 403):
-                        raise self.client.api_error("GET", redact_url(current), r)
-                    raise ImageFetchError(f"{redact_url(current)} answered HTTP {r.status_code}")
-                finally:
+        issued = None  # (host, port) of a target Label Studio's storage endpoint redirected to
+        try:
+            while True:
+                self._issued.target = issued
+                self._check_url(current)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ImageFetchError(f"{name}: timed out after {self.policy.timeout} s")
+                r, is_ls = self._get(current, left, retried)
+                if r is None:  # a 401 with a refreshable token: once more
+                    retried = True
+                    continue
+                from_endpoint = is_ls and storage.is_endpoint(current)
+                if r.is_redirect:
+                    location = r.headers.get("Location", "")
                     r.close()
-            return read_limited(r, self.policy.max_bytes, deadline, redact_url(current))
+                    hops += 1
+                    if hops > MAX_REDIRECTS:
+                        raise ImageFetchError(f"{name}: more than {MAX_REDIRECTS} redirects")
+                    current = urljoin(current, location)
+                    issued = None
+                    if from_endpoint and not self.client.is_label_studio_url(current):
+                        _, host, port = origin(current)
+                        issued = (host.strip("[]").rstrip("."), port)
+                    logger.debug("redirect %d to %s", hops, redact_url(current))
+                    continue
+                if r.status_code != 200:
+                    try:
+                        if from_endpoint and r.status_code != 401:
+                            raise storage.endpoint_error(name, current, r)
+                        if issued is not None:
+                            raise storage.storage_error(name, current, r)
+                        if is_ls and r.status_code in (401, 403):
+                            raise self.client.api_error("GET", redact_url(current), r)
+                        raise ImageFetchError(
+                            f"{redact_url(current)} answered HTTP {r.status_code}"
+                        )
+                    finally:
+                        r.close()
+                return read_limited(r, self.policy.max_bytes, deadline, redact_url(current))
+        finally:
+            self._issued.target = None
+
+    def _get(
+        self, current: str, left: float, retried: bool
+    ) -> tuple[requests.Response | None, bool]:
+        """One GET without following redirects, with the API key only for Label Studio's
+        origin: (response, whether it is Label Studio), or (None, True) after a 401 that a
+        refreshed token may cure."""
+        is_ls = self.client is not None and self.client.is_label_studio_url(current)
+        headers = {"Accept-Encoding": "identity"}
+        if is_ls:
+            headers.update(self.client.auth_header())
+        try:
+            r = self.session.get(
+                current,
+                headers=headers,
+                stream=True,
+                allow_redirects=False,
+                timeout=(left, left),
+            )
+        except AddressRefused as e:
+            raise ImageFetchError(f"{redact_url(current)}: {e}; refused") from e
+        except requests.Timeout as e:
+            raise ImageFetchError(
+                f"{redact_url(current)}: timed out after {self.policy.timeout} s"
+            ) from e
+        except requests.RequestException as e:
+            if is_ls:
+                raise LabelStudioError(f"Label Studio unreachable at {self.client.url}") from e
+            raise ImageFetchError(
+                f"{redact_url(current)}: cannot connect ({type(e).__name__})"
+            ) from e
+        if (
+            r.status_code == 401
+            and is_ls
+            and not retried
+            and self.client.handle_unauthorized(headers)
+        ):
+            r.close()
+            return None, True
+        return r, is_ls
 
     def _from_data_uri(self, url: str) -> bytes:
         head, sep, payload = url[5:].partition(",")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from contracts.errors import AssistError
+from contracts.heads import is_untrained
 from contracts.jobs import ItemResult, PredictPayload
 
 log = logging.getLogger(__name__)
@@ -15,14 +16,15 @@ log = logging.getLogger(__name__)
 
 def make_write_back(ls_client: Any) -> Callable[[PredictPayload, list[ItemResult]], int] | None:
     """A function that stores each successful result as a prediction of its task and returns
-    how many it stored, or None when no Label Studio API is configured."""
+    how many it stored, or None when no Label Studio API is configured. The empty answers of a
+    version whose automatic head was never trained are not stored."""
     if ls_client is None:
         return None
 
     def write_back(payload: PredictPayload, results: list[ItemResult]) -> int:
         written = 0
         for r in results:
-            if r.error or r.task_id is None:
+            if r.error or r.task_id is None or is_untrained(r.model_version):
                 continue
             try:
                 ls_client.create_prediction(r.task_id, r.result, r.score, r.model_version)

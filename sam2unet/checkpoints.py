@@ -105,6 +105,36 @@ def load_sam2_trunk(path: str | os.PathLike[str]) -> tuple[str, dict[str, torch.
     return infer_size(trunk), trunk
 
 
+PROMPT_DECODER_PREFIXES = ("sam_prompt_encoder.", "sam_mask_decoder.")
+
+
+def has_prompt_decoder(
+    path: str | os.PathLike[str],
+    _cache: dict[tuple[str, int, int], bool] = {},  # noqa: B006
+) -> bool:
+    """Whether ``path`` is an official SAM2/SAM2.1 checkpoint whose ``model`` holds SAM2's
+    prompt encoder and mask decoder (``sam_prompt_encoder.*`` and ``sam_mask_decoder.*``).
+    Any other file, or one that cannot be read, is False. Cached per (path, size, mtime); the
+    file is memory-mapped, so only the key names are read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a zip-format checkpoint (mmap needs one), or unreadable
+            try:
+                obj = _torch_load(path)
+            except CheckpointError:
+                obj = None
+        model = obj.get("model") if isinstance(obj, dict) else None
+        keys = [k for k in model if isinstance(k, str)] if isinstance(model, dict) else []
+        _cache[key] = all(any(k.startswith(p) for k in keys) for p in PROMPT_DECODER_PREFIXES)
+    return _cache[key]
+
+
 def sha256_file(path: str | os.PathLike[str], _cache: dict[tuple[str, int, int], str] = {}) -> str:  # noqa: B006
     """sha256 of a file, cached per (path, size, mtime) for the life of the process."""
     st = os.stat(path)

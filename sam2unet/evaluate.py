@@ -2,6 +2,14 @@
 folder pair. Files are paired by stem; unpaired files are a :class:`DatasetError`.
 
 Results are the :class:`~sam2unet.metrics.MetricSuite` dict (see :mod:`sam2unet.metrics`).
+
+Two post-processings turn a model's output into the uint8 map that is scored:
+
+* ``"default"`` (what the service serves): sigmoid at the model's input size, bilinear resize
+  of the probabilities to the image's size, ``round(p * 255)``;
+* ``"released"`` (the authors' ``test.py``): bilinear resize of the final output's *logits* to
+  the ground truth's size, sigmoid, per-image min-max normalisation, ``* 255`` truncated to
+  uint8 (:func:`released_postprocess`).
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from sam2unet.checkpoints import LoadedModel
@@ -19,6 +29,23 @@ from sam2unet.metrics import MetricSuite
 from sam2unet.predictor import Predictor
 
 log = logging.getLogger(__name__)
+
+POSTPROCESS = ("default", "released")
+
+
+def released_postprocess(logits: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """One output channel's ``S x S`` logits -> the ``shape`` uint8 map the released
+    ``test.py`` saves: bilinear resize (``align_corners=False``) of the logits, sigmoid,
+    ``(x - min) / (max - min + 1e-8)``, ``* 255`` truncated to uint8."""
+    x = F.interpolate(
+        logits.float().reshape(1, 1, *logits.shape[-2:]),
+        size=tuple(shape),
+        mode="bilinear",
+        align_corners=False,
+    )
+    res = x.sigmoid().cpu().numpy().squeeze()
+    res = (res - res.min()) / (res.max() - res.min() + 1e-8)
+    return (res * 255).astype(np.uint8)
 
 
 def evaluate_dirs(pred_dir: str | Path, gt_dir: str | Path) -> dict[str, float]:
@@ -58,11 +85,15 @@ def evaluate_model(
     bf16: bool = False,
     label: str | None = None,
     save_dir: str | Path | None = None,
+    postprocess: str = "default",
 ) -> dict[str, float]:
     """Run a model (through :class:`~sam2unet.predictor.Predictor`) on ``images_dir`` and
-    compare each probability map, at its image's size, with the mask of the same stem in
-    ``masks_dir``. ``save_dir`` also receives the maps as ``<stem>.png`` (uint8 0..255), which
+    compare each map, at its mask's size, with the mask of the same stem in ``masks_dir``.
+    ``postprocess``: ``"default"`` or ``"released"`` (see the module's docstring).
+    ``save_dir`` also receives the maps as ``<stem>.png`` (uint8 0..255), which
     :func:`evaluate_dirs` scores identically."""
+    if postprocess not in POSTPROCESS:
+        raise ConfigError(f"postprocess must be one of {list(POSTPROCESS)}, got {postprocess!r}")
     channel = label_channel(loaded.config.labels, label)
     source = FolderSource(images_dir, masks_dir)
     predictor = Predictor(
@@ -75,9 +106,16 @@ def evaluate_model(
     for start in range(0, len(source), batch_size):
         idx = range(start, min(start + batch_size, len(source)))
         raws = [source.raw(i) for i in idx]
-        probs = predictor.predict([rgb for rgb, _ in raws])
-        for i, (_, mask), prob in zip(idx, raws, probs, strict=True):
-            pred = np.round(prob[channel] * 255.0).astype(np.uint8)
+        if postprocess == "released":
+            logits = predictor.predict_logits([rgb for rgb, _ in raws])
+            preds = [
+                released_postprocess(lg[channel], mask.shape[1:])
+                for lg, (_, mask) in zip(logits, raws, strict=True)
+            ]
+        else:
+            probs = predictor.predict([rgb for rgb, _ in raws])
+            preds = [np.round(p[channel] * 255.0).astype(np.uint8) for p in probs]
+        for i, (_, mask), pred in zip(idx, raws, preds, strict=True):
             suite.step(pred, mask[0])
             if out is not None:
                 Image.fromarray(pred).save(out / f"{source.name(i)}.png")

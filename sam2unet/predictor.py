@@ -65,12 +65,29 @@ class Predictor:
         return nullcontext()
 
     @torch.inference_mode()
-    def forward_batch(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """B x 3 x S x S normalised input -> B x K x S x S probabilities (on the device, fp32)."""
+    def forward_logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S normalised input -> B x K x S x S logits of the final output (on the
+        device, fp32)."""
         x = torch.as_tensor(batch).to(self.device, non_blocking=True)
         with self._autocast():
             logits = self.model(x)[0]
-        return torch.sigmoid(logits.float())
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward_batch(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S normalised input -> B x K x S x S probabilities (on the device, fp32)."""
+        return torch.sigmoid(self.forward_logits(batch))
+
+    @torch.inference_mode()
+    def predict_logits(self, images: Sequence[np.ndarray | Image.Image]) -> list[torch.Tensor]:
+        """Per image, the K x S x S logits at the model's input size (on the CPU, fp32)."""
+        size = self.config.image_size
+        out: list[torch.Tensor] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            inputs = np.stack([preprocess(im, size) for im in chunk])
+            out.extend(self.forward_logits(inputs).cpu())
+        return out
 
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray | Image.Image]) -> list[np.ndarray]:

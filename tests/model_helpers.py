@@ -14,6 +14,7 @@ from PIL import Image
 from sam2unet.build import build_sam2unet
 from sam2unet.checkpoints import trunk_state_of, write_sam2_checkpoint
 from sam2unet.config import ModelConfig
+from sam2unet.modeling.decoder import Up
 from sam2unet.modeling.sam2unet import SAM2UNet
 
 # Extra non-trunk keys of an official checkpoint (a few of each family), and those that only
@@ -70,6 +71,14 @@ def write_official_checkpoint(
         shapes.update(SAM21_EXTRA_SHAPES)
     extra = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     return write_sam2_checkpoint(path, trunk_state_of(model), extra)
+
+
+def released_state(model: SAM2UNet) -> dict[str, torch.Tensor]:
+    """The layout the SAM2-UNet authors released: our keys plus the unused ``up4`` stage."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    up4 = Up(128, 64)
+    state.update({f"up4.{k}": v for k, v in up4.state_dict().items()})
+    return state
 
 
 def write_pngs(folder: Path, names: Iterable[str], size: tuple[int, int] = (24, 32)) -> None:

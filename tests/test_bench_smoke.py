@@ -55,7 +55,8 @@ def test_serving_sections_account_for_the_time(results):
     t = e2e["throughput"]
     assert t["failed"] == 0 and t["tasks"] == 4 and t["jobs"] == 2
     assert e2e["ratio"] == pytest.approx(t["images_per_s"] / e2e["raw_images_per_s"])
-    assert 0 < e2e["ratio_to_worker_forward"] < 1
+    assert e2e["ratio_to_worker_forward"] == pytest.approx(t["model_seconds"] / t["seconds"])
+    assert t["model_seconds"] > 0
     # the reference forward was timed by the worker process itself, over as many images
     raw = e2e["raw_seconds_in_worker"]
     assert len(raw["before"]) >= 2 and len(raw["after"]) >= 2
@@ -70,7 +71,7 @@ def test_serving_sections_account_for_the_time(results):
     q = r["queue"]
     assert q["noop_ms"]["total"]["n"] == 20 and q["rq_echo_ms"]["n"] == 20
     assert 0 < q["noop_ms"]["overhead"]["p50"] <= q["noop_ms"]["total"]["p50"]
-    assert q["noop_ms"]["model"]["p50"] < 1.0  # the no-op model
+    assert 0 <= q["noop_ms"]["model"]["p50"] <= q["noop_ms"]["total"]["p50"]  # the no-op model
     assert q["rq_echo_ms"]["p50"] > 0
 
 

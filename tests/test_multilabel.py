@@ -354,7 +354,7 @@ def test_preannotations_decode_back_to_per_label_masks(project, kind):
         target=target_to_json(tgt),
         reply_key=None,
     )
-    out = run_predict(payload, runtime, lambda url, base: files[url], None, threshold=0.5)
+    out = run_predict(payload, runtime, lambda url, base, task: files[url], None, threshold=0.5)
     probs = runtime.predict(images)
     assert runtime.labels == LABELS
     present = set()
@@ -402,7 +402,7 @@ def test_labels_of_the_project_differ_from_the_model(project):
             target=target_to_json(tgt),
             reply_key=None,
         )
-        (item,) = run_predict(payload, runtime, lambda u, b: files[u], None, threshold=threshold)
+        (item,) = run_predict(payload, runtime, lambda u, b, t: files[u], None, threshold=threshold)
         assert item.error is None
         return item
 
@@ -421,6 +421,15 @@ def test_labels_of_the_project_differ_from_the_model(project):
 
     registry.rollback(project["first"])
     other = target("brush", ("Car", "Tree"))
+    # the first version's decoder was never trained: no automatic prediction at all
+    item = predict(other, 0.0)
+    assert item.result == [] and item.model_version == f"{project['first']}/untrained"
+    # the same generic one-channel model as a trained version: its channel serves "Car"
+    generic = registry.load(project["first"])
+    stand_in = registry.create_version(
+        generic.model, generic.config, generic.base, parent=project["first"], source="test"
+    )
+    registry.promote(stand_in.name)
     assert label_channels(("object",), other) == [(0, "Car")]
     item = predict(other, 0.0)
     assert runtime.labels == ("object",)

@@ -485,7 +485,7 @@ def test_real_model_interactive_latency_512(predictor):
 # --------------------------------------------------------------------------- the worker pipeline
 
 
-def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(tmp_path, redis_conn):
+def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(model_dir, redis_conn):
     from contracts.jobs import PredictItem, PredictPayload
     from contracts.registry import ModelRegistry
     from contracts.settings import Settings
@@ -493,8 +493,9 @@ def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(tmp_path, redis
     from worker.pipeline import run_predict
     from worker.runtime import ModelRuntime
 
-    settings = Settings(model_size="test", image_size=64, model_dir=tmp_path, device="cpu")
-    runtime = ModelRuntime(settings, ModelRegistry(tmp_path, None))
+    # a trained version: one whose decoder was never trained makes no automatic prediction
+    settings = Settings(model_size="test", image_size=64, model_dir=model_dir, device="cpu")
+    runtime = ModelRuntime(settings, ModelRegistry(model_dir, None))
     body = json.loads((FIXTURES / "post_predict_interactive.json").read_text())["json"]
     target = target_to_json(parse_label_config(body["label_config"], "tag"))
     im = np.random.default_rng(2).integers(0, 255, (64, 96, 3), dtype=np.uint8)
@@ -502,7 +503,7 @@ def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(tmp_path, redis
     Image.fromarray(im).save(buf, format="PNG")
     png = buf.getvalue()
 
-    def fetch(url: str, base: str | None) -> bytes:
+    def fetch(url: str, base: str | None, task: int | None) -> bytes:
         return png
 
     def run(context):

@@ -125,7 +125,7 @@ def test_bad_images_and_refused_urls_are_per_task_errors(stack):
         ("file:///etc/passwd", "'file' scheme is not allowed"),
         ("ftp://example.com/x.png", "'ftp' scheme is not allowed"),
         ("http://10.1.2.3/x.png", "private address"),
-        ("s3://bucket/key.png", "storage proxy"),
+        ("s3://bucket/key.png", "Label Studio unreachable"),  # read through its storage endpoint
         ("data:image/png;base64,not*base64", "invalid base64"),
         ("/data/local-files/?d=sub/ok.png", None),  # read from the local root
         ("/data/local-files/?d=inside-link.png", None),  # a link inside the root

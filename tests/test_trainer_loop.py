@@ -86,8 +86,15 @@ def test_loop_iou_rises_round_over_round_and_a_worse_candidate_is_not_promoted(t
     assert ious[1] > ious[0] + 0.15
     assert ious[2] > ious[1] and ious[3] > ious[2]
 
+    # a worse candidate: annotators who swapped the masks of the training tasks among them
+    # (the held-out ones stay right, so that the gate measures against the truth)
+    train_ids, _ = holdout_split([t for t, _, _ in corrected], settings.train_holdout)
+    swapped = dict(zip(train_ids, np.random.default_rng(0).permutation(train_ids), strict=True))
+    truth = {t: m for t, _, m in corrected}
+    wrong = [(t, img, truth[swapped.get(t, t)]) for t, img, _ in corrected]
+    assert sum(not np.array_equal(m, truth[t]) for t, _, m in wrong) > len(train_ids) // 2
     before = registry.current()
-    bad = run_round(registry, settings, corrected, labels, project=1, corrupt_labels=True)
+    bad = run_round(registry, settings, wrong, labels, project=1)
     print("shuffled-mask candidate:", bad.reason)
     assert bad.status == "rejected"
     assert registry.current() == before

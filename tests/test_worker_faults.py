@@ -3,8 +3,10 @@ worker after the job lease runs out, and every task still gets its prediction.""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -115,19 +117,46 @@ def run_leased_job(redis_url: str, lease: int, queues: list[str], seconds: float
     return job, out, running
 
 
+@contextlib.contextmanager
+def registry_changes(conn: redis.Redis, key: str) -> Iterator[list[str]]:
+    """The commands that changed the sorted set ``key`` while the block ran, in order, from
+    Redis's keyspace notifications (a ZADD that changes no score notifies nothing)."""
+    db = conn.connection_pool.connection_kwargs.get("db", 0)
+    conn.config_set("notify-keyspace-events", "Kz")
+    pubsub = conn.pubsub()
+    pubsub.subscribe(f"__keyspace@{db}__:{key}")
+    changes: list[str] = []
+    try:
+        yield changes
+        while (m := pubsub.get_message(timeout=0.5)) is not None:
+            if m["type"] == "message":
+                changes.append(m["data"].decode())
+    finally:
+        pubsub.close()
+        conn.config_set("notify-keyspace-events", "")
+
+
+@pytest.mark.timeout(180)  # a hang guard
 def test_a_job_longer_than_its_lease_keeps_it_and_runs_once(redis_url):
     """The lease (2 s, the shortest allowed) is renewed while the job runs: a backend reaping
     abandoned jobs all along neither retries nor fails a 4 s job; once it has ended, nothing
     of it stays in the started-job registry (no renewal after the end)."""
     from rq.job import JobStatus
 
-    job, out, running = run_leased_job(redis_url, 2, ["lease-a"], 4.0)
-    assert out.count("Job OK") == 1, out
-    assert job.get_status() == JobStatus.FINISHED and job.retries_left == 1
-    assert running >= 20  # in the registry the whole time it ran
-    time.sleep(2.5)  # longer than the lease: a late renewal would have put it back
-    started = StartedJobRegistry("lease-a", connection=redis.Redis.from_url(redis_url))
+    conn = redis.Redis.from_url(redis_url)
+    started = StartedJobRegistry("lease-a", connection=conn)
+    with registry_changes(conn, started.key) as changes:
+        job, out, running = run_leased_job(redis_url, 2, ["lease-a"], 4.0)
+        assert out.count("Job OK") == 1, out
+        assert job.get_status() == JobStatus.FINISHED and job.retries_left == 1
+        assert running > 0
+        time.sleep(2.5)  # longer than the lease: a late renewal would have put it back
     assert started.count == 0
+    # Redis saw the entry added, its expiry moved on (rq scores whole seconds: the renewals
+    # within one second change nothing) at least twice, as a 4 s job on a 2 s lease needs,
+    # then removed once the job had ended, and nothing after that
+    assert changes[0] == "zadd" and changes[-1] == "zrem", changes
+    assert changes.count("zrem") == 1 and changes.count("zadd") >= 3, changes
 
 
 @pytest.mark.parametrize("queues", [["lease-b"], ["lease-c", "lease-d"]])
@@ -138,13 +167,15 @@ def test_a_job_requeued_while_it_still_ran_is_not_run_twice(redis_url, queues):
     With one queue rq dequeues through an intermediate list: the copy leaves that too."""
     from rq.job import JobStatus
 
+    # The job runs 5 s so that the expiry lands well before it ends even on a loaded machine
+    # (if the job had already ended, there would be nothing to requeue).
     def expire_once(conn, started, job):  # as if the renewals had stalled for 15 s
         if not getattr(expire_once, "done", False):
             for member in conn.zrange(started.key, 0, -1):
                 conn.zadd(started.key, {member: 1})
             expire_once.done = True
 
-    job, out, running = run_leased_job(redis_url, 15, queues, 2.0, during=expire_once)
+    job, out, running = run_leased_job(redis_url, 15, queues, 5.0, during=expire_once)
     assert running > 0 and expire_once.done
     assert out.count("Job OK") == 1, out
     assert "has already finished; its requeued copy is not run" in out

@@ -166,7 +166,7 @@ class DatasetCache:
         self,
         client: Any,
         project: int,
-        fetch: Callable[[str, str | None], bytes],
+        fetch: Callable[[str, str | None, int | None], bytes],
         target: Target | None = None,
     ) -> SyncReport:
         """Bring the project's samples in line with Label Studio's annotations."""
@@ -235,12 +235,12 @@ class DatasetCache:
         task: dict[str, Any],
         ann: dict[str, Any],
         target: Target,
-        fetch: Callable[[str, str | None], bytes],
+        fetch: Callable[[str, str | None, int | None], bytes],
     ) -> Sample:
         url = (task.get("data") or {}).get(target.value_key)
         if not isinstance(url, str) or not url:
             raise AnnotationFormatError(f"task data has no image under {target.value_key!r}")
-        data = fetch(url, None)
+        data = fetch(url, None, task.get("id"))
         digest = self._store_image(data)
         rgb = decode_image(data)
         h, w = rgb.shape[:2]

@@ -96,13 +96,9 @@ def run_round(
     reason: str = "",
     progress: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    corrupt_labels: bool = False,
 ) -> RoundReport:
     """Train a candidate from the current version on ``samples`` ((task id, H x W x 3 image,
     K x H x W mask) with channels in ``labels`` order) and promote it if it is not worse.
-
-    ``corrupt_labels`` shuffles masks across images (a deliberately bad candidate, for tests
-    and demonstrations of the promotion gate).
     """
     from sam2unet.checkpoints import relabel
     from sam2unet.data import ArraySource, SegmentationDataset
@@ -125,14 +121,6 @@ def run_round(
 
     by_id = {int(t): (img, m) for t, img, m in samples}
     train_pairs = [by_id[t] for t in train_ids]
-    if corrupt_labels:
-        rng = np.random.default_rng(0)
-        masks = [m for _, m in train_pairs]
-        order = rng.permutation(len(masks))
-        train_pairs = [
-            (img, _fit(masks[j], img.shape[:2]))
-            for (img, _), j in zip(train_pairs, order, strict=True)
-        ]
     val_pairs = [by_id[t] for t in val_ids]
     labels = tuple(labels)
 
@@ -185,7 +173,7 @@ def run_round(
             "promoted": promote,
         },
         train_size=len(train_ids),
-        note=("corrupted labels; " if corrupt_labels else "") + (reason or ""),
+        note=reason or "",
         extra_files={TRAINING_PNG: png} if png else None,
     )
     report.candidate = info.name
@@ -207,12 +195,3 @@ def run_round(
         report.seconds,
     )
     return report
-
-
-def _fit(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """A K x h x w mask resized (nearest) to hw, for pairing a mask with another image."""
-    import cv2
-
-    if mask.shape[1:] == hw:
-        return mask
-    return np.stack([cv2.resize(m, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST) for m in mask])

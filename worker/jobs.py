@@ -8,6 +8,7 @@ from typing import Any
 from rq import get_current_job
 
 from contracts import preannotate as runs
+from contracts.heads import is_untrained
 from contracts.jobs import PredictPayload, deliver_reply, encode_reply
 from contracts.metrics import record_job
 from worker.pipeline import StageTimes, run_predict
@@ -59,7 +60,14 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     elif p.write_back:
         log.error("request %s: no Label Studio API configured to write results to", p.request_id)
     if p.run_id:
-        runs.record(ctx.redis, p.run_id, done=written, failed=len(results) - written)
+        untrained = sum(1 for r in results if is_untrained(r.model_version))
+        runs.record(
+            ctx.redis,
+            p.run_id,
+            done=written,
+            failed=len(results) - written - untrained,
+            skipped=untrained,
+        )
     return {"items": len(results), "errors": sum(1 for r in results if r.error)}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import redis
 
 from contracts.errors import AssistError
+from contracts.heads import untrained_version
 from contracts.jobs import ItemResult, PredictPayload
 from labelstudio.codecs import brush_result, polygon_results, prediction_score
 from labelstudio.labelconfig import Target, target_from_json
@@ -131,7 +132,7 @@ def answer_with_sam2(
 def run_predict(
     payload: PredictPayload,
     runtime: Any,
-    fetch: Callable[[str, str | None], bytes],
+    fetch: Callable[[str, str | None, int | None], bytes],
     redis_client: redis.Redis | None,
     *,
     threshold: float = 0.5,
@@ -144,6 +145,19 @@ def run_predict(
     times = times if times is not None else StageTimes()
     target = target_from_json(payload.target)
     version = runtime.ensure_current(in_job=True)
+    if payload.context is None and not runtime.decoder_trained:
+        # the automatic head was never trained: its maps are noise, so none are made
+        log.info(
+            "request %s: %d task(s) get no automatic prediction: %s",
+            payload.request_id,
+            len(payload.items),
+            f"the automatic head of {version} was never trained",
+        )
+        marked = untrained_version(version)
+        return [
+            ItemResult(it.index, it.task_id, score=0.0, model_version=marked)
+            for it in payload.items
+        ]
     channels = label_channels(runtime.labels, target)
     if payload.context is not None:  # a prompted result depends on the prompts: not cached
         cache_ttl = 0
@@ -153,7 +167,7 @@ def run_predict(
 
     def load(item):  # runs in a thread: network I/O and decoding overlap
         t0 = time.perf_counter()
-        data = fetch(item.url, payload.ls_base)
+        data = fetch(item.url, payload.ls_base, item.task_id)
         t1 = time.perf_counter()
         digest = hashlib.sha256(data).hexdigest()
         return data, digest, t1 - t0

@@ -9,6 +9,7 @@ from rq import Queue
 
 from contracts import preannotate as runs
 from contracts.errors import AssistError
+from contracts.heads import untrained_warning
 from contracts.jobs import (
     QUEUE_BACKGROUND,
     PredictItem,
@@ -52,6 +53,12 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     unlabeled_only = (conn.hget(runs.RUN_PREFIX + run_id, "unlabeled_only") or b"1") == b"1"
     try:
         version = ctx.runtime.ensure_current()
+        if not ctx.runtime.decoder_trained and ctx.runtime.info is not None:
+            # nothing but noise to write: the run stops with the reason instead
+            reason = untrained_warning(ctx.runtime.info)
+            log.warning("pre-annotation %s not run: %s", run_id, reason)
+            runs.fail(conn, run_id, reason)
+            return {"error": reason}
         target = parse_label_config(ctx.ls_client.get_project(project)["label_config"])
         r = ctx.ls_client.request(
             "GET",

@@ -14,6 +14,7 @@ import numpy as np
 import redis
 
 from contracts.bootstrap import ensure_current_version
+from contracts.heads import decoder_trained
 from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
 
@@ -31,6 +32,8 @@ class ModelRuntime:
         self.info: VersionInfo | None = None
         self.predictor: Any = None
         self.labels: tuple[str, ...] = ()
+        #: whether the held version's automatic head (U-Net decoder) was ever trained
+        self.decoder_trained = True
         self._trunk_cache: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._lock = threading.Lock()
@@ -107,6 +110,7 @@ class ModelRuntime:
         self.base_sha = loaded.base.sha256 if loaded.base is not None else None
         self._publish_head(name)
         self.labels = tuple(loaded.config.labels)
+        self.decoder_trained = decoder_trained(info)
         self.loads += 1
         log.info(
             "loaded model version %s on %s in %.2fs (previous: %s)",

@@ -1,0 +1,82 @@
+"""Which head serves what, per model version.
+
+* **Prompts** (Label Studio keypoints and rectangles) are answered by SAM2's own prompt encoder
+  and mask decoder (``"sam2"``) when the version's base is an official SAM2/SAM2.1 checkpoint
+  that holds them (``sam_prompt_encoder.*`` and ``sam_mask_decoder.*`` in its ``model``);
+  otherwise (a random trunk, a trunk taken from the authors' released SAM2-UNet weights) by
+  crop-and-segment around the U-Net (``"crop"``).
+* **Automatic predictions** (no prompts) come from the U-Net decoder, and only when it was ever
+  trained: a version made from an official SAM2 checkpoint or a random trunk has a freshly
+  initialised decoder, whose maps are noise. Such a version answers each task with an empty
+  result marked ``<version>/untrained`` (:func:`untrained_version`) and still serves prompts.
+  A version made by a training round or from released SAM2-UNet weights is trained.
+
+Torch-free unless a version predates these records and its base file must be inspected.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from contracts.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
+
+if TYPE_CHECKING:
+    from contracts.registry import ModelRegistry, VersionInfo
+
+SAM2_HEAD = "sam2"
+CROP_HEAD = "crop"
+UNTRAINED_SUFFIX = "/untrained"
+
+
+def decoder_trained(info: VersionInfo) -> bool:
+    """Whether ``info``'s automatic head (the U-Net decoder) was ever trained. Versions written
+    before this was recorded: untrained when made from an official SAM2 checkpoint or a random
+    trunk (the registry's first version), trained otherwise."""
+    if info.decoder_trained is not None:
+        return bool(info.decoder_trained)
+    return not (info.source == UNTRAINED_SOURCE or info.source.startswith(SAM2_SOURCE_PREFIX))
+
+
+def prompt_head_for(info: VersionInfo, registry: ModelRegistry | None = None) -> str:
+    """``"sam2"`` when ``info``'s base is an official SAM2/SAM2.1 checkpoint holding SAM2's
+    prompt encoder and mask decoder, else ``"crop"``. Read from the version's record; for a
+    version without one, from its base file in ``registry`` (when given)."""
+    flag = info.base_prompt_decoder
+    if flag is None and registry is not None and info.base:
+        path = registry.base_path(info.base.get("name", ""))
+        if path is not None:
+            from sam2unet.checkpoints import has_prompt_decoder
+
+            flag = has_prompt_decoder(path)
+    return SAM2_HEAD if flag else CROP_HEAD
+
+
+def untrained_version(version: str) -> str:
+    """The model_version of an automatic prediction a version with an untrained decoder did not
+    make: Label Studio stores it apart from the version's real predictions and asks again
+    once a trained version is current."""
+    return f"{version}{UNTRAINED_SUFFIX}"
+
+
+def is_untrained(model_version: str | None) -> bool:
+    """Whether ``model_version`` marks an automatic prediction that was not made
+    (:func:`untrained_version`)."""
+    return bool(model_version) and model_version.endswith(UNTRAINED_SUFFIX)
+
+
+def heads_json(info: VersionInfo, registry: ModelRegistry | None = None) -> dict[str, Any]:
+    """``{"prompt_head": "sam2" | "crop", "automatic_head_trained": bool}`` for ``info``."""
+    return {
+        "prompt_head": prompt_head_for(info, registry),
+        "automatic_head_trained": decoder_trained(info),
+    }
+
+
+def untrained_warning(info: VersionInfo) -> str:
+    """The operator-facing line for a version whose automatic head was never trained."""
+    return (
+        f"{info.name}: the automatic head (U-Net decoder) was never trained, so automatic "
+        "predictions are empty (marked <version>/untrained); prompts are served. Label tasks "
+        "(click, accept) and let a training round run, or start from a released task model "
+        "(`sam2unet-assist download --pretrained NAME`)"
+    )
