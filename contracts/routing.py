@@ -14,9 +14,6 @@ queue every job of a worker queue whose worker is gone, and every job that has w
 longer than ``grace`` seconds (its worker is busy, or was killed and still looks registered).
 The move takes the job id off the worker queue with ``LREM`` first, so a job is never run
 twice by the move.
-
-Which head answers prompts is published per model version by the workers
-(:func:`publish_prompt_head`) for status reports (:func:`prompt_head_for`).
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ ROUTE_PREFIX = "sam2unet:embed-route:"
 WORKER_QUEUE_PREFIX = QUEUE_INTERACTIVE + ":"
 ROUTE_TTL = 30 * 60  # seconds a route is kept after the image's last prompt
 ROUTE_GRACE = 2.0  # seconds a routed job may wait for its worker before any worker takes it
-PROMPT_HEAD_KEY = "sam2unet:prompt-head"  # hash: model version -> "sam2" | "crop"
 
 
 def worker_queue(worker_name: str) -> str:
@@ -115,16 +111,3 @@ def _timestamp(when: datetime | None) -> float:
     if when.tzinfo is None:  # rq stores UTC
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp()
-
-
-def publish_prompt_head(connection: Any, version: str, head: str) -> None:
-    connection.hset(PROMPT_HEAD_KEY, version, head)
-
-
-def prompt_head_for(connection: Any, version: str | None) -> str | None:
-    """The head ("sam2" or "crop") that the workers serve ``version``'s prompts with, as the
-    last worker to load it reported; None before any did."""
-    if version is None:
-        return None
-    raw = connection.hget(PROMPT_HEAD_KEY, version)
-    return raw.decode() if isinstance(raw, bytes) else raw

@@ -201,20 +201,6 @@ def _load_mapped(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
-def prompt_head_kind(path: str | os.PathLike[str] | None, size: str) -> str:
-    """Which head would answer prompts for a model on the base checkpoint ``path``: "sam2"
-    when it carries SAM2's prompt encoder and mask decoder for ``size``, else "crop"
-    (crop-and-segment around the automatic model). The file is memory-mapped, not read."""
-    if path is None:
-        return "crop"
-    try:
-        load_prompt_head(path, size)
-    except CheckpointError as e:
-        log.debug("no promptable head in %s: %s", path, e)
-        return "crop"
-    return "sam2"
-
-
 # --------------------------------------------------------------------------- prompts
 
 

@@ -11,7 +11,6 @@ import pytest
 import redis
 import requests
 
-from contracts.routing import prompt_head_for
 from labelstudio.codecs import rle_to_mask
 from launcher.redis_server import free_port
 from tests.lstudio import running_label_studio
@@ -45,7 +44,8 @@ def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_ser
             backend.wait_http(f"http://127.0.0.1:{port}/health")
             worker.wait_log("worker ready", timeout=120)
             assert "prompts: sam2 head" in worker.log()
-            assert prompt_head_for(conn, version) == "sam2"
+            health = requests.get(f"http://127.0.0.1:{port}/health", auth=AUTH, timeout=5)
+            assert health.json()["prompt_head"] == "sam2"
             project = ls.create_project(LABEL_CONFIG, title="smart tools")
             (task,) = ls.import_images(project, [("smart.png", png_bytes(img))])
             ml = ls.api(
@@ -86,12 +86,10 @@ def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_ser
                 mask = rle_to_mask(item["value"]["rle"], h, w)
                 assert np.array_equal(mask, logits > 0)
                 assert item["score"] == pytest.approx(iou, abs=1e-5)
-            assert worker.log().count("prompts (new features)") == 1
-            assert worker.log().count("prompts (cached features)") == 1
+            assert worker.log().count("image features computed") == 1
+            assert worker.log().count("image features from the cache") == 1
             # the interactive answers were not stored as predictions
             assert not ls.predictions(task)
-            health = requests.get(f"http://127.0.0.1:{port}/health", auth=AUTH, timeout=5)
-            assert health.status_code == 200
         finally:
             worker.stop()
             backend.stop()

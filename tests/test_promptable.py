@@ -431,17 +431,17 @@ def test_prompts_go_to_the_worker_holding_the_features(redis_server, official, t
                 assert routed_jobs(holder, before + 1) == before + 1
             for name, proc in by_name.items():
                 n = sum(1 for h in holders.values() if h == name)
-                assert proc.log().count("prompts (cached features)") == n
-                assert proc.log().count("prompts (new features)") == n
+                assert proc.log().count("image features from the cache") == n
+                assert proc.log().count("image features computed") == n
             # the holder of the first image dies: its prompt still completes, on the other
             victim = by_name[holders[refs[0]]]
             survivor = next(p for p in procs if p is not victim)
             victim.kill()
-            cached_before = survivor.log().count("prompts (new features)")
+            cached_before = survivor.log().count("image features computed")
             t0 = time.monotonic()
             ask(refs[0], [kp(60.0, 30.0)])
             elapsed = time.monotonic() - t0
-            assert survivor.log().count("prompts (new features)") == cached_before + 1
+            assert survivor.log().count("image features computed") == cached_before + 1
             assert conn.get(route_key(None, f"{files.url}/{refs[0]}")).decode() == survivor.name
             print(f"prompt routed to a killed worker answered by the other in {elapsed:.1f}s")
     finally:
@@ -469,18 +469,22 @@ def test_routing_falls_back_when_the_worker_is_unregistered(redis_conn):
     assert Job.fetch(job.id, connection=redis_conn).origin == QUEUE_INTERACTIVE
 
 
-def test_prompt_head_kind_of_checkpoints(official, model_dir, tmp_path):
-    """For status reports: an official checkpoint with the head -> "sam2"; a trunk-only file,
-    a checkpoint of another size, or none -> "crop"."""
-    from sam2unet.promptable import prompt_head_kind
+def test_status_reports_the_head_workers_serve(official, model_dir, tmp_path):
+    """``has_prompt_decoder`` (what /health and `versions show` report) says "sam2" exactly
+    when the worker's strict loading of the head succeeds: not for a trunk-only file, nor for
+    one whose prompt decoder keys are there but incomplete."""
+    from sam2unet.checkpoints import has_prompt_decoder
 
     sam2_dir, _ = official("test")
     path = sam2_dir / "base" / "sam2.1_hiera_test.pt"
-    assert prompt_head_kind(path, "test") == "sam2"
-    assert prompt_head_kind(path, "tiny") == "crop"
-    assert prompt_head_kind(None, "test") == "crop"
+    assert has_prompt_decoder(path)
     (trunk_only,) = (model_dir / "base").glob("trunk-*.pt")
-    assert prompt_head_kind(trunk_only, "test") == "crop"
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    assert prompt_head_kind(bad, "test") == "crop"
+    assert not has_prompt_decoder(trunk_only)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    del raw["model"]["sam_mask_decoder.iou_token.weight"]
+    torch.save(raw, tmp_path / "partial.pt")
+    assert not has_prompt_decoder(tmp_path / "partial.pt")
+    partial_dir = tmp_path / "models"
+    (partial_dir / "base").mkdir(parents=True)
+    (tmp_path / "partial.pt").rename(partial_dir / "base" / "sam2.1_hiera_test.pt")
+    assert make_runtime(partial_dir, "test").prompt_head == "crop"

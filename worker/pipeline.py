@@ -97,6 +97,7 @@ def answer_with_sam2(
     rgb: np.ndarray,
     digest: str,
     url: str,
+    task_id: int | None,
     payload: PredictPayload,
     target: Target,
     channels: list[tuple[int, str]],
@@ -125,7 +126,12 @@ def answer_with_sam2(
         except redis.exceptions.RedisError as e:
             log.warning("could not record the route of an image's prompts: %s", e)
     result, score, info = answer_prompts(runtime.promptable, features, prompts, target, channels)
-    log.info("prompts (%s features): %s", "cached" if hit else "new", info)
+    log.info(
+        "task %s: prompts: %s; image features %s",
+        task_id,
+        info,
+        "from the cache" if hit else "computed",
+    )
     return result, score
 
 
@@ -233,6 +239,7 @@ def run_predict(
                             rgb,
                             fetched[i][1],
                             item.url,
+                            item.task_id,
                             payload,
                             target,
                             channels,

@@ -108,7 +108,6 @@ class ModelRuntime:
         self.predictor, self.version, self.info = predictor, name, info
         self.promptable = promptable
         self.base_sha = loaded.base.sha256 if loaded.base is not None else None
-        self._publish_head(name)
         self.labels = tuple(loaded.config.labels)
         self.decoder_trained = decoder_trained(info)
         self.loads += 1
@@ -151,16 +150,6 @@ class ModelRuntime:
             return None
         log.info("prompts are answered by SAM2's own head of %s", loaded.base.name)
         return PromptableSAM2(predictor.model.encoder, head, bf16=self.settings.bf16)
-
-    def _publish_head(self, version: str) -> None:
-        if self.registry.redis is None:
-            return
-        from contracts.routing import publish_prompt_head
-
-        try:
-            publish_prompt_head(self.registry.redis, version, self.prompt_head)
-        except redis.exceptions.RedisError as e:
-            log.warning("could not publish the prompt head of %s: %s", version, e)
 
     def image_features(self, image: np.ndarray, digest: str) -> tuple[Any, bool]:
         """SAM2 features of ``image`` (content sha256 ``digest``) from the embedding cache, or
