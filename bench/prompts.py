@@ -97,7 +97,7 @@ def _child(
             context=ctx,
         )
         t0 = time.perf_counter()
-        (res,) = run_predict(payload, rt, lambda u, b: encoded[i], None)
+        (res,) = run_predict(payload, rt, lambda u, b, t=None: encoded[i], None)
         dt = time.perf_counter() - t0
         assert res.error is None, res.error
         return dt

@@ -185,7 +185,7 @@ def predict(rt: ModelRuntime, img: np.ndarray, ctx: dict, url: str = "img.png", 
         reply_key=None,
         context=ctx,
     )
-    (res,) = run_predict(payload, rt, lambda u, b: data, conn, threshold=0.5)
+    (res,) = run_predict(payload, rt, lambda u, b, t=None: data, conn, threshold=0.5)
     assert res.error is None, res.error
     return res
 
