@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam2unet.build import load_strict
-from sam2unet.checkpoints import detect_format
 from sam2unet.config import HIERA_SPECS
 from sam2unet.exceptions import CheckpointError
 from sam2unet.modeling.encoder import adapters_bypassed
@@ -180,7 +179,7 @@ def load_prompt_head(path: str | os.PathLike[str], size: str) -> PromptHead:
     :func:`build_prompt_head`). The file is memory-mapped: only the head's tensors are read
     (and copied), not the trunk and memory modules."""
     obj = _load_mapped(path)
-    if detect_format(obj) != "sam2":
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
         raise CheckpointError(f"{Path(path).name} is not an official SAM2/SAM2.1 checkpoint")
     model = obj["model"]
     wanted = {
