@@ -33,6 +33,7 @@ from contracts.jobs import (
     requeue_lost,
 )
 from contracts.registry import ModelRegistry
+from contracts.routing import rescue_routed, routed_queue
 from contracts.settings import Settings
 from labelstudio.labelconfig import Target, target_to_json
 
@@ -100,6 +101,10 @@ class PredictService:
 
         interactive = req.context is not None
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
+        if interactive and len(items) == 1:  # to the worker holding the image's features
+            routed = routed_queue(self.redis, ls_base, items[0].url)
+            if routed is not None:
+                queue = Queue(routed, connection=self.redis)
         reply_key = new_reply_key()
         request_id = secrets.token_hex(6)  # the same in every job's worker log lines
         enqueued = enqueue_predict(
@@ -177,6 +182,7 @@ class PredictService:
         lost: set[str],
     ) -> None:
         """Retry jobs of dead workers; turn jobs that failed for good into per-task errors."""
+        rescue_routed(self.redis)
         reap_abandoned(self.redis)
         jobs = Job.fetch_many(list(pending), connection=self.redis)
         requeue_lost(self.redis, jobs, lost)

@@ -17,7 +17,7 @@ from typing import Any
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("forward", "e2e", "queue", "train", "baseline")
+SECTIONS = ("forward", "e2e", "queue", "train", "baseline", "prompts")
 LARGE_SIZES = ("small", "base_plus", "large")
 
 
@@ -63,6 +63,9 @@ class BenchOptions:
     train_samples: int = 16
     train_epochs: int = 2
     baseline_images: int = 16
+    prompt_size: str = "tiny"
+    prompt_images: int = 8
+    prompt_cache_mb: int = 64
     out: Path = Path(__file__).resolve().parent / "results"
 
     @classmethod
@@ -84,6 +87,9 @@ class BenchOptions:
             train_samples=4,
             train_epochs=1,
             baseline_images=2,
+            prompt_size="test",
+            prompt_images=2,
+            prompt_cache_mb=1,
         )
         values.update(overrides)
         return cls(**values)
@@ -128,6 +134,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchOptions:
     p.add_argument("--train-samples", type=int)
     p.add_argument("--train-epochs", type=int)
     p.add_argument("--baseline-images", type=int)
+    p.add_argument("--prompt-size", help="model size of the prompts section (default tiny)")
+    p.add_argument("--prompt-images", type=int, help="images prompted twice (default 8)")
+    p.add_argument("--prompt-cache-mb", type=int, help="worker embedding cache (default 64)")
     p.add_argument("--out", type=Path, help="results folder (default bench/results)")
     a = vars(p.parse_args(argv))
     quick, large = a.pop("quick"), a.pop("large_sizes")
@@ -186,6 +195,7 @@ def run(opts: BenchOptions, argv: Sequence[str] = ()) -> dict[str, Any]:
                 timed_section("queue", runner.queue)
         timed_section("baseline", runner.baseline)
         timed_section("train", runner.train)
+        timed_section("prompts", runner.prompts)
     results["load_end"] = load_average()
     results["finished"] = time.time()
     log.info("load average at end: %s", results["load_end"])

@@ -275,6 +275,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += _train_memory_only(r["e2e"])
     if "baseline" in r:
         lines += _baseline(r["baseline"])
+    if "prompts" in r:
+        lines += _prompts(r["prompts"])
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in r["section_seconds"].items())
     lines += [f"Section wall times: {secs}.", ""]
     return "\n".join(lines)
@@ -282,3 +284,34 @@ def to_markdown(r: dict[str, Any]) -> str:
 
 def _train_memory_only(e2e: dict[str, Any]) -> list[str]:
     return ["## 5. Worker memory", "", *_worker_memory(e2e)]
+
+
+def _prompts(p: dict[str, Any]) -> list[str]:
+    first, second = p["first_ms"], p["second_ms"]
+    ok = "yes" if p["speedup_p50"] >= p["target"] else "**no**"
+    h, w = p["image_hw"]
+    return [
+        "## 7. Interactive prompts: SAM2's head, first vs second prompt on an image",
+        "",
+        f"{p['size']} base, {p['images']} images of {h}x{w} (head input {p['head_input']}), "
+        "each prompted twice through the worker's whole path (a click, then a box with a "
+        "click); the second prompt finds the image's features in the embedding cache.",
+        "",
+        "| prompt | n | p50 ms | p99 ms | mean ms |",
+        "| --- | --- | --- | --- | --- |",
+        f"| first (trunk + neck + decoder) | {first['n']} | {first['p50']:.1f} | "
+        f"{first['p99']:.1f} | {first['mean']:.1f} |",
+        f"| second (cache hit: decoder only) | {second['n']} | {second['p50']:.1f} | "
+        f"{second['p99']:.1f} | {second['mean']:.1f} |",
+        "",
+        f"Speed-up p50 {p['speedup_p50']:.1f}x, p99 {p['speedup_p99']:.1f}x "
+        f"(target >= {p['target']:.0f}x at p50: {ok}); trunk runs during second prompts: "
+        f"{p['trunk_runs_during_seconds']}.",
+        "",
+        f"Worker memory (RSS, MiB): {p['rss_mb_start']:.0f} at start, {p['rss_mb_loaded']:.0f} "
+        f"with the model and head loaded, {p['rss_mb_cache_full']:.0f} with the cache full "
+        f"({p['cache_entries']} images, {p['cache_bytes'] / 2**20:.1f} MiB of "
+        f"{p['cache_mb']} MiB; {p['embedding_bytes_per_image'] / 2**20:.1f} MiB per image); "
+        f"peak {p['hwm_mb']:.0f}.",
+        "",
+    ]

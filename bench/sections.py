@@ -300,6 +300,16 @@ class SectionRunner:
         out["worker_images_per_s"] = self._e2e_images_per_s
         return out
 
+    # ------------------------------------------------------------------ 7. prompts
+
+    def prompts(self) -> dict[str, Any]:
+        from bench.prompts import run_prompts
+
+        o = self.opts
+        return run_prompts(
+            o.prompt_size, o.prompt_images, o.image_hw, o.prompt_cache_mb, self.threads, self.tmp
+        )
+
 
 def redis_commands_per_request(
     before: dict[str, Any], after: dict[str, Any], requests: int

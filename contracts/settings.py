@@ -58,6 +58,7 @@ class Settings:
     result_ttl: int = 300  # seconds results stay in Redis
     cache_ttl: int = 7 * 24 * 3600  # result cache per (image hash, model version)
     threshold: float = 0.5
+    embedding_cache_mb: int = 256  # SAM2 image features kept per worker for later prompts
     # image fetching
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 64_000_000

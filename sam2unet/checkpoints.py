@@ -113,9 +113,12 @@ def has_prompt_decoder(
     _cache: dict[tuple[str, int, int], bool] = {},  # noqa: B006
 ) -> bool:
     """Whether ``path`` is an official SAM2/SAM2.1 checkpoint whose ``model`` holds SAM2's
-    prompt encoder and mask decoder (``sam_prompt_encoder.*`` and ``sam_mask_decoder.*``).
-    Any other file, or one that cannot be read, is False. Cached per (path, size, mtime); the
-    file is memory-mapped, so only the key names are read."""
+    prompt encoder and mask decoder (``sam_prompt_encoder.*`` and ``sam_mask_decoder.*``), in
+    full: the promptable head a worker would build (neck, prompt encoder, mask decoder,
+    ``no_mem_embed``) loads from it strictly for the size of its trunk
+    (:func:`sam2unet.promptable.build_prompt_head`), so that what is reported is what workers
+    serve. Any other file, or one that cannot be read, is False. Cached per (path, size,
+    mtime); the file is memory-mapped, so only the head's tensors are read."""
     try:
         st = os.stat(path)
     except OSError:
@@ -131,8 +134,21 @@ def has_prompt_decoder(
                 obj = None
         model = obj.get("model") if isinstance(obj, dict) else None
         keys = [k for k in model if isinstance(k, str)] if isinstance(model, dict) else []
-        _cache[key] = all(any(k.startswith(p) for k in keys) for p in PROMPT_DECODER_PREFIXES)
+        found = all(any(k.startswith(p) for k in keys) for p in PROMPT_DECODER_PREFIXES)
+        _cache[key] = found and _head_loads(obj)
     return _cache[key]
+
+
+def _head_loads(obj: dict[str, Any]) -> bool:
+    from sam2unet.promptable import build_prompt_head
+
+    try:
+        size = infer_size(trunk_state_from_sam2(obj))
+        build_prompt_head(size, obj["model"])
+    except CheckpointError as e:
+        log.info("SAM2 prompt decoder keys present but not loadable: %s", e)
+        return False
+    return True
 
 
 def sha256_file(path: str | os.PathLike[str], _cache: dict[tuple[str, int, int], str] = {}) -> str:  # noqa: B006

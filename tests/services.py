@@ -48,6 +48,32 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
     return env
 
 
+def label_studio_env(
+    redis_url: str, model_dir: Path, ls, auth: tuple[str, str], **extra: str
+) -> dict[str, str]:
+    """:func:`service_env` for services talking to a running Label Studio ``ls`` (its URL and
+    personal access token), with the backend's basic auth ``auth``."""
+    return service_env(
+        redis_url,
+        model_dir,
+        LABEL_STUDIO_URL=ls.url,
+        LABEL_STUDIO_API_KEY=ls.pat,
+        BASIC_AUTH_USER=auth[0],
+        BASIC_AUTH_PASS=auth[1],
+        **extra,
+    )
+
+
+def backend_process(env: dict[str, str], port: int, log_dir: Path) -> ServiceProcess:
+    """`sam2unet-assist backend` (gunicorn, one worker) on 127.0.0.1:``port``."""
+    return ServiceProcess(
+        ["backend", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env,
+        "backend",
+        log_dir,
+    )
+
+
 def worker_process(env: dict[str, str], name: str, log_dir: Path) -> ServiceProcess:
     """One `sam2unet-assist worker` subprocess."""
     return ServiceProcess(["worker", "--name", name], env, name, log_dir)

@@ -22,7 +22,7 @@ def results(tmp_path_factory) -> tuple[dict, str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
     )
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads((out / "latest.json").read_text()), (out / "latest.md").read_text()
@@ -30,7 +30,7 @@ def results(tmp_path_factory) -> tuple[dict, str]:
 
 def test_every_section_is_measured(results):
     r, _ = results
-    for section in ("forward", "e2e", "queue", "train", "baseline"):
+    for section in ("forward", "e2e", "queue", "train", "baseline", "prompts"):
         assert section in r, section
     assert r["machine"]["torch_threads"] == 1
     assert r["machine"]["cpu"]
@@ -96,6 +96,15 @@ def test_markdown_report(results):
         "## 4. Stage breakdown of one task",
         "## 5. Training and memory",
         "## 6. Baseline",
+        "## 7. Interactive prompts",
     ):
         assert heading in md
     assert "python -m bench --quick --threads 1" in md
+
+
+def test_prompts_section_second_prompt_skips_the_trunk(results):
+    p = results[0]["prompts"]
+    assert p["first_ms"]["n"] == p["second_ms"]["n"] == 2
+    assert p["trunk_runs_during_seconds"] == 0
+    assert p["cache_bytes"] <= p["cache_mb"] * 2**20 and p["cache_entries"] >= 1
+    assert p["rss_mb_cache_full"] >= p["rss_mb_loaded"] > 0

@@ -19,7 +19,13 @@ from labelstudio.codecs import brush_result
 from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import free_port
 from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, png_bytes, service_env
+from tests.services import (
+    ServiceProcess,
+    backend_process,
+    label_studio_env,
+    png_bytes,
+    service_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -68,13 +74,11 @@ def e2e(tmp_path_factory, redis_server, model_dir):
     redis.Redis.from_url(redis_url).flushdb()
     with running_label_studio(root / "ls") as ls:
         port = free_port()
-        env = service_env(
+        env = label_studio_env(
             redis_url,
             model_dir,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.pat,
-            BASIC_AUTH_USER=AUTH[0],
-            BASIC_AUTH_PASS=AUTH[1],
+            ls,
+            AUTH,
             SAM2UNET_TRAIN_DEBOUNCE="0.5",
             SAM2UNET_TRAIN_MIN_NEW="1000",
             SAM2UNET_TRAIN_EPOCHS="8",
@@ -84,12 +88,7 @@ def e2e(tmp_path_factory, redis_server, model_dir):
         )
         logs = root / "logs"
         logs.mkdir()
-        backend = ServiceProcess(
-            ["backend", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env,
-            "backend",
-            logs,
-        )
+        backend = backend_process(env, port, logs)
         worker = ServiceProcess(["worker", "--name", "e2e-worker"], env, "worker", logs)
         trainer = ServiceProcess(["trainer"], env, "trainer", logs)
         try:

@@ -19,8 +19,9 @@ from contracts.heads import SAM2_HEAD, untrained_version
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import rle_to_mask
+from sam2unet.promptable import write_random_sam2_checkpoint
 from sam2unet.synthetic import generate
-from tests.model_helpers import cpu_config, seeded_model, write_official_checkpoint
+from tests.model_helpers import cpu_config, seeded_model
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import expected_masks
 from trainer.round import run_round
@@ -45,11 +46,10 @@ def versions_cli(env: dict[str, str], monkeypatch, capsys, *args: str):
 
 @pytest.fixture
 def fresh(tmp_path, redis_url):
-    """MODEL_DIR with one official-format SAM2.1 checkpoint (test size) and nothing else."""
+    """MODEL_DIR with one official-format SAM2.1 checkpoint (test size, the whole SAM2 model:
+    its prompt encoder and mask decoder included) and nothing else."""
     model_dir = tmp_path / "models"
-    write_official_checkpoint(
-        model_dir / "base" / "sam2.1_hiera_test.pt", seeded_model(cpu_config()), "sam2.1"
-    )
+    write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     return model_dir
 
 
@@ -108,7 +108,7 @@ def test_untrained_decoder_answers_empty_until_a_promoted_round(
             assert r.status_code == 200, r.get_json()
             (res,) = r.get_json()["results"]
             assert res["model_version"] == first, res
-            assert "prompts:" in worker.log()
+            assert "prompts: SAM2 head" in worker.log()  # answered by SAM2's own head
 
             # one round of the real trainer code on labelled shapes, promoted
             train_settings = settings.with_(

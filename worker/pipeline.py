@@ -31,6 +31,7 @@ from sam2unet.acquisition import sort_score
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
 from worker.crop_prompts import apply_prompts
+from worker.prompts import parse_context
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,49 @@ def _cache_key(
         ).encode()
     ).hexdigest()[:16]
     return f"{CACHE_PREFIX}{version}:{digest}:{sig}"
+
+
+def answer_with_sam2(
+    runtime: Any,
+    rgb: np.ndarray,
+    digest: str,
+    url: str,
+    task_id: int | None,
+    payload: PredictPayload,
+    target: Target,
+    channels: list[tuple[int, str]],
+    redis_client: redis.Redis | None,
+    times: StageTimes,
+    threshold: float = 0.5,
+) -> tuple[list[dict[str, Any]], float]:
+    """One image's interactive call answered by SAM2's promptable head: features from the
+    worker's embedding cache or the trunk, then the prompt encoder and mask decoder."""
+    from worker.sam2_prompts import answer_prompts
+
+    height, width = rgb.shape[:2]
+    prompts = parse_context(payload.context, height, width, target.to_name)
+    if not prompts:  # nothing to click on: the automatic model's answer
+        prob = runtime.predict([rgb])[0]
+        return encode_results(prob, target, channels, threshold)
+    t0 = time.perf_counter()
+    features, hit = runtime.image_features(rgb, digest)
+    times.extra["embed"] = times.extra.get("embed", 0.0) + time.perf_counter() - t0
+    times.extra["embedding_hits"] = times.extra.get("embedding_hits", 0) + int(hit)
+    if redis_client is not None and runtime.worker_name:
+        from contracts.routing import remember_route
+
+        try:
+            remember_route(redis_client, payload.ls_base, url, runtime.worker_name)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not record the route of an image's prompts: %s", e)
+    result, score, info = answer_prompts(runtime.promptable, features, prompts, target, channels)
+    log.info(
+        "task %s: prompts: %s; image features %s",
+        task_id,
+        info,
+        "from the cache" if hit else "computed",
+    )
+    return result, score
 
 
 def run_predict(
@@ -188,6 +232,7 @@ def run_predict(
             results[i].error = str(e)
     times.decode += time.perf_counter() - t0
 
+    answered: dict[int, tuple[list[dict[str, Any]], float]] = {}
     if images:
         t0 = time.perf_counter()
         uncertainty: dict[int, float] = {}
@@ -199,10 +244,27 @@ def run_predict(
             )
             probs = [a.prob for a in acquired]
             uncertainty = {i: a.uncertainty for i, a in zip(order, acquired, strict=True)}
-        else:  # interactive call: prompts applied around the model
+        else:  # interactive call: SAM2's head, or prompts applied around the model
             probs = []
             for i, rgb in zip(order, images, strict=True):
                 try:
+                    if runtime.prompt_head == "sam2":
+                        item = next(it for it in payload.items if it.index == i)
+                        answered[i] = answer_with_sam2(
+                            runtime,
+                            rgb,
+                            fetched[i][1],
+                            item.url,
+                            item.task_id,
+                            payload,
+                            target,
+                            channels,
+                            redis_client,
+                            times,
+                            threshold,
+                        )
+                        probs.append(None)
+                        continue
                     prob, info = apply_prompts(
                         rgb,
                         payload.context,
@@ -219,6 +281,9 @@ def run_predict(
         t0 = time.perf_counter()
         to_cache = {}
         for i, prob in zip(order, probs, strict=True):
+            if i in answered:
+                results[i].result, results[i].score = answered[i]
+                continue
             if prob is None:
                 continue
             res, score = encode_results(prob, target, channels, threshold)

@@ -20,6 +20,7 @@ from rq.scheduler import RQScheduler
 
 from contracts.jobs import QUEUES
 from contracts.registry import ModelRegistry
+from contracts.routing import rescue_routed, worker_queue
 from contracts.settings import Settings, apply_torch_threads
 from worker.runtime import ModelRuntime, WorkerContext, install_context
 
@@ -49,6 +50,10 @@ class AssistWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         self.enqueue_due_retries()
+        try:  # prompts routed to a worker that is gone or busy
+            rescue_routed(self.connection)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not check the workers' own queues: %s", e)
 
     def enqueue_due_retries(self) -> None:
         """Move scheduled jobs whose time has come (retries with an interval, such as those of
@@ -190,8 +195,15 @@ def run_worker(
     version = context.runtime.ensure_current()
     # the job functions' modules now, not during the first job (that import takes a second)
     importlib.import_module("worker.jobs")
-    log.info("worker ready with model version %s", version)
     name = name or f"sam2unet-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    context.runtime.worker_name = name
+    # its own queue first: prompts on images whose SAM2 features it holds (common/routing.py)
+    queues = (worker_queue(name), *queues)
+    log.info(
+        "worker ready with model version %s (prompts: %s head)",
+        version,
+        context.runtime.prompt_head,
+    )
     while True:
         worker = AssistWorker(
             [Queue(q, connection=connection) for q in queues],

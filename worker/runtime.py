@@ -39,6 +39,14 @@ class ModelRuntime:
         self._lock = threading.Lock()
         self._job_checked = False  # the worker read the pointer for the job now running
         self.loads = 0
+        # SAM2's promptable head on the model's trunk, when the base checkpoint carries it
+        self.promptable: Any = None
+        self.base_sha: str | None = None
+        self._heads: dict[str, Any] = {}  # base sha256 -> its PromptHead (None: it has none)
+        from worker.embeddings import EmbeddingCache
+
+        self.embeddings = EmbeddingCache(settings.embedding_cache_mb * 2**20)
+        self.worker_name: str | None = None  # set by the worker process: routes prompts here
 
     def begin_job(self) -> str:
         """Called by the worker right before each job: the pointer is read once here, and the
@@ -95,8 +103,11 @@ class ModelRuntime:
         # written) tensors on its device rather than a second copy of them in host memory
         if loaded.base is not None:
             self._trunk_cache = {loaded.base.sha256: trunk_state_of(predictor.model)}
+        promptable = self._promptable(loaded, predictor)
         old = self.version
         self.predictor, self.version, self.info = predictor, name, info
+        self.promptable = promptable
+        self.base_sha = loaded.base.sha256 if loaded.base is not None else None
         self.labels = tuple(loaded.config.labels)
         self.decoder_trained = decoder_trained(info)
         self.loads += 1
@@ -107,6 +118,49 @@ class ModelRuntime:
             time.perf_counter() - t0,
             old,
         )
+
+    @property
+    def prompt_head(self) -> str:
+        """Which head answers keypoint and rectangle prompts: "sam2" (SAM2's prompt encoder
+        and mask decoder) or "crop" (crop-and-segment around the automatic model)."""
+        return "sam2" if self.promptable is not None else "crop"
+
+    def _promptable(self, loaded: Any, predictor: Any) -> Any:
+        """SAM2's promptable head on ``predictor``'s trunk, or None (with a log line why)."""
+        from sam2unet.checkpoints import find_base
+        from sam2unet.exceptions import CheckpointError
+        from sam2unet.promptable import PromptableSAM2, load_prompt_head
+
+        if loaded.base is None:
+            log.info("prompts are answered by crop-and-segment: the model has no base checkpoint")
+            return None
+        sha = loaded.base.sha256
+        if sha not in self._heads:
+            try:
+                path = find_base(loaded.base, [self.registry.base_dir, self.registry.model_dir])
+                head = load_prompt_head(path, loaded.config.size)
+            except CheckpointError as e:
+                log.info(
+                    "prompts are answered by crop-and-segment: base %s: %s", loaded.base.name, e
+                )
+                head = None
+            self._heads = {sha: head}  # only the current base's
+        head = self._heads[sha]
+        if head is None:
+            return None
+        log.info("prompts are answered by SAM2's own head of %s", loaded.base.name)
+        return PromptableSAM2(predictor.model.encoder, head, bf16=self.settings.bf16)
+
+    def image_features(self, image: np.ndarray, digest: str) -> tuple[Any, bool]:
+        """SAM2 features of ``image`` (content sha256 ``digest``) from the embedding cache, or
+        computed and cached; (features, whether they came from the cache)."""
+        assert self.promptable is not None and self.base_sha is not None
+        found = self.embeddings.get(digest, self.base_sha)
+        if found is not None:
+            return found, True
+        features = self.promptable.embed(image)
+        self.embeddings.put(digest, self.base_sha, features)
+        return features, False
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Per image, K x H x W probabilities at the image's size (K = number of labels)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -23,9 +26,12 @@ class Adapter(nn.Module):
             nn.Linear(hidden, dim),
             nn.GELU(),
         )
+        self.bypassed = False  # True: the block alone, as SAM2 released it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: B x H x W x C (Hiera's channels-last layout)."""
+        if self.bypassed:
+            return self.block(x)
         return self.block(x + self.prompt_learn(x))
 
 
@@ -39,3 +45,19 @@ def add_adapters(trunk: nn.Module, adapter_dim: int = 32) -> nn.Module:
         p.requires_grad = False
     trunk.blocks = nn.Sequential(*(Adapter(b, adapter_dim) for b in trunk.blocks))
     return trunk
+
+
+@contextmanager
+def adapters_bypassed(trunk: nn.Module) -> Iterator[nn.Module]:
+    """Run ``trunk`` (as made by :func:`add_adapters`) as SAM2 released it, adapters skipped,
+    inside the block: the same module and weights, no second copy. Not for concurrent use of
+    the trunk from several threads."""
+    adapters = [m for m in trunk.modules() if isinstance(m, Adapter)]
+    before = [a.bypassed for a in adapters]
+    for a in adapters:
+        a.bypassed = True
+    try:
+        yield trunk
+    finally:
+        for a, b in zip(adapters, before, strict=True):
+            a.bypassed = b

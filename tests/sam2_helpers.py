@@ -1,0 +1,30 @@
+"""Official-format SAM2 / SAM2.1 checkpoints with random weights (the whole SAM2Base, built by
+the ``sam2`` package's own configs: :func:`sam2unet.promptable.random_sam2_model`), and the
+reference ``SAM2ImagePredictor`` on the same weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sam2unet.promptable import head_image_size, write_random_sam2_checkpoint
+
+STUB = Path(__file__).parent / "torchvision_stub"
+
+
+def write_official(path: Path, size: str, sam21: bool = True, seed: int = 0):
+    """A random official-format checkpoint at ``path``; returns its SAM2Base."""
+    return write_random_sam2_checkpoint(path, size, sam21, seed)
+
+
+def reference_predictor(model, size: str):
+    """sam2's own SAM2ImagePredictor on ``model``, its torchvision transforms from the stub."""
+    if str(STUB) not in sys.path:
+        sys.path.insert(0, str(STUB))
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(model)
+    s = head_image_size(size)
+    # the predictor hard-codes the feature sizes of a 1024 input
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor

@@ -1,0 +1,96 @@
+"""End to end with a real Label Studio 1.23.2: a smart keypoint and a smart rectangle on a task,
+sent the way Label Studio's editor sends them (``/api/ml/{id}/interactive-annotating``), come
+back as brush results from SAM2's promptable head: the masks SAM2's own predictor gives on the
+same weights, image and prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+import requests
+
+from labelstudio.codecs import rle_to_mask
+from launcher.redis_server import free_port
+from tests.lstudio import running_label_studio
+from tests.sam2_helpers import reference_predictor, write_official
+from tests.services import ServiceProcess, backend_process, label_studio_env, png_bytes
+from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, rect, reference
+
+pytestmark = pytest.mark.e2e
+AUTH = ("ls-backend", "b4ckend-pass")
+
+
+def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_server):
+    model_dir = tmp_path / "models"
+    sam2_model = write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    version = make_runtime(model_dir, "test").version  # first version, on the official base
+    redis_url = f"redis://127.0.0.1:{redis_server.port}/13"
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    h, w = 75, 101
+    img = image(h, w, seed=21)
+    ref = reference_predictor(sam2_model, "test")
+    ref.set_image(img)
+    with running_label_studio(tmp_path / "ls") as ls:
+        port = free_port()
+        env = label_studio_env(redis_url, model_dir, ls, AUTH)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        backend = backend_process(env, port, logs)
+        worker = ServiceProcess(["worker", "--name", "e2e-prompts"], env, "worker", logs)
+        try:
+            backend.wait_http(f"http://127.0.0.1:{port}/health")
+            worker.wait_log("worker ready", timeout=120)
+            assert "prompts: sam2 head" in worker.log()
+            health = requests.get(f"http://127.0.0.1:{port}/health", auth=AUTH, timeout=5)
+            assert health.json()["prompt_head"] == "sam2"
+            project = ls.create_project(LABEL_CONFIG, title="smart tools")
+            (task,) = ls.import_images(project, [("smart.png", png_bytes(img))])
+            ml = ls.api(
+                "POST",
+                "/api/ml",
+                json={
+                    "url": f"http://127.0.0.1:{port}",
+                    "project": project,
+                    "title": "sam2unet-assist",
+                    "is_interactive": True,
+                    "auth_method": "BASIC_AUTH",
+                    "basic_auth_user": AUTH[0],
+                    "basic_auth_pass": AUTH[1],
+                },
+            ).json()
+
+            def interactive(items: list[dict]) -> dict:
+                for it in items:  # as the editor sends them
+                    it.update(original_width=w, original_height=h, image_rotation=0)
+                r = ls.api(
+                    "POST",
+                    f"/api/ml/{ml['id']}/interactive-annotating",
+                    json={"task": task, "context": {"result": items}},
+                )
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert "errors" not in body, body
+                return body["data"]
+
+            for objects in ([([kp(40.0, 45.0)], None)], [([], rect(30.0, 20.0, 45.5, 50.25))]):
+                points, box = objects[0]
+                data = interactive([*([box] if box else []), *points])
+                assert data["model_version"] == version
+                ((logits, iou),) = reference(ref, objects, h, w)
+                (item,) = data["result"]
+                assert item["type"] == "brushlabels" and item["from_name"] == "tag"
+                assert item["value"]["brushlabels"] == ["Foreground"]
+                mask = rle_to_mask(item["value"]["rle"], h, w)
+                assert np.array_equal(mask, logits > 0)
+                assert item["score"] == pytest.approx(iou, abs=1e-5)
+            assert worker.log().count("image features computed") == 1
+            assert worker.log().count("image features from the cache") == 1
+            # the interactive answers were not stored as predictions
+            assert not ls.predictions(task)
+        finally:
+            worker.stop()
+            backend.stop()
+            conn.close()

@@ -1,0 +1,112 @@
+"""Interactive prompts answered by SAM2's own prompt encoder and mask decoder
+(:mod:`sam2unet.promptable`), when the current version's base checkpoint carries them.
+
+The prompts of one call (parsed by :func:`worker.prompts.parse_context`) become objects:
+
+* each rectangle is one object, with the keypoints that lie inside it (and carry its label or
+  none) as extra clicks; a rotated rectangle is given to SAM2 as its axis-aligned bounds;
+* the keypoints left over are one object per label (all unlabelled ones together): SAM2's
+  usual multi-click refinement, negative points included;
+* a single click alone is ambiguous: SAM2's three-mask output is used and the mask with the
+  best predicted IoU kept.
+
+Each object becomes one result item (a brush RLE at the image's size, or polygons), labelled
+with its prompt's label when the project has that label (SAM2 needs no trained channel for
+it); an unlabelled prompt's mask goes to every label the model predicts. An item's score, and
+the mean of them the prediction's score, is SAM2's predicted IoU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from labelstudio.codecs import brush_result, polygon_results
+from labelstudio.labelconfig import Target
+from sam2unet.promptable import ImageFeatures, PromptableSAM2, PromptObject
+from worker.prompts import Box, Point, Prompts
+
+
+def _box_xyxy(box: Box) -> tuple[float, float, float, float]:
+    xs = [c[0] for c in box.corners]
+    ys = [c[1] for c in box.corners]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _inside(point: Point, xyxy: tuple[float, float, float, float]) -> bool:
+    x0, y0, x1, y1 = xyxy
+    return x0 <= point.x <= x1 and y0 <= point.y <= y1
+
+
+def prompt_objects(prompts: Prompts) -> list[tuple[PromptObject, str | None]]:
+    """(object, label) pairs for the prompts of one call (see the module docstring)."""
+    taken: set[int] = set()
+    out: list[tuple[PromptObject, str | None]] = []
+    for box in prompts.boxes:
+        xyxy = _box_xyxy(box)
+        mine = []
+        for i, p in enumerate(prompts.points):
+            fits = p.label is None or box.label is None or p.label == box.label
+            if i not in taken and fits and _inside(p, xyxy):
+                taken.add(i)
+                mine.append(p)
+        out.append(
+            (
+                PromptObject(
+                    tuple((p.x, p.y) for p in mine), tuple(int(p.positive) for p in mine), xyxy
+                ),
+                box.label,
+            )
+        )
+    groups: dict[str | None, list[Point]] = {}
+    for i, p in enumerate(prompts.points):
+        if i not in taken:
+            groups.setdefault(p.label, []).append(p)
+    for label, points in groups.items():
+        out.append(
+            (
+                PromptObject(
+                    tuple((p.x, p.y) for p in points), tuple(int(p.positive) for p in points)
+                ),
+                label,
+            )
+        )
+    return out
+
+
+def _labels_for(label: str | None, target: Target, channels: Sequence[tuple[int, str]]):
+    if label is not None and label in target.labels:
+        return [label]
+    return [name for _, name in channels] or list(target.labels[:1])
+
+
+def answer_prompts(
+    promptable: PromptableSAM2,
+    features: ImageFeatures,
+    prompts: Prompts,
+    target: Target,
+    channels: Sequence[tuple[int, str]],
+) -> tuple[list[dict[str, Any]], float, str]:
+    """(Label Studio result items, prediction score, a short description for logging)."""
+    objects = prompt_objects(prompts)
+    answers = promptable.predict(features, [o for o, _ in objects])
+    results: list[dict[str, Any]] = []
+    for (_, label), answer in zip(objects, answers, strict=True):
+        if not answer.mask.any():
+            continue
+        for name in _labels_for(label, target, channels):
+            if target.kind == "brush":
+                results.append(brush_result(answer.mask, target, name, answer.score))
+            else:
+                results.extend(polygon_results(answer.mask, target, name, answer.score))
+    scores = [a.score for a in answers]
+    n_pos = sum(p.positive for p in prompts.points)
+    info = (
+        f"SAM2 head: {len(objects)} object(s) from {len(prompts.boxes)} box(es), points "
+        f"+{n_pos}/-{len(prompts.points) - n_pos}, predicted IoU "
+        + ", ".join(f"{s:.3f}" for s in scores)
+        + f", {sum(int(a.mask.sum()) for a in answers)} foreground px"
+    )
+    return results, float(np.mean(scores)) if scores else 0.0, info
