@@ -104,7 +104,7 @@ def settings_for(opts: Options, model_dir: Path):
 
 def test_miou(registry, version: str, test_set: list, cache: dict[str, float]) -> float:
     from sam2unet.data import ArraySource, SegmentationDataset
-    from sam2unet.training import validate
+    from sam2unet.validation import validate
 
     if version not in cache:
         loaded = registry.load(version)

@@ -3,7 +3,7 @@
 ``python -m bench.distributed [--devices cpu:2] [--size test] [--image-size 128] ...``
 
 One process runs :func:`sam2unet.training.train` with all the machine's CPU threads (or on one
-GPU); N processes run :func:`sam2unet.training.train_parallel` with the threads divided among
+GPU); N processes run :func:`sam2unet.parallel_training.train_parallel` with the threads divided among
 them (or one GPU each). Both train the same synthetic set with the same global batch for a few
 epochs without validation; the figure is steps (global batches) per second over the epochs after
 the first (the first warms up), read from each epoch's own time, so process start-up and the
@@ -36,8 +36,9 @@ def measure(
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.distributed import parse_devices
+    from sam2unet.parallel_training import train_parallel
     from sam2unet.synthetic import generate
-    from sam2unet.training import TrainConfig, train, train_parallel
+    from sam2unet.training import TrainConfig, train
 
     plan = parse_devices(devices)
     if plan is None:

@@ -122,13 +122,8 @@ def _train(args: argparse.Namespace) -> int:
     from sam2unet.config import ModelConfig
     from sam2unet.data import FolderSource, train_val_datasets
     from sam2unet.exceptions import Sam2UnetError
-    from sam2unet.training import (
-        TrainConfig,
-        initial_model,
-        resume_config,
-        train,
-        train_parallel,
-    )
+    from sam2unet.parallel_training import train_parallel
+    from sam2unet.training import TrainConfig, initial_model, resume_config, train
 
     if bool(args.val_images) != bool(args.val_masks):
         return _fail("--val-images and --val-masks go together")

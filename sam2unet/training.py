@@ -10,7 +10,6 @@ and RNG states are in its ``train_state``; data order and flips are functions of
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -33,10 +32,11 @@ from sam2unet.checkpoints import LoadedModel, build_from_sam2, load_any, random_
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
 from sam2unet.exceptions import ConfigError
-from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES, MetricSuite, dice, iou, to_uint8_map
+from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
 from sam2unet.modeling.loss import BCEMode, deep_supervision_loss
 from sam2unet.modeling.sam2unet import SAM2UNet
-from sam2unet.predictor import Predictor, pick_device
+from sam2unet.predictor import pick_device
+from sam2unet.validation import EXTRA_VAL_METRICS, validate
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 HISTORY_NAME = "history.json"
 # Validation keys besides METRIC_NAMES: IoU / Dice of the map thresholded at 0.5.
-EXTRA_VAL_METRICS = ("iou", "dice")
 
 
 @dataclass(frozen=True)
@@ -201,105 +200,6 @@ def initial_model(
 
 
 # --------------------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def validate(
-    model: SAM2UNet,
-    config: ModelConfig,
-    dataset: SegmentationDataset,
-    device: str | torch.device = "cpu",
-    batch_size: int = 8,
-    bf16: bool = False,
-    per_image: list[dict[str, float]] | None = None,
-) -> dict[str, float]:
-    """Metrics of ``model`` on ``dataset``'s raw samples, compared at each sample's own size
-    (as the released test script does): the :class:`~sam2unet.metrics.MetricSuite` keys plus
-    ``iou`` / ``dice`` of the map thresholded at 0.5, averaged over samples and labels.
-    With several labels, ``<metric>/<label>`` keys give each label's value. ``per_image``, when
-    given, receives one dict per sample in dataset order: every metric of that sample alone,
-    averaged over labels (for paired comparisons of two models on the same samples).
-
-    In a data-parallel run every rank predicts its share (sample ``i`` on rank ``i % N``),
-    rank 0 scores the gathered per-sample maps in dataset order (the same numbers as one
-    process) and every rank returns rank 0's result; ``per_image`` is filled on rank 0."""
-    was_training = model.training
-    predictor = Predictor(model, config, device=device, batch_size=batch_size, bf16=bf16)
-    labels = dataset.labels
-    rank, world = ddp.rank_and_world() if ddp.is_active() else (0, 1)
-    suites = [MetricSuite() for _ in labels]
-    bin_scores: list[list[tuple[float, float]]] = [[] for _ in labels]
-
-    def score(maps: list[np.ndarray], gts: list[np.ndarray], bins: list[tuple[float, float]]):
-        alone = []
-        for k in range(len(labels)):
-            suites[k].step(maps[k], gts[k])
-            bin_scores[k].append(bins[k])
-            if per_image is not None:
-                one = MetricSuite()
-                one.step(maps[k], gts[k])
-                alone.append({**one.results(), "iou": bins[k][0], "dice": bins[k][1]})
-        if per_image is not None:
-            per_image.append(
-                {m: float(np.mean([a[m] for a in alone])) for m in alone[0] if m != "count"}
-            )
-
-    mine = list(range(rank, len(dataset), world))
-    shard: list[tuple[int, list[np.ndarray], list[np.ndarray], list[tuple[float, float]]]] = []
-    try:
-        for start in range(0, len(mine), batch_size):
-            idx = mine[start : start + batch_size]
-            raws = [dataset.raw(i) for i in idx]
-            probs = predictor.predict([rgb for rgb, _ in raws])
-            for i, (_, mask), prob in zip(idx, raws, probs, strict=True):
-                gts = [mask[k] > 128 for k in range(len(labels))]
-                maps = [to_uint8_map(prob[k]) for k in range(len(labels))]
-                bins = [
-                    (iou(prob[k] > 0.5, gts[k]), dice(prob[k] > 0.5, gts[k]))
-                    for k in range(len(labels))
-                ]
-                if world == 1:
-                    score(maps, gts, bins)
-                else:
-                    shard.append((i, maps, gts, bins))
-    finally:
-        model.train(was_training)
-    if world > 1:
-        gathered = ddp.gather_to_main(shard)
-        if gathered is not None:
-            for _, maps, gts, bins in sorted((r for part in gathered for r in part), key=_first):
-                score(maps, gts, bins)
-            out = _summarise(suites, bin_scores, labels)
-        else:
-            out = None
-        return ddp.broadcast_from_main(out)
-    return _summarise(suites, bin_scores, labels)
-
-
-def _first(record: tuple[Any, ...]) -> Any:
-    return record[0]
-
-
-def _summarise(
-    suites: list[MetricSuite],
-    bin_scores: list[list[tuple[float, float]]],
-    labels: Sequence[str],
-) -> dict[str, float]:
-    per_label = []
-    for suite, scores in zip(suites, bin_scores, strict=True):
-        r = suite.results()
-        r.pop("count")
-        r["iou"] = float(np.mean([s[0] for s in scores]))
-        r["dice"] = float(np.mean([s[1] for s in scores]))
-        per_label.append(r)
-    out = {k: float(np.mean([r[k] for r in per_label])) for k in per_label[0]}
-    if len(labels) > 1:
-        for label, r in zip(labels, per_label, strict=True):
-            out.update({f"{k}/{label}": v for k, v in r.items()})
-    return out
-
-
-# --------------------------------------------------------------------------- state
 
 
 def _rng_state() -> dict[str, Any]:
@@ -540,91 +440,4 @@ def train(
         best_epoch=best_epoch,
         epochs_done=history[-1].epoch if history else start_epoch,
         stopped=stopped,
-    )
-
-
-# --------------------------------------------------------------------------- several processes
-
-
-@dataclass
-class ParallelResult:
-    """What rank 0 of a data-parallel run hands back: :class:`TrainResult` without the model,
-    whose trained weights (adapters, decoder, BatchNorm statistics) are in ``weights``."""
-
-    history: list[EpochRecord]
-    weights: dict[str, torch.Tensor]
-    best_path: Path | None
-    last_path: Path | None
-    best_metric: float | None
-    best_epoch: int | None
-    epochs_done: int
-    stopped: bool
-
-
-def as_parallel_result(result: TrainResult) -> ParallelResult:
-    weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
-    return ParallelResult(
-        result.history,
-        weights,
-        result.best_path,
-        result.last_path,
-        result.best_metric,
-        result.best_epoch,
-        result.epochs_done,
-        result.stopped,
-    )
-
-
-def _train_rank(
-    device: torch.device,
-    relay: ddp.Relay,
-    loaded: LoadedModel,
-    train_data: SegmentationDataset,
-    val_data: SegmentationDataset | None,
-    config: TrainConfig,
-    out_dir: str | Path | None,
-    resume_state: Mapping[str, Any] | None,
-) -> ParallelResult | None:
-    cfg = TrainConfig.from_dict({**config.to_dict(), "device": str(device)})
-    # tensors passed to spawned processes arrive in shared memory, the same for every rank:
-    # each rank trains its own copy
-    result = train(
-        copy.deepcopy(loaded),
-        train_data,
-        val_data,
-        cfg,
-        out_dir,
-        resume_state,
-        relay.progress,
-        relay.should_stop,
-    )
-    return as_parallel_result(result) if ddp.is_main() else None
-
-
-def train_parallel(
-    plan: ddp.DevicePlan,
-    loaded: LoadedModel,
-    train_data: SegmentationDataset,
-    val_data: SegmentationDataset | None,
-    config: TrainConfig,
-    out_dir: str | Path | None = None,
-    resume_state: Mapping[str, Any] | None = None,
-    progress: Callable[[TrainEvent], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    threads: int = 0,
-) -> ParallelResult:
-    """:func:`train` in ``plan.nprocs`` processes on this machine (see
-    :func:`sam2unet.distributed.launch`); ``progress`` and ``should_stop`` are called here.
-    Raises :class:`~sam2unet.distributed.DistributedRunError` when a process fails or dies."""
-    if config.batch_size % plan.nprocs:
-        raise ConfigError(
-            f"batch size {config.batch_size} does not divide among {plan.nprocs} training processes"
-        )
-    return ddp.launch(
-        _train_rank,
-        (loaded, train_data, val_data, config, out_dir, resume_state),
-        plan,
-        threads=threads,
-        progress=progress,
-        should_stop=should_stop,
     )

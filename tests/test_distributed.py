@@ -34,8 +34,9 @@ from sam2unet.config import ModelConfig
 from sam2unet.data import ArraySource, SegmentationDataset
 from sam2unet.distributed import DevicePlan, parse_devices
 from sam2unet.exceptions import ConfigError
+from sam2unet.parallel_training import train_parallel
 from sam2unet.synthetic import generate
-from sam2unet.training import LAST_NAME, TrainConfig, train, train_parallel
+from sam2unet.training import LAST_NAME, TrainConfig, train
 from trainer.service import LOCK_KEY, TrainerService
 
 TWO_CPUS = DevicePlan(("cpu", "cpu"))
@@ -227,7 +228,7 @@ def test_round_on_two_processes_and_a_killed_rank(model_dir, redis_conn, tmp_pat
     assert info.metrics["val"] == report.candidate_metrics
     registry.load(report.candidate)  # complete and loadable
     # the current version's held-out metrics, sharded over 2 processes, equal one process's
-    from sam2unet.training import validate
+    from sam2unet.validation import validate
 
     cur = registry.load(before)
     val_ids = [t for t, _, _ in SAMPLES if report.sides[t] == "val"]  # the round's own split

@@ -22,8 +22,8 @@ from sam2unet.training import (
     initial_model,
     resume_config,
     train,
-    validate,
 )
+from sam2unet.validation import validate
 
 SIDE = 64  # network input; the synthetic images are 128 x 128
 

@@ -238,7 +238,8 @@ def _train_and_evaluate(
     process, or as one rank of several (see :func:`sam2unet.distributed.launch`: ``relay``
     carries progress and stop requests, evaluation is sharded, rank 0 returns the outcome)."""
     from sam2unet import distributed
-    from sam2unet.training import TrainConfig, train, validate
+    from sam2unet.training import TrainConfig, train
+    from sam2unet.validation import validate
 
     if parallel:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": str(device)})
