@@ -89,6 +89,7 @@ class ItemResult:
     model_version: str | None = None
     error: str | None = None
     cached: bool = False
+    prediction_id: int | None = None  # Label Studio's id, once written back
 
     def to_json(self) -> dict[str, Any]:
         # not dataclasses.asdict: it deep-copies the result items, element by element of their

@@ -23,7 +23,9 @@ RUN_PREFIX = "sam2unet:preannotate:run:"
 ACTIVE_PREFIX = "sam2unet:preannotate:active:"
 RUNS_KEY = "sam2unet:preannotate:runs"
 PAGE_FUNC = "worker.jobs.preannotate_page"
+ORDER_FUNC = "worker.jobs.preannotate_order"
 RUN_TTL = 30 * 24 * 3600
+ORDER_TIMEOUT = 3600
 
 RUNNING, COMPLETED, CANCELLED, FAILED = "running", "completed", "cancelled", "failed"
 
@@ -142,6 +144,10 @@ def status(conn: redis.Redis, run_id: str) -> dict[str, Any]:
         "elapsed_seconds": round(elapsed, 1),
         "error": d.get("error") or None,
         "reason": d.get("reason"),
+        "acquisition": d.get("strategy") or d.get("acquisition") or None,
+        # diverse runs: pending, running, done or failed; how many scores were rewritten
+        "ordering": d.get("ordering") or None,
+        "ordered": int(_num(d, "ordered")),
     }
 
 
@@ -168,8 +174,9 @@ def is_running(conn: redis.Redis, run_id: str) -> bool:
     return _field(conn, run_id, "status") == RUNNING
 
 
-def record(conn: redis.Redis, run_id: str, **increments: int) -> None:
-    """Add to a run's counters; mark it completed when every task is accounted for."""
+def record(conn: redis.Redis, run_id: str, **increments: int) -> bool:
+    """Add to a run's counters; mark it completed when every task is accounted for (True when
+    this call did)."""
     key = _key(run_id)
     with conn.pipeline() as pipe:
         for name, n in increments.items():
@@ -177,18 +184,38 @@ def record(conn: redis.Redis, run_id: str, **increments: int) -> None:
                 pipe.hincrby(key, name, n)
         pipe.hset(key, "updated_at", time.time())
         pipe.execute()
-    maybe_complete(conn, run_id)
+    return maybe_complete(conn, run_id)
 
 
-def maybe_complete(conn: redis.Redis, run_id: str) -> None:
+def maybe_complete(conn: redis.Redis, run_id: str) -> bool:
+    """Mark the run completed when every task is accounted for; True for the one call that
+    did. A ``diverse`` run then gets its ordering job (:data:`ORDER_FUNC`), which rewrites the
+    run's prediction scores in the order of the whole run."""
     d = {k.decode(): v.decode() for k, v in conn.hgetall(_key(run_id)).items()}
     if not d or d.get("status") != RUNNING:
-        return
+        return False
     total = int(_num(d, "total"))
     finished = sum(int(_num(d, k)) for k in ("done", "failed", "skipped"))
-    if total >= 0 and d.get("paged") == "1" and finished >= total:
-        conn.hset(_key(run_id), mapping={"status": COMPLETED, "updated_at": time.time()})
-        conn.delete(ACTIVE_PREFIX + d["project"])
+    if not (total >= 0 and d.get("paged") == "1" and finished >= total):
+        return False
+    if not conn.hsetnx(_key(run_id), "completed_at", time.time()):
+        return False  # another worker's call got there first
+    ordering = d.get("strategy") == "diverse" and int(_num(d, "done")) > 0
+    fields: dict[str, Any] = {"status": COMPLETED, "updated_at": time.time()}
+    if ordering:
+        fields["ordering"] = "pending"
+    conn.hset(_key(run_id), mapping=fields)
+    conn.delete(ACTIVE_PREFIX + d["project"])
+    if ordering:
+        Queue(QUEUE_BACKGROUND, connection=conn).enqueue(
+            ORDER_FUNC,
+            run_id,
+            job_timeout=ORDER_TIMEOUT,
+            result_ttl=600,
+            failure_ttl=24 * 3600,
+            description=f"pre-annotation {run_id}: diverse ordering",
+        )
+    return True
 
 
 def fail(conn: redis.Redis, run_id: str, error: str) -> None:

@@ -85,6 +85,8 @@ class Settings:
     train_devices: str = ""  # processes of a round: auto, cuda:0,cuda:1, cpu:N; empty: one
     train_cron: str = ""  # scheduled rounds: "EXPR" for every project, "; PROJECT=EXPR" each
     acquisition: str = "confidence"  # prediction score: random, confidence, tta or diverse
+    diverse_batch: int = 20  # diverse pre-annotation runs: suggestions spread out per batch
+    diverse_depth: int = 2000  # ... over the first this many ranks; the rest by uncertainty
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -99,6 +101,8 @@ class Settings:
             raise ValueError(
                 f"invalid SAM2UNET_PROMOTE_CONFIDENCE {self.promote_confidence}: need 0.5 <= c < 1"
             )
+        if self.diverse_batch < 1 or self.diverse_depth < 0:
+            raise ValueError("SAM2UNET_DIVERSE_BATCH must be >= 1 and SAM2UNET_DIVERSE_DEPTH >= 0")
         if self.holdout_min < 0:
             raise ValueError(f"invalid SAM2UNET_HOLDOUT_MIN {self.holdout_min}: need >= 0")
 

@@ -372,6 +372,12 @@ class LabelStudioClient:
         body = {"task": int(task), "result": result, "score": score, "model_version": model_version}
         return self._json("POST", "/api/predictions", json_body=body)
 
+    def update_prediction_score(self, prediction: int, score: float) -> dict[str, Any]:
+        """``PATCH /api/predictions/{id}/`` with a new score only."""
+        return self._json(
+            "PATCH", f"/api/predictions/{int(prediction)}/", json_body={"score": float(score)}
+        )
+
     def list_predictions(self, task: int) -> list[dict[str, Any]]:
         """``GET /api/predictions?task=ID``."""
         return self._json("GET", "/api/predictions", params={"task": int(task)})

@@ -183,9 +183,60 @@ def select(
         for i in order[len(cand) :]:
             if len(picks) == k:
                 break
-            if np.min(np.linalg.norm(feats[picks] - feats[i], axis=1)) > 1e-9:
+            if not picks or np.min(np.linalg.norm(feats[picks] - feats[i], axis=1)) > 1e-9:
                 picks.append(int(i))
     return picks
+
+
+def run_order(
+    uncertainty: Sequence[float],
+    features: np.ndarray,
+    batch: int,
+    *,
+    labelled_features: np.ndarray | None = None,
+    depth: int | None = None,
+) -> list[int]:
+    """A permutation of a whole pool (N images), most useful first, for ``diverse``: batch
+    after batch of ``batch`` images, each :func:`select` over the images not yet ranked with
+    the labelled images and every image ranked before as centres, so that any window of
+    ``batch`` consecutive ranks is uncertain and spread out. The first ``depth`` ranks (default:
+    all) are ranked so; the rest follow by uncertainty. Only the ``depth + CANDIDATES x batch``
+    most uncertain images can ever be candidates: the work is
+    O((depth + CANDIDATES x batch) x depth x D), whatever N."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    n = len(u)
+    if features is None or len(features) != n:
+        raise ConfigError("the diverse strategy needs one feature vector per image")
+    batch = max(1, int(batch))
+    depth = n if depth is None else max(0, min(int(depth), n))
+    by_u = [int(i) for i in np.argsort(-u, kind="stable")]
+    pool = by_u[: min(n, depth + CANDIDATES * batch)]
+    feats = np.asarray(np.asarray(features)[pool], dtype=np.float64)
+    centres = (
+        np.asarray(labelled_features, dtype=np.float64).reshape(-1, feats.shape[1])
+        if labelled_features is not None and len(labelled_features)
+        else np.zeros((0, feats.shape[1]))
+    )
+    rest = list(range(len(pool)))  # positions in pool, still by uncertainty
+    ranked: list[int] = []
+    while rest and len(ranked) < depth:
+        k = min(batch, depth - len(ranked))
+        sub = select(
+            "diverse",
+            u[[pool[j] for j in rest]],
+            k,
+            features=feats[rest],
+            labelled_features=np.concatenate([centres, feats[ranked]]),
+        )
+        picked = [rest[j] for j in sub]
+        if not picked:  # everything left duplicates a centre: uncertainty decides
+            picked = rest[:k]
+        ranked.extend(picked)
+        gone = set(picked)
+        rest = [j for j in rest if j not in gone]
+    order = [pool[j] for j in ranked]
+    seen = set(order)
+    return order + [i for i in by_u if i not in seen]
 
 
 # ------------------------------------------------------------------------------ model passes

@@ -26,6 +26,8 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         log.info("request %s: run %s is no longer running; skipped", p.request_id, p.run_id)
         return {"items": 0, "skipped": len(p.items)}
     times = StageTimes()
+    strategy = p.acquisition or rt.settings.acquisition
+    acquired: dict | None = {} if p.run_id and strategy == "diverse" else None
     results = run_predict(
         p,
         rt,
@@ -35,6 +37,7 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         cache_ttl=rt.settings.cache_ttl,
         max_pixels=rt.settings.max_image_pixels,
         times=times,
+        acquired=acquired,
     )
     log.info(
         "request %s: %d items (%d cached, %d failed) fetch %.3fs decode %.3fs forward %.3fs "
@@ -59,6 +62,18 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         written = ctx.write_back(p, results)
     elif p.write_back:
         log.error("request %s: no Label Studio API configured to write results to", p.request_id)
+    if acquired:  # a diverse run: what the order of the whole run needs
+        from worker.run_order import remember
+
+        remember(
+            ctx.redis,
+            p.run_id,
+            (
+                (r.task_id, r.prediction_id, *acquired[r.index])
+                for r in results
+                if r.prediction_id is not None and r.index in acquired
+            ),
+        )
     if p.run_id:
         untrained = sum(1 for r in results if is_untrained(r.model_version))
         runs.record(
@@ -77,3 +92,16 @@ def preannotate_page(run_id: str, page: int) -> dict[str, Any]:
     from worker.preannotate import process_page
 
     return process_page(get_context(), run_id, page)
+
+
+def preannotate_order(run_id: str) -> dict[str, Any]:
+    """Once a ``diverse`` run is completed: rewrite its prediction scores in the order of the
+    whole run (:mod:`worker.run_order`)."""
+    from worker.run_order import order_run
+
+    ctx = get_context()
+    if ctx.ls_client is None:
+        log.error("pre-annotation %s: no Label Studio API to rewrite scores with", run_id)
+        return {"error": "no Label Studio API"}
+    s = ctx.settings
+    return order_run(ctx.redis, ctx.ls_client, run_id, s.diverse_batch, s.diverse_depth)

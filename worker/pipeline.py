@@ -9,6 +9,7 @@ Results are cached per (image content hash, model version, target) in Redis.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -87,6 +88,15 @@ def encode_results(
     return results, float(np.mean(scores)) if scores else 0.0
 
 
+def encode_feature(feature: np.ndarray) -> str:
+    """A pooled feature as base64 of its float16 bytes (for the JSON result cache)."""
+    return base64.b64encode(np.asarray(feature, dtype="<f2").tobytes()).decode()
+
+
+def decode_feature(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f2")
+
+
 def _cache_key(
     digest: str, version: str, target: Target, threshold: float, strategy: str = ""
 ) -> str:
@@ -153,8 +163,12 @@ def run_predict(
     max_pixels: int = 64_000_000,
     fetch_threads: int = 8,
     times: StageTimes | None = None,
+    acquired: dict[int, tuple[float, np.ndarray]] | None = None,
 ) -> list[ItemResult]:
-    """Compute the results of every item of ``payload`` (never raises for a per-item problem)."""
+    """Compute the results of every item of ``payload`` (never raises for a per-item problem).
+
+    With the ``diverse`` strategy, ``acquired`` (when given) receives per item index the
+    uncertainty and pooled trunk feature (float16) of each automatic prediction, cached or not."""
     times = times if times is not None else StageTimes()
     target = target_from_json(payload.target)
     version = runtime.ensure_current(in_job=True)
@@ -217,6 +231,8 @@ def run_predict(
                 for item in cached["result"]:  # ids stay unique across tasks
                     item["id"] = secrets.token_urlsafe(8)
                 results[i].result, results[i].score = cached["result"], cached["score"]
+                if acquired is not None and "feature" in cached:
+                    acquired[i] = (cached["uncertainty"], decode_feature(cached["feature"]))
                 results[i].cached = True
                 times.cache_hits += 1
                 del fetched[i]
@@ -236,14 +252,20 @@ def run_predict(
     if images:
         t0 = time.perf_counter()
         uncertainty: dict[int, float] = {}
+        features: dict[int, np.ndarray] = {}
         if payload.context is None:
-            acquired = runtime.acquire(
+            scored = runtime.acquire(
                 images,
                 strategy,
                 [f"{payload.project}:{version}:{results[i].task_id}" for i in order],
             )
-            probs = [a.prob for a in acquired]
-            uncertainty = {i: a.uncertainty for i, a in zip(order, acquired, strict=True)}
+            probs = [a.prob for a in scored]
+            uncertainty = {i: a.uncertainty for i, a in zip(order, scored, strict=True)}
+            features = {
+                i: a.feature.astype(np.float16)
+                for i, a in zip(order, scored, strict=True)
+                if a.feature is not None
+            }
         else:  # interactive call: SAM2's head, or prompts applied around the model
             probs = []
             for i, rgb in zip(order, images, strict=True):
@@ -290,7 +312,12 @@ def run_predict(
             if i in uncertainty:
                 score = sort_score(uncertainty[i])
             results[i].result, results[i].score = res, score
-            to_cache[keys[i]] = json.dumps({"result": res, "score": score})
+            entry: dict[str, Any] = {"result": res, "score": score}
+            if i in features:
+                entry.update(uncertainty=uncertainty[i], feature=encode_feature(features[i]))
+                if acquired is not None:
+                    acquired[i] = (uncertainty[i], features[i])
+            to_cache[keys[i]] = json.dumps(entry)
         times.encode += time.perf_counter() - t0
         if redis_client is not None and cache_ttl > 0 and to_cache:
             with redis_client.pipeline(transaction=False) as pipe:

@@ -51,7 +51,8 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     project = st["project"]
     page_size = int(conn.hget(runs.RUN_PREFIX + run_id, "page_size") or 100)
     unlabeled_only = (conn.hget(runs.RUN_PREFIX + run_id, "unlabeled_only") or b"1") == b"1"
-    acquisition = (conn.hget(runs.RUN_PREFIX + run_id, "acquisition") or b"").decode() or None
+    acquisition = (conn.hget(runs.RUN_PREFIX + run_id, "acquisition") or b"").decode()
+    acquisition = acquisition or ctx.settings.acquisition
     try:
         version = ctx.runtime.ensure_current()
         if not ctx.runtime.decoder_trained and ctx.runtime.info is not None:
@@ -75,7 +76,7 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     body = r.json() if r.status_code == 200 else {"tasks": [], "total": None}
     tasks = body.get("tasks", []) if isinstance(body, dict) else body
     total = body.get("total") if isinstance(body, dict) else None
-    fields: dict[str, Any] = {"model_version": version, "pages": page}
+    fields: dict[str, Any] = {"model_version": version, "pages": page, "strategy": acquisition}
     if isinstance(total, int):
         fields["total"] = total
     last = (
@@ -83,8 +84,10 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         or len(tasks) < page_size
         or (isinstance(total, int) and (page - 1) * page_size + len(tasks) >= total)
     )
-    todo, skipped = [], 0
+    todo, skipped, labelled = [], 0, []
     for i, task in enumerate(tasks):
+        if is_labeled(task) and isinstance(task.get("id"), int):
+            labelled.append(task["id"])
         url = (task.get("data") or {}).get(target.value_key)
         if has_prediction_of(task, version) or (unlabeled_only and is_labeled(task)):
             skipped += 1
@@ -95,6 +98,10 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     if not isinstance(total, int) and last:
         fields["total"] = (page - 1) * page_size + len(tasks)
     runs.update(conn, run_id, **fields)
+    if acquisition == "diverse":
+        from worker.run_order import remember_labelled
+
+        remember_labelled(conn, run_id, labelled)
     queue = Queue(QUEUE_BACKGROUND, connection=conn)
     enqueue_predict(
         queue,

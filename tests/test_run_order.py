@@ -1,0 +1,87 @@
+"""The order of a whole ``diverse`` run over the features its workers stored in a real Redis:
+no two identical images in one batch, the most uncertain distinct image first, labelled tasks
+as centres, and the run completing exactly once with its ordering job enqueued."""
+
+from __future__ import annotations
+
+import numpy as np
+from rq import Queue
+
+from contracts import preannotate as runs
+from contracts.jobs import QUEUE_BACKGROUND
+from sam2unet.acquisition import run_order
+from worker.run_order import features, ordering, remember, remember_labelled, stored
+
+
+def pool(seed: int = 0, dim: int = 48):
+    """Task ids, uncertainties and features: task 1 the most uncertain, tasks 2 and 3 its exact
+    copies (same features, uncertainty nearly as high), tasks 4.. distinct and less uncertain."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(9, dim)).astype(np.float16)
+    feats = np.concatenate([base[:1], base[:1], base[:1], base[1:]])
+    u = np.concatenate([[0.9, 0.89, 0.88], np.linspace(0.7, 0.3, 8)])
+    return list(range(1, 12)), u, feats
+
+
+def test_a_runs_order_never_puts_two_identical_images_in_one_batch(redis_conn):
+    tasks, u, feats = pool()
+    run_id = "7-1-abc"
+    assert remember(
+        redis_conn, run_id, ((t, 1000 + t, ui, f) for t, ui, f in zip(tasks, u, feats, strict=True))
+    ) == len(tasks)
+    got_tasks, preds, got_u, labelled = stored(redis_conn, run_id)
+    assert got_tasks == tasks and preds == [1000 + t for t in tasks] and not labelled
+    np.testing.assert_allclose(got_u, u, atol=1e-6)
+    np.testing.assert_array_equal(features(redis_conn, run_id, tasks), feats.astype(np.float32))
+
+    k = 4
+    order, pred_order = ordering(redis_conn, run_id, batch=k, depth=len(tasks))
+    assert sorted(order) == tasks and pred_order == [1000 + t for t in order]
+    assert order[0] == 1  # the most uncertain distinct image first
+    copies = {1, 2, 3}
+    for start in range(0, 8, k):  # batches while distinct images remain: one copy at most
+        assert len(copies & set(order[start : start + k])) <= 1, order
+    assert set(order[-2:]) == {2, 3}  # the copies come last, after every distinct image
+    # the first batch is the k-center-greedy pick from the 4k most uncertain
+    dist = {t: np.linalg.norm(feats[t - 1].astype(np.float64) - feats[0]) for t in tasks}
+    assert order[1] == max((t for t in tasks[3:]), key=dist.__getitem__)
+    # same order as the pure function over the whole run
+    assert order == [tasks[i] for i in run_order(got_u, feats, k)]
+
+
+def test_labelled_tasks_with_known_features_are_centres(redis_conn):
+    tasks, u, feats = pool(1)
+    run_id = "7-2-def"
+    remember(
+        redis_conn, run_id, ((t, 1000 + t, ui, f) for t, ui, f in zip(tasks, u, feats, strict=True))
+    )
+    remember_labelled(redis_conn, run_id, [1])  # the image with two copies is labelled
+    order, _ = ordering(redis_conn, run_id, batch=3, depth=len(tasks))
+    assert 1 not in order  # a labelled task is not suggested
+    assert set(order[-2:]) == {2, 3}  # its copies add nothing: last
+    # with a centre, the first pick is the candidate farthest from it (the 4 x 3 most uncertain
+    # unlabelled tasks are all candidates here)
+    dist = {t: np.linalg.norm(feats[t - 1].astype(np.float64) - feats[0]) for t in tasks[3:]}
+    assert order[0] == max(dist, key=dist.__getitem__)
+
+
+def test_depth_bounds_the_diverse_part_and_the_rest_follow_uncertainty():
+    _, u, feats = pool(2)
+    order = run_order(u, feats, 2, depth=4)
+    assert sorted(order) == list(range(len(u)))
+    rest = order[4:]
+    assert rest == sorted(rest, key=lambda i: -u[i])
+
+
+def test_a_diverse_run_completes_once_and_enqueues_its_ordering(redis_conn):
+    run_id, started = runs.start_run(redis_conn, 5, acquisition="diverse")
+    assert started
+    redis_conn.delete("rq:queue:" + QUEUE_BACKGROUND)  # the first page's job: not run here
+    runs.update(redis_conn, run_id, strategy="diverse", total=2, paged=1)
+    assert not runs.record(redis_conn, run_id, done=1)
+    assert runs.record(redis_conn, run_id, done=1)  # this call completed the run
+    assert not runs.maybe_complete(redis_conn, run_id)  # never twice
+    st = runs.status(redis_conn, run_id)
+    assert st["status"] == runs.COMPLETED and st["ordering"] == "pending"
+    jobs = Queue(QUEUE_BACKGROUND, connection=redis_conn).jobs
+    assert [(j.func_name, j.args) for j in jobs] == [(runs.ORDER_FUNC, (run_id,))]
