@@ -111,8 +111,12 @@ def _follow(conn, run_id: str, tqdm) -> int:
                 done=st["done"], failed=st["failed"], skipped=st["skipped"], eta=st["eta_seconds"]
             )
             bar.refresh()
-            if st["status"] != runs.RUNNING:
-                break
+            if st["status"] != runs.RUNNING and st["ordering"] not in ("pending", "running"):
+                break  # a diverse run: finished once its scores follow the whole run's order
+            if st["ordering"] is not None:
+                bar.set_description(f"diverse order ({run_id})")
+                bar.total, bar.n = st["done"], st["ordered"]
+                bar.refresh()
             time.sleep(1.0)
     except KeyboardInterrupt:
         bar.close()
@@ -122,7 +126,7 @@ def _follow(conn, run_id: str, tqdm) -> int:
         return 130
     bar.close()
     print(json.dumps(st))
-    return 0 if st["status"] == runs.COMPLETED else 1
+    return 0 if st["status"] == runs.COMPLETED and st["ordering"] != "failed" else 1
 
 
 def _download(args: argparse.Namespace) -> int:

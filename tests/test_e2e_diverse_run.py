@@ -1,0 +1,116 @@
+"""With a real Label Studio 1.23.2, a real Redis and a real worker process: a ``preannotate
+--acquisition diverse`` run over a project holding near-duplicate images (two images imported
+three times each, plus distinct ones) rewrites its prediction scores once the run is completed,
+so that the data manager sorted by prediction score ascending lists the k-center order of the
+whole run: no two copies of an image in the first batch, and the same order as
+:func:`sam2unet.acquisition.run_order` over the features the worker stored (which match the
+model's own features of the images)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from contracts.registry import ModelRegistry
+from sam2unet.acquisition import acquire, run_order
+from sam2unet.predictor import Predictor
+from sam2unet.synthetic import make_domain_sample, sample_rng
+from sam2unet.transforms import decode_image
+from tests.lstudio import running_label_studio
+from tests.services import ROOT, ServiceProcess, png_bytes, service_env
+from tests.test_e2e_label_studio import BRUSH
+from worker.run_order import features, stored
+
+pytestmark = pytest.mark.e2e
+BATCH = 4
+
+
+def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_server, model_dir):
+    import redis
+
+    shutil.copytree(model_dir, tmp_path / "models")
+    models = tmp_path / "models"
+    redis_url = f"redis://127.0.0.1:{redis_server.port}/13"
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
+    domains = ["easy", "low_contrast", "small", "several", "camouflage"]
+    distinct = [make_domain_sample(sample_rng(47, i), 64, domains[i % 5])[0] for i in range(8)]
+    # images 0 and 1 three times each, then six others
+    images = [distinct[0]] * 3 + [distinct[1]] * 3 + distinct[2:]
+    group = [0, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7]
+    pngs = [png_bytes(img) for img in images]
+    with running_label_studio(tmp_path / "ls") as ls:
+        project = ls.create_project(BRUSH, title="diverse run")
+        ids = ls.import_images(project, [(f"d{i}.png", b) for i, b in enumerate(pngs)])
+        env = service_env(
+            redis_url,
+            models,
+            LABEL_STUDIO_URL=ls.url,
+            LABEL_STUDIO_API_KEY=ls.pat,
+            SAM2UNET_DIVERSE_BATCH=str(BATCH),
+        )
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        worker = ServiceProcess(["worker", "--name", "diverse-worker"], env, "worker", logs)
+        try:
+            worker.wait_log("worker ready", timeout=120)
+            cli = subprocess.run(
+                [sys.executable, "-m", "cli", "preannotate", "--project", str(project)]
+                + ["--acquisition", "diverse", "--page-size", "5"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        finally:
+            worker.stop()
+        log = worker.log()
+        assert cli.returncode == 0, cli.stdout + cli.stderr + log[-3000:]
+        final = json.loads(cli.stdout.strip().splitlines()[-1])
+        assert final["status"] == "completed" and final["acquisition"] == "diverse", final
+        assert final["done"] == len(ids) and final["ordering"] == "done", final
+        assert final["ordered"] == len(ids)
+        assert "diverse scores 12/12 (0 failed)" in log
+
+        # the order, computed here from what the worker stored
+        tasks, _, u, labelled = stored(conn, final["id"])
+        assert tasks == sorted(ids) and not labelled
+        feats = features(conn, final["id"], tasks)
+        expected = [tasks[i] for i in run_order(u, feats, BATCH)]
+        # ... which are the model's own numbers for these images
+        version = ModelRegistry(models, None).current()
+        loaded = ModelRegistry(models, None).load(version)
+        predictor = Predictor(loaded.model, loaded.config, device="cpu", batch_size=1)
+        ours = acquire(predictor, [decode_image(b) for b in pngs], "diverse")
+        by_task = {t: i for i, t in enumerate(tasks)}
+        for i, tid in enumerate(ids):
+            np.testing.assert_allclose(feats[by_task[tid]], ours[i].feature, rtol=2e-2, atol=2e-3)
+            assert abs(u[by_task[tid]] - ours[i].uncertainty) < 1e-4
+
+        r = ls.api("PATCH", f"/api/projects/{project}", json={"model_version": version})
+        assert r.status_code == 200, r.text
+        view = ls.api(
+            "POST",
+            "/api/dm/views",
+            json={"project": project, "data": {"ordering": ["tasks:predictions_score"]}},
+        ).json()
+        listed = ls.api(
+            "GET",
+            "/api/tasks",
+            params={"project": project, "view": view["id"], "page_size": 100, "fields": "all"},
+        ).json()["tasks"]
+        order = [t["id"] for t in listed]
+        scores = {t["id"]: t.get("predictions_score") for t in listed}
+        print("k-center order:", expected, "data manager:", order, json.dumps(scores))
+        assert order == expected
+        first = [group[ids.index(t)] for t in order[:BATCH]]
+        assert len(set(first)) == BATCH, first  # no two copies of an image in the first batch
+        # the uncertainty order alone would put copies side by side: the rewrite mattered
+        by_u = [group[ids.index(tasks[i])] for i in np.argsort(-u, kind="stable")]
+        assert any(a == b for a, b in zip(by_u, by_u[1:], strict=False))
