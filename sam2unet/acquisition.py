@@ -15,7 +15,7 @@ Four strategies (:data:`STRATEGIES`):
   :data:`CANDIDATES` x K most uncertain images, then k-center-greedy over their features
   (each next pick is the candidate farthest from every image already picked or labelled), so
   that K suggestions are not K near-duplicates; an image whose features equal an image already
-  picked is never picked again.
+  picked is never picked again. :func:`run_order` ranks a whole pool so, batch after batch.
 
 Every uncertainty lies in [0, 1], higher meaning more useful to label. :func:`sort_score`
 turns it into the prediction score written to Label Studio: ``1 - u``, so that sorting by

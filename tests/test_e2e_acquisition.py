@@ -26,6 +26,26 @@ pytestmark = pytest.mark.e2e
 STRATEGY = "tta"
 
 
+def sorted_by_prediction_score(ls, project: int, version: str) -> list[dict]:
+    """The project's tasks as the data manager lists them sorted by prediction score ascending,
+    with the project pointed at ``version``."""
+    # the data manager's prediction score averages the predictions of the project's model
+    # version (Label Studio 1.23): point it at the current version, as the README says
+    r = ls.api("PATCH", f"/api/projects/{project}", json={"model_version": version})
+    assert r.status_code == 200, r.text
+    # the data manager: a tab sorted by prediction score, ascending
+    view = ls.api(
+        "POST",
+        "/api/dm/views",
+        json={"project": project, "data": {"ordering": ["tasks:predictions_score"]}},
+    ).json()
+    return ls.api(
+        "GET",
+        "/api/tasks",
+        params={"project": project, "view": view["id"], "page_size": 100, "fields": "all"},
+    ).json()["tasks"]
+
+
 def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_server, model_dir):
     import redis
 
@@ -95,21 +115,7 @@ def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_s
         u = [a.uncertainty for a in acquire(predictor, images, STRATEGY)]
         expected = [unlabeled[i] for i in select(STRATEGY, u, len(u))]
 
-        # the data manager's prediction score averages the predictions of the project's model
-        # version (Label Studio 1.23): point it at the current version, as the README says
-        r = ls.api("PATCH", f"/api/projects/{project}", json={"model_version": version})
-        assert r.status_code == 200, r.text
-        # the data manager: a tab sorted by prediction score, ascending
-        view = ls.api(
-            "POST",
-            "/api/dm/views",
-            json={"project": project, "data": {"ordering": ["tasks:predictions_score"]}},
-        ).json()
-        listed = ls.api(
-            "GET",
-            "/api/tasks",
-            params={"project": project, "view": view["id"], "page_size": 100, "fields": "all"},
-        ).json()["tasks"]
+        listed = sorted_by_prediction_score(ls, project, version)
         order = [t["id"] for t in listed if t["id"] in set(unlabeled)]
         scores = {t["id"]: t.get("predictions_score") for t in listed}
         print("strategy order:", expected, "data manager:", order, json.dumps(scores))

@@ -8,6 +8,7 @@ model's own features of the images)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
 from tests.lstudio import running_label_studio
 from tests.services import ROOT, ServiceProcess, png_bytes, service_env
+from tests.test_e2e_acquisition import sorted_by_prediction_score
 from tests.test_e2e_label_studio import BRUSH
 from worker.run_order import features, stored
 
@@ -60,8 +62,10 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_serve
         try:
             worker.wait_log("worker ready", timeout=120)
             cli = subprocess.run(
-                [sys.executable, "-m", "cli", "preannotate", "--project", str(project)]
-                + ["--acquisition", "diverse", "--page-size", "5"],
+                [
+                    *(sys.executable, "-m", "cli", "preannotate", "--project", str(project)),
+                    *("--acquisition", "diverse", "--page-size", "5"),
+                ],
                 cwd=ROOT,
                 env=env,
                 capture_output=True,
@@ -93,18 +97,7 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_serve
             np.testing.assert_allclose(feats[by_task[tid]], ours[i].feature, rtol=2e-2, atol=2e-3)
             assert abs(u[by_task[tid]] - ours[i].uncertainty) < 1e-4
 
-        r = ls.api("PATCH", f"/api/projects/{project}", json={"model_version": version})
-        assert r.status_code == 200, r.text
-        view = ls.api(
-            "POST",
-            "/api/dm/views",
-            json={"project": project, "data": {"ordering": ["tasks:predictions_score"]}},
-        ).json()
-        listed = ls.api(
-            "GET",
-            "/api/tasks",
-            params={"project": project, "view": view["id"], "page_size": 100, "fields": "all"},
-        ).json()["tasks"]
+        listed = sorted_by_prediction_score(ls, project, version)
         order = [t["id"] for t in listed]
         scores = {t["id"]: t.get("predictions_score") for t in listed}
         print("k-center order:", expected, "data manager:", order, json.dumps(scores))
@@ -113,4 +106,4 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_serve
         assert len(set(first)) == BATCH, first  # no two copies of an image in the first batch
         # the uncertainty order alone would put copies side by side: the rewrite mattered
         by_u = [group[ids.index(tasks[i])] for i in np.argsort(-u, kind="stable")]
-        assert any(a == b for a, b in zip(by_u, by_u[1:], strict=False))
+        assert any(a == b for a, b in itertools.pairwise(by_u))

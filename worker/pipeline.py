@@ -2,6 +2,7 @@
 
 A prediction's score is its acquisition score (:mod:`sam2unet.acquisition`; the job's strategy or
 ``SAM2UNET_ACQUISITION``): sorting by prediction score ascending lists the tasks to label next.
+A ``diverse`` pre-annotation run rewrites its scores once completed (:mod:`worker.run_order`).
 
 Per-task failures (unreachable or undecodable image) become an error on that task only.
 Results are cached per (image content hash, model version, target) in Redis.
