@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_serve
         assert final["done"] == len(ids) and final["ordering"] == "done", final
         assert final["ordered"] == len(ids)
         assert "diverse scores 12/12 (0 failed)" in log
+        # a copy on a later page came from the result cache, its feature with it
+        assert re.search(r"items \([1-9]\d* cached", log), log[-3000:]
 
         # the order, computed here from what the worker stored
         tasks, _, u, labelled = stored(conn, final["id"])
