@@ -195,14 +195,17 @@ def run_order(
     *,
     labelled_features: np.ndarray | None = None,
     depth: int | None = None,
+    eps: float = 1e-9,
 ) -> list[int]:
     """A permutation of a whole pool (N images), most useful first, for ``diverse``: batch
-    after batch of ``batch`` images, each :func:`select` over the images not yet ranked with
-    the labelled images and every image ranked before as centres, so that any window of
-    ``batch`` consecutive ranks is uncertain and spread out. The first ``depth`` ranks (default:
-    all) are ranked so; the rest follow by uncertainty. Only the ``depth + CANDIDATES x batch``
-    most uncertain images can ever be candidates: the work is
-    O((depth + CANDIDATES x batch) x depth x D), whatever N."""
+    after batch of ``batch`` images, each chosen as :func:`select` chooses (k-center-greedy
+    among the ``CANDIDATES x batch`` most uncertain images not yet ranked, then the next most
+    uncertain distinct ones) with the labelled images and every image ranked before as centres,
+    so that any window of ``batch`` consecutive ranks is uncertain and spread out. The first
+    ``depth`` ranks (default: all) are ranked so; the rest follow by uncertainty. Only the
+    ``depth + CANDIDATES x batch`` most uncertain images can ever be candidates, and each pick
+    updates their distance to the centres once: O((depth + CANDIDATES x batch) x depth x D)
+    work and one such float32 matrix of memory, whatever N."""
     u = np.asarray(uncertainty, dtype=np.float64)
     n = len(u)
     if features is None or len(features) != n:
@@ -210,30 +213,43 @@ def run_order(
     batch = max(1, int(batch))
     depth = n if depth is None else max(0, min(int(depth), n))
     by_u = [int(i) for i in np.argsort(-u, kind="stable")]
-    pool = by_u[: min(n, depth + CANDIDATES * batch)]
-    feats = np.asarray(np.asarray(features)[pool], dtype=np.float64)
-    centres = (
-        np.asarray(labelled_features, dtype=np.float64).reshape(-1, feats.shape[1])
-        if labelled_features is not None and len(labelled_features)
-        else np.zeros((0, feats.shape[1]))
-    )
-    rest = list(range(len(pool)))  # positions in pool, still by uncertainty
+    pool = by_u[: min(n, depth + CANDIDATES * batch)]  # by uncertainty
+    x = np.asarray(np.asarray(features)[pool], dtype=np.float32)
+    mind = np.full(len(pool), np.inf, dtype=np.float64)  # distance to the nearest centre
+    if labelled_features is not None and len(labelled_features):
+        for c in np.asarray(labelled_features, dtype=np.float32).reshape(-1, x.shape[1]):
+            mind = np.minimum(mind, np.linalg.norm(x - c, axis=1))
+    free = np.ones(len(pool), dtype=bool)
     ranked: list[int] = []
-    while rest and len(ranked) < depth:
+
+    def take(j: int) -> None:
+        nonlocal mind
+        ranked.append(j)
+        free[j] = False
+        mind = np.minimum(mind, np.linalg.norm(x - x[j], axis=1))
+
+    while len(ranked) < min(depth, len(pool)):
         k = min(batch, depth - len(ranked))
-        sub = select(
-            "diverse",
-            u[[pool[j] for j in rest]],
-            k,
-            features=feats[rest],
-            labelled_features=np.concatenate([centres, feats[ranked]]),
-        )
-        picked = [rest[j] for j in sub]
-        if not picked:  # everything left duplicates a centre: uncertainty decides
-            picked = rest[:k]
-        ranked.extend(picked)
-        gone = set(picked)
-        rest = [j for j in rest if j not in gone]
+        rest = np.flatnonzero(free)
+        cand = rest[: max(k, CANDIDATES * k)]
+        picked = 0
+        while picked < k:  # k-center-greedy over the candidates
+            d = np.where(free[cand], mind[cand], -1.0)
+            j = int(cand[0]) if np.isinf(d).all() else int(cand[int(np.argmax(d))])
+            if not np.isinf(d).all() and mind[j] <= eps:
+                break  # only duplicates of centres or picks are left among the candidates
+            take(j)
+            picked += 1
+        start = len(ranked) - picked
+        for j in rest[len(cand) :]:  # too few distinct candidates: the next distinct ones
+            if picked == k:
+                break
+            if picked == 0 or np.min(np.linalg.norm(x[ranked[start:]] - x[j], axis=1)) > eps:
+                take(int(j))
+                picked += 1
+        if picked == 0:  # everything left duplicates a centre: uncertainty decides
+            for j in np.flatnonzero(free)[:k]:
+                take(int(j))
     order = [pool[j] for j in ranked]
     seen = set(order)
     return order + [i for i in by_u if i not in seen]

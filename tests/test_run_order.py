@@ -9,7 +9,7 @@ from rq import Queue
 
 from contracts import preannotate as runs
 from contracts.jobs import QUEUE_BACKGROUND
-from sam2unet.acquisition import run_order
+from sam2unet.acquisition import run_order, select
 from worker.run_order import features, ordering, remember, remember_labelled, stored
 
 
@@ -85,3 +85,38 @@ def test_a_diverse_run_completes_once_and_enqueues_its_ordering(redis_conn):
     assert st["status"] == runs.COMPLETED and st["ordering"] == "pending"
     jobs = Queue(QUEUE_BACKGROUND, connection=redis_conn).jobs
     assert [(j.func_name, j.args) for j in jobs] == [(runs.ORDER_FUNC, (run_id,))]
+
+
+def batches_of_select(u, feats, batch, labelled=None, depth=None):
+    """The definition of the run's order, written plainly: batch after batch,
+    :func:`select` over the images not yet ranked, everything ranked before as centres."""
+    depth = len(u) if depth is None else depth
+    rest, ranked = list(range(len(u))), []
+    centres = np.zeros((0, feats.shape[1])) if labelled is None else labelled.astype(np.float64)
+    while rest and len(ranked) < depth:
+        k = min(batch, depth - len(ranked))
+        sub = select(
+            "diverse",
+            u[rest],
+            k,
+            features=feats[rest].astype(np.float64),
+            labelled_features=np.concatenate([centres, feats[ranked].astype(np.float64)]),
+        )
+        picked = [rest[j] for j in sub] or sorted(rest, key=lambda i: -u[i])[:k]
+        ranked += picked
+        rest = [j for j in rest if j not in set(picked)]
+    return ranked + [int(i) for i in np.argsort(-u, kind="stable") if int(i) not in set(ranked)]
+
+
+def test_the_incremental_order_equals_batches_of_select():
+    rng = np.random.default_rng(3)
+    for case in range(60):
+        n = int(rng.integers(1, 40))
+        base = rng.normal(size=(n, 8)).astype(np.float16)
+        copies = rng.integers(0, max(1, n // 2), size=n) if case % 2 else np.arange(n)
+        feats, u = base[copies], rng.random(n)
+        labelled = base[:2] if case % 3 == 0 else None
+        batch = int(rng.integers(1, 6))
+        depth = None if case % 4 else int(rng.integers(0, n + 1))
+        got = run_order(u, feats, batch, labelled_features=labelled, depth=depth)
+        assert got == batches_of_select(u, feats, batch, labelled, depth), case
