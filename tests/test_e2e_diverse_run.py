@@ -4,7 +4,8 @@ three times each, plus distinct ones) rewrites its prediction scores once the ru
 so that the data manager sorted by prediction score ascending lists the k-center order of the
 whole run: no two copies of an image in the first batch, and the same order as
 :func:`sam2unet.acquisition.run_order` over the features the worker stored (which match the
-model's own features of the images)."""
+model's own features of the images). A score that Label Studio refuses to rewrite is logged and
+the other predictions are ordered all the same."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 
+from contracts import preannotate as runs
 from contracts.registry import ModelRegistry
 from sam2unet.acquisition import acquire, run_order
 from sam2unet.predictor import Predictor
@@ -110,3 +112,36 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_serve
         # the uncertainty order alone would put copies side by side: the rewrite mattered
         by_u = [group[ids.index(tasks[i])] for i in np.argsort(-u, kind="stable")]
         assert any(a == b for a, b in itertools.pairwise(by_u))
+
+
+def test_a_score_that_cannot_be_rewritten_keeps_its_prediction(tmp_path, redis_conn, caplog):
+    from labelstudio.client import LabelStudioClient
+    from worker.run_order import order_run, remember
+
+    rng = np.random.default_rng(5)
+    with running_label_studio(tmp_path / "ls") as ls:
+        project = ls.create_project(BRUSH, title="diverse ordering failure")
+        ids = ls.import_images(
+            project,
+            [
+                (f"f{i}.png", png_bytes(make_domain_sample(sample_rng(53, i), 64, "easy")[0]))
+                for i in range(3)
+            ],
+        )
+        client = LabelStudioClient(ls.url, ls.pat)
+        preds = [client.create_prediction(t, [], 0.5, "sam2unet-v1")["id"] for t in ids]
+        run_id, _ = runs.start_run(redis_conn, project, acquisition="diverse")
+        feats = rng.normal(size=(3, 16))
+        remember(redis_conn, run_id, zip(ids, preds, [0.9, 0.5, 0.1], feats, strict=True))
+        # the most uncertain task's prediction is gone before the ordering job runs
+        assert ls.api("DELETE", f"/api/predictions/{preds[0]}/").status_code == 204
+        with caplog.at_level("WARNING", logger="worker.run_order"):
+            out = order_run(redis_conn, client, run_id, batch=2, depth=3)
+        assert out == {"ordered": 2, "failed": 1}
+        assert f"task {ids[0]} keeps its uncertainty score" in caplog.text
+        st = runs.status(redis_conn, run_id)
+        assert st["ordering"] == "failed" and st["ordered"] == 2
+        scores = {t: [p["score"] for p in ls.predictions(t)] for t in ids}
+        assert scores[ids[0]] == []  # deleted here, not by the ordering
+        # ranks 1 and 2 of 3 (rank 0 was the deleted one): the others' predictions stay
+        assert sorted(s for t in ids[1:] for s in scores[t]) == pytest.approx([0.5, 0.75])
