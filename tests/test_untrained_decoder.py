@@ -109,6 +109,21 @@ def test_untrained_decoder_answers_empty_until_a_promoted_round(
             (res,) = r.get_json()["results"]
             assert res["model_version"] == first, res
             assert "prompts: SAM2 head" in worker.log()  # answered by SAM2's own head
+            # a context without a usable prompt falls back to the automatic head: no noise
+            promptless = copy.deepcopy(interactive)
+            promptless["params"]["context"]["result"] = [
+                {
+                    "type": "choices",
+                    "value": {"choices": ["x"]},
+                    "from_name": "c",
+                    "to_name": "image",
+                }
+            ]
+            r = client.post("/predict", json=promptless)
+            assert r.status_code == 200, r.get_json()
+            (res,) = r.get_json()["results"]
+            assert res["result"] == [] and res["model_version"] == first, res
+            assert "no prompt, and the automatic head was never trained" in worker.log()
 
             # one round of the real trainer code on labelled shapes, promoted
             train_settings = settings.with_(

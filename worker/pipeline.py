@@ -129,7 +129,10 @@ def answer_with_sam2(
 
     height, width = rgb.shape[:2]
     prompts = parse_context(payload.context, height, width, target.to_name)
-    if not prompts:  # nothing to click on: the automatic model's answer
+    if not prompts:  # nothing to click on: the automatic model's answer, if it was trained
+        if not runtime.decoder_trained:
+            log.info("task %s: no prompt, and the automatic head was never trained", task_id)
+            return [], 0.0
         prob = runtime.predict([rgb])[0]
         return encode_results(prob, target, channels, threshold)
     t0 = time.perf_counter()
