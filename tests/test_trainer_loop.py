@@ -11,7 +11,8 @@ from contracts.bootstrap import ensure_current_version
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from sam2unet.synthetic import generate
-from trainer.round import holdout_split, run_round
+from trainer.promotion import VAL, assign_sides
+from trainer.round import run_round
 
 
 def mean_iou(registry: ModelRegistry, version: str, test_set) -> float:
@@ -24,6 +25,13 @@ def mean_iou(registry: ModelRegistry, version: str, test_set) -> float:
     return float(
         np.mean([iou(p[0] > 0.5, m[0] > 127) for p, (_, m) in zip(probs, test_set, strict=True)])
     )
+
+
+def holdout_split(task_ids, fraction, minimum=0):
+    """(train, held-out) task ids of a first round, as the round assigns their sides."""
+    sides = assign_sides(task_ids, fraction, minimum)
+    val = [t for t in task_ids if sides[t] == VAL]
+    return [t for t in task_ids if sides[t] != VAL], val
 
 
 def test_holdout_split_is_stable_and_disjoint():
@@ -74,7 +82,9 @@ def test_loop_iou_rises_round_over_round_and_a_worse_candidate_is_not_promoted(t
 
     # a worse candidate: annotators who swapped the masks of the training tasks among them
     # (the held-out ones stay right, so that the gate measures against the truth)
-    train_ids, _ = holdout_split([t for t, _, _ in corrected], settings.train_holdout)
+    train_ids, _ = holdout_split(
+        [t for t, _, _ in corrected], settings.train_holdout, settings.holdout_min
+    )
     swapped = dict(zip(train_ids, np.random.default_rng(0).permutation(train_ids), strict=True))
     truth = {t: m for t, _, m in corrected}
     wrong = [(t, img, truth[swapped.get(t, t)]) for t, img, _ in corrected]

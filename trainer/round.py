@@ -55,16 +55,6 @@ class RoundReport:
         return asdict(self)
 
 
-def holdout_split(
-    task_ids: Sequence[int], fraction: float, minimum: int = 0, salt: str = "sam2unet"
-) -> tuple[list[int], list[int]]:
-    """(train, held-out) task ids of a first round (no previous sides): see
-    :func:`trainer.promotion.assign_sides`."""
-    sides = assign_sides(task_ids, fraction, minimum, None, salt)
-    val = [t for t in task_ids if sides[int(t)] == VAL]
-    return [t for t in task_ids if sides[int(t)] != VAL], val
-
-
 def run_round(
     registry: ModelRegistry,
     settings: Settings,
