@@ -29,6 +29,24 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def round_settings(model_dir: Path, **overrides: object):
+    """Settings for a fast training round of the test-size model on a CPU."""
+    from contracts.settings import Settings
+
+    fields = {
+        "model_dir": model_dir,
+        "model_size": "test",
+        "image_size": 64,
+        "device": "cpu",
+        "train_epochs": 1,
+        "train_batch_size": 4,
+        "train_min_samples": 4,
+        "train_holdout": 0.25,
+        "active_learning": False,
+    }
+    return Settings(**{**fields, **overrides})
+
+
 def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM2UNET_", "LABEL_STUDIO"))}
     env.update(

@@ -37,6 +37,7 @@ from sam2unet.exceptions import ConfigError
 from sam2unet.parallel_training import train_parallel
 from sam2unet.synthetic import generate
 from sam2unet.training import LAST_NAME, TrainConfig, train
+from tests.services import round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
 TWO_CPUS = DevicePlan(("cpu", "cpu"))
@@ -202,19 +203,7 @@ def kill_a_rank(event) -> None:
 def test_round_on_two_processes_and_a_killed_rank(model_dir, redis_conn, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
-    settings = Settings(
-        model_dir=models,
-        model_size="test",
-        image_size=64,
-        device="cpu",
-        train_devices="cpu:2",
-        torch_threads=1,
-        train_epochs=2,
-        train_batch_size=4,
-        train_min_samples=4,
-        train_holdout=0.25,
-        active_learning=False,
-    )
+    settings = round_settings(models, train_devices="cpu:2", torch_threads=1, train_epochs=2)
     service = LocalTrainer(settings, redis_conn, None, None, consumer="t1")
     registry = ModelRegistry(models, redis_conn)
     before = registry.current()

@@ -23,7 +23,6 @@ import redis
 import requests
 
 from contracts.errors import ImageFetchError
-from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from labelstudio.codecs import brush_result, results_to_masks
 from labelstudio.fetch import FetchPolicy, ImageFetcher
@@ -31,7 +30,7 @@ from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import free_port
 from sam2unet.transforms import decode_image
 from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, png_bytes, service_env
+from tests.services import ServiceProcess, png_bytes, round_settings, service_env
 from tests.storage_servers import GCSServer, S3Server
 from tests.test_e2e_label_studio import BRUSH, circle_sample, wait_until
 
@@ -251,17 +250,9 @@ def test_training_round_dataset_holds_the_true_pixels(cloud, presign, tmp_path):
         item.pop("score", None)
         ls.annotate(t["id"], [item])
     shutil.copytree(cloud["root"] / "models", tmp_path / "models")
-    settings = Settings(
-        model_dir=tmp_path / "models",
+    settings = round_settings(
+        tmp_path / "models",
         data_dir=tmp_path / "dataset",
-        model_size="test",
-        image_size=64,
-        device="cpu",
-        train_epochs=1,
-        train_batch_size=4,
-        train_min_samples=4,
-        train_holdout=0.25,
-        active_learning=False,
         label_studio_url=ls.url,
         label_studio_api_key=ls.pat,
         allow_hosts=(f"127.0.0.1:{cloud['s3'].port}",),

@@ -23,7 +23,7 @@ import redis
 
 from contracts.registry import POINTER_KEY, ModelRegistry
 from contracts.settings import Settings
-from tests.services import ROOT
+from tests.services import ROOT, round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
 SCRIPT = textwrap.dedent(
@@ -137,16 +137,7 @@ def test_trainer_killed_mid_round(registry_copy, redis_url, tmp_path, crash):
 
     # the lock of the dead trainer expires by itself (TTL 2 s here, renewed while alive)
     service = TrainerService(
-        Settings(
-            model_dir=registry.model_dir,
-            model_size="test",
-            image_size=64,
-            device="cpu",
-            train_epochs=1,
-            train_batch_size=4,
-            train_min_samples=4,
-            train_holdout=0.25,
-        ),
+        round_settings(registry.model_dir, active_learning=True),
         registry.redis,
         None,
         None,

@@ -22,6 +22,7 @@ from contracts.registry import ModelRegistry
 from contracts.schedule import JOB_PREFIX, SCHEDULE_QUEUE, parse_schedule, scheduled_rounds
 from contracts.settings import Settings
 from sam2unet.synthetic import generate
+from tests.services import round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
 EVERY_2S = "* * * * * */2"  # croniter: a sixth field is seconds
@@ -82,17 +83,9 @@ def test_scheduled_rounds(redis_conn, model_dir, tmp_path):
 
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
-    settings = Settings(
-        model_dir=models,
-        model_size="test",
-        image_size=64,
-        device="cpu",
-        train_epochs=1,
-        train_batch_size=4,
-        train_min_samples=4,
-        train_holdout=0.25,
+    settings = round_settings(
+        models,
         train_debounce=0.0,
-        active_learning=False,
         train_cron=f"1={EVERY_2S}",
     )
     pool = [(i + 1, img, m) for i, (img, m) in enumerate(generate(10, 64, seed=5))]
