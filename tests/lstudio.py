@@ -9,6 +9,11 @@ The first start on an empty data directory runs the migrations (40-80 s, more on
 machine). That happens once: the result is kept as a template in the venv and each fresh Label
 Studio starts from a copy of it (about 5-15 s).
 
+The template holds no personal access token: each fresh Label Studio makes its own, with the
+legacy token, and then turns legacy tokens off. A PAT is a JWT whose ``iat`` Label Studio checks
+against its own clock with no leeway, so a token made by another process is refused whenever
+that process's clock was ahead (a clock that stepped back, or a sandbox with its own clock).
+
 The organization is left as Label Studio 1.23 creates it by default: legacy tokens **off**,
 personal access tokens on. ``enable_legacy_tokens()`` turns legacy tokens on.
 
@@ -108,6 +113,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _json_or_empty(r: requests.Response) -> dict[str, Any]:
+    try:
+        body = r.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def _jwt_exp(token: str) -> float:
     payload = token.split(".")[1]
     payload += "=" * (-len(payload) % 4)
@@ -193,9 +206,11 @@ class LabelStudio:
             r = self.session.get(self.url + "/api/current-user/whoami", headers=auth, timeout=10)
         except requests.HTTPError as e:  # the PAT refresh failed
             r = e.response
-        if r.status_code != 200 or r.json().get("email") != ADMIN_EMAIL:
+        if r.status_code != 200 or _json_or_empty(r).get("email") != ADMIN_EMAIL:
+            how = "personal access token" if self.pat else "legacy token"
             raise LabelStudioStartError(
-                f"{self.url} is not the Label Studio just started (whoami: HTTP {r.status_code})"
+                f"{self.url} is not the Label Studio just started, or refused its {how} "
+                f"(whoami: HTTP {r.status_code}: {r.text[:300]}); log tail:\n{self.log_tail()}"
             )
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -391,14 +406,16 @@ def running_label_studio(
 
 def _template_ready(path: Path) -> bool:
     try:
-        return bool(json.loads((path / _STATE).read_text()).get("pat")) and (path / _DB).exists()
+        state = json.loads((path / _STATE).read_text())
     except (OSError, ValueError):
         return False
+    return bool(state.get("legacy_token")) and not state.get("pat") and (path / _DB).exists()
 
 
 def ensure_template(timeout: float = START_TIMEOUT) -> Path:
-    """A data directory of a Label Studio that started once (migrated, admin and tokens made,
-    legacy tokens off), kept in the Label Studio venv and copied for each fresh start."""
+    """A data directory of a Label Studio that started once (migrated, admin and legacy token
+    made, legacy tokens still on, no personal access token), kept in the Label Studio venv and
+    copied for each fresh start."""
     exe = ensure_installed()
     if _template_ready(TEMPLATE_DIR):
         return TEMPLATE_DIR
@@ -409,7 +426,7 @@ def ensure_template(timeout: float = START_TIMEOUT) -> Path:
         work = Path(tempfile.mkdtemp(prefix=".template-", dir=LS_VENV))
         try:
             t0 = time.monotonic()
-            with _start(exe, work, None, None, timeout):
+            with _start(exe, work, None, None, timeout, make_pat=False):
                 pass
             (work / "label-studio.log").unlink(missing_ok=True)
             shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
@@ -427,6 +444,7 @@ def _start(
     port: int | None,
     extra_env: dict[str, str] | None,
     timeout: float,
+    make_pat: bool = True,
 ) -> Iterator[LabelStudio]:
     (data_dir / "files").mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -490,7 +508,7 @@ def _start(
     ls.pat = state.get("pat", "")
     try:
         ls.wait_ready(timeout)
-        if not ls.pat:
+        if not ls.pat and make_pat:
             ls.pat = ls._create_pat()
             ls.disable_legacy_tokens()
             state_path.write_text(json.dumps({"legacy_token": legacy_token, "pat": ls.pat}))

@@ -18,7 +18,7 @@ from PIL import Image
 from contracts.errors import ImageFetchError, LabelStudioError
 from labelstudio.client import LabelStudioClient, jwt_claims
 from labelstudio.fetch import FetchPolicy, ImageFetcher
-from tests.lstudio import LabelStudio, free_port, running_label_studio
+from tests.lstudio import LabelStudio, ensure_template, free_port, running_label_studio
 from tests.sockets import connections
 
 LABEL_CONFIG = """<View>
@@ -83,6 +83,21 @@ def test_harness_starts_label_studio_as_1_23_creates_it(ls: LabelStudio) -> None
     assert ls.token_settings() == {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
     assert jwt_claims(ls.pat)["token_type"] == "refresh"
     assert ls.proc.poll() is None and ls.start_seconds > 0
+
+
+@pytest.mark.e2e
+def test_each_fresh_label_studio_makes_its_own_personal_token(ls: LabelStudio, tmp_path) -> None:
+    """A PAT is checked against the clock of the Label Studio that reads it (``iat`` with no
+    leeway), so the shared template carries none: each copy makes its own."""
+    template = json.loads((ensure_template() / "harness-tokens.json").read_text())
+    assert template["legacy_token"] and not template["pat"]
+    with running_label_studio(tmp_path / "second") as second:
+        assert second.pat and second.pat != ls.pat
+        assert second.legacy_token == ls.legacy_token  # both copies of the one template
+        assert second.token_settings()["legacy_api_tokens_enabled"] is False
+        # each token is this instance's own: the other one's is refused
+        r = second.session.post(second.url + "/api/token/refresh/", json={"refresh": ls.pat})
+        assert r.status_code == 401
 
 
 @pytest.mark.e2e
