@@ -14,6 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_trainer)
 
+    a = sub.add_parser(
+        "train-agent",
+        help="take part in the trainer's rounds with this machine's GPUs (SAM2UNET_TRAIN_NODES)",
+    )
+    a.add_argument("--name", help="agent name (default: host name and a random suffix)")
+    a.set_defaults(func=_train_agent)
+
     v = sub.add_parser("versions", help="list model versions, show one, or roll back")
     v.add_argument("action", nargs="?", default="list", choices=["list", "show", "rollback"])
     v.add_argument("version", nargs="?", help="version name (show, rollback)")
@@ -103,4 +110,22 @@ def _versions(args: argparse.Namespace) -> int:
                 print(f"next scheduled round: project {r['project']} at {r['next']} ({r['cron']})")
     except NotFound as e:
         raise SystemExit(e.message) from None
+    return 0
+
+
+def _train_agent(args: argparse.Namespace) -> int:
+    from contracts.connections import redis_client
+    from contracts.settings import Settings, apply_torch_threads
+    from trainer.cluster import TrainAgent
+
+    settings = Settings.from_env()
+    apply_torch_threads(settings)
+    agent = TrainAgent(settings, redis_client(settings.redis_url), name=args.name)
+
+    def stop(*_: object) -> None:
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    agent.run_forever()
     return 0

@@ -83,6 +83,10 @@ class Settings:
     promote_confidence: float = 0.9  # confidence of the paired bootstrap's lower bound
     active_learning: bool = True  # after a promotion, re-predict unlabeled tasks
     train_devices: str = ""  # processes of a round: auto, cuda:0,cuda:1, cpu:N; empty: one
+    train_nodes: int = 1  # machines in a round: the trainer's and TRAIN_NODES - 1 train agents'
+    train_rdzv: str = ""  # host:port where they meet (the trainer's); default <host name>:29400
+    train_join_timeout: float = 600.0  # seconds a round waits for its train agents
+    train_addr: str = ""  # this machine's address for the other machines; default its host name
     train_cron: str = ""  # scheduled rounds: "EXPR" for every project, "; PROJECT=EXPR" each
     acquisition: str = "confidence"  # prediction score: random, confidence, tta or diverse
     diverse_batch: int = 20  # diverse pre-annotation runs: suggestions spread out per batch
@@ -103,6 +107,10 @@ class Settings:
             )
         if self.diverse_batch < 1 or self.diverse_depth < 0:
             raise ValueError("SAM2UNET_DIVERSE_BATCH must be >= 1 and SAM2UNET_DIVERSE_DEPTH >= 0")
+        if self.train_nodes < 1 or self.train_join_timeout <= 0:
+            raise ValueError(
+                "SAM2UNET_TRAIN_NODES must be >= 1 and SAM2UNET_TRAIN_JOIN_TIMEOUT > 0"
+            )
         if self.holdout_min < 0:
             raise ValueError(f"invalid SAM2UNET_HOLDOUT_MIN {self.holdout_min}: need >= 0")
 

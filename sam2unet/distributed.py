@@ -4,8 +4,10 @@ One process per device, each holding a replica of the model; DDP averages the tr
 parameters' gradients after every backward pass (NCCL between GPUs, gloo between CPU
 processes). The processes of one machine are started by torch's own elastic launcher
 (:func:`torch.distributed.launcher.api.elastic_launch`, what ``torchrun`` runs), with a c10d
-rendezvous on a free local port; across machines ``torchrun`` starts them and
-:func:`joined_from_torchrun` picks the process group up from its environment.
+rendezvous on a free local port. Across machines, either ``torchrun`` starts them and
+:func:`joined_from_torchrun` picks the process group up from its environment, or each machine's
+launcher is given the same :class:`Cluster` (a c10d rendezvous that one machine hosts), which is
+how a trainer round spans machines (:mod:`trainer.cluster`).
 
 Devices (``SAM2UNET_TRAIN_DEVICES`` / ``train --devices``), see :func:`parse_devices`:
 
@@ -48,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 
 from sam2unet.exceptions import ConfigError, Sam2UnetError
 
@@ -71,6 +74,32 @@ class DevicePlan:
     @property
     def backend(self) -> str:
         return "nccl" if self.devices[0].startswith("cuda") else "gloo"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A run over several machines: each machine's launcher starts its own processes and they
+    meet at the c10d rendezvous ``endpoint`` (``host:port``), which the machine with ``host``
+    true serves. ``join_timeout``: seconds to wait for all ``nodes`` machines. ``local_addr``:
+    the address the other machines reach this one at (default: its host name)."""
+
+    nodes: int
+    endpoint: str
+    run_id: str
+    host: bool
+    join_timeout: float = 600.0
+    local_addr: str | None = None
+
+
+def parse_endpoint(spec: str, default_port: int = 29400) -> tuple[str, int]:
+    """``host:port`` (or ``host``) of a rendezvous; raises :class:`ConfigError`."""
+    host, sep, port = spec.strip().rpartition(":")
+    if not sep:
+        host, port = spec.strip(), str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"rendezvous endpoint {spec!r}: use host:port, e.g. 10.0.0.5:29400")
+    return host, int(port)
 
 
 def parse_devices(spec: str | None) -> DevicePlan | None:
@@ -113,6 +142,15 @@ def rank_and_world() -> tuple[int, int]:
 
 def is_main() -> bool:
     return rank_and_world()[0] == 0
+
+
+def machines() -> int:
+    """How many machines this run spans (the elastic launcher's group world size)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def all_agree(flag: bool) -> bool:
@@ -407,11 +445,18 @@ def launch(
     progress: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     run_id: str | None = None,
+    cluster: Cluster | None = None,
 ) -> Any:
     """Run ``fn(device, relay, *args)`` in ``plan.nprocs`` processes on this machine (torch's
     elastic launcher, c10d rendezvous on a free local port, no restarts) and return rank 0's
     result. ``relay`` (a :class:`Relay`) carries rank 0's events to ``progress`` and
     ``should_stop`` to the ranks.
+
+    With ``cluster``, these processes are this machine's share of a run over
+    ``cluster.nodes`` machines, each running this function with the same ``cluster`` (but its
+    own ``host`` flag and ``plan``): the result is that of the lowest global rank on this
+    machine (``fn`` decides what each rank returns), ``progress`` gets events only where rank 0
+    runs, and ``should_stop`` stops the whole run.
 
     ``fn`` and ``args`` must be picklable (processes are spawned); tensors in ``args`` arrive
     in shared memory, the same storage for every rank, so ``fn`` copies a model before
@@ -424,24 +469,44 @@ def launch(
 
     if threads <= 0:
         threads = max(1, (os.cpu_count() or 1) // plan.nprocs)
+    nodes = cluster.nodes if cluster is not None else 1
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=nodes,
+        max_nodes=nodes,
         nproc_per_node=plan.nprocs,
-        run_id=run_id or f"sam2unet-{uuid.uuid4().hex[:12]}",
+        run_id=cluster.run_id if cluster else run_id or f"sam2unet-{uuid.uuid4().hex[:12]}",
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
+        rdzv_endpoint=cluster.endpoint if cluster else "localhost:0",
+        rdzv_configs=(
+            {"join_timeout": cluster.join_timeout, "is_host": cluster.host} if cluster else {}
+        ),
+        local_addr=cluster.local_addr if cluster else None,
         max_restarts=0,
         monitor_interval=0.2,
         start_method="spawn",
     )
-    log.info("starting %d %s process(es) on %s", plan.nprocs, plan.backend, ",".join(plan.devices))
+    where = f" (run {config.run_id}: {nodes} machines at {config.rdzv_endpoint})" if cluster else ""
+    log.info(
+        "starting %d %s process(es) on %s%s",
+        plan.nprocs,
+        plan.backend,
+        ",".join(plan.devices),
+        where,
+    )
     relay = Relay()
     try:
         with relay.serving(progress, should_stop):
             results = elastic_launch(config, _rank_entry)(
                 fn, plan, threads, logging.getLogger().getEffectiveLevel(), relay, args
             )
+    except RendezvousError as e:
+        waited = f" within {cluster.join_timeout:.0f} s" if cluster else ""
+        detail = f": {e}" if str(e).strip() else ""
+        raise DistributedRunError(
+            f"the {nodes} machines of run {config.run_id} did not meet at "
+            f"{config.rdzv_endpoint}{waited} ({type(e).__name__}{detail}); is a train agent "
+            "running on each other machine, with this address reachable?"
+        ) from None
     except ChildFailedError as e:
         reported = relay.failures()
         exits = [
@@ -451,4 +516,4 @@ def launch(
         raise DistributedRunError(
             "a training process failed: " + "; ".join([*reported, *exits])
         ) from None
-    return results[0]
+    return results[min(results)]

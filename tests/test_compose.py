@@ -161,6 +161,11 @@ def test_compose_spec_shape(services: dict[str, Any]) -> None:
         assert "profiles" not in services[name], f"{name} must start without a profile"
     for name in ("rq-dashboard", "prometheus"):
         assert services[name]["profiles"] == ["monitoring"]
+    # the other machines of a round: all their GPUs, and the host's network for NCCL
+    agent = services["train-agent"]
+    assert agent["profiles"] == ["train-agent"] and agent["command"] == ["train-agent"]
+    assert agent["network_mode"] == "host" and agent["ipc"] == "host"
+    assert agent["deploy"] == services["trainer"]["deploy"]
     assert services["label-studio"]["image"] == LS_IMAGE
     assert services["redis"]["image"] == "redis:7"
     for name, svc in services.items():
@@ -661,11 +666,12 @@ def docker_compose() -> Path:
 def compose_config(
     files: list[Path], env: dict[str, str], tmp_path: Path, *extra: str
 ) -> subprocess.CompletedProcess:
-    """``docker-compose config`` of ``files`` (monitoring profile on) with exactly ``env``: no
+    """``docker-compose config`` of ``files`` (every profile on) with exactly ``env``: no
     .env file, no variables of this process."""
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    argv = [str(docker_compose()), "--env-file", str(empty), "--profile", "monitoring"]
+    argv = [str(docker_compose()), "--env-file", str(empty)]
+    argv += ["--profile", "monitoring", "--profile", "train-agent"]
     for f in files:
         argv += ["-f", str(f)]
     run_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env}

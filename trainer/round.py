@@ -66,13 +66,18 @@ def run_round(
     progress: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     sides: dict[int, str] | None = None,
+    cluster: Callable[[RoundPlan], Any] | None = None,
 ) -> RoundReport:
     """Train a candidate from the current version on ``samples`` ((task id, H x W x 3 image,
     K x H x W mask) with channels in ``labels`` order) and promote it if it is not worse.
+
+    ``cluster``: when the round spans several machines (``SAM2UNET_TRAIN_NODES`` > 1), called
+    with the round's :class:`RoundPlan` before training; it tells the other machines (see
+    :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.Cluster` to launch.
     """
     from sam2unet.checkpoints import relabel
-    from sam2unet.data import ArraySource, SegmentationDataset
-    from sam2unet.distributed import parse_devices
+    from sam2unet.distributed import DevicePlan, parse_devices
+    from sam2unet.predictor import pick_device
     from sam2unet.training import TrainConfig
 
     t0 = time.monotonic()
@@ -93,16 +98,12 @@ def run_round(
         return report
 
     by_id = {int(t): (img, m) for t, img, m in samples}
-    train_pairs = [by_id[t] for t in train_ids]
-    val_pairs = [by_id[t] for t in val_ids]
     labels = tuple(labels)
 
     current = registry.load(parent)
     current = relabel(current, labels)
-    size = current.config.image_size
-    val_data = SegmentationDataset(ArraySource(val_pairs, labels=labels), size)
-    train_data = SegmentationDataset(
-        ArraySource(train_pairs, labels=labels), size, train=True, seed=len(ids)
+    train_data, val_data = round_datasets(
+        by_id, train_ids, val_ids, labels, current.config.image_size, seed=len(ids)
     )
     device = settings.device
     plan = parse_devices(settings.train_devices)
@@ -125,20 +126,27 @@ def run_round(
         len(val_ids),
         cfg.epochs,
     )
+    spread = None
+    if cluster is not None and settings.train_nodes > 1:
+        spread = cluster(
+            RoundPlan(parent, project, list(labels), train_ids, val_ids, cfg.to_dict())
+        )
+        plan = plan or DevicePlan((str(pick_device(device)),))
     if plan is None:
         local = SimpleNamespace(progress=progress, should_stop=should_stop)
-        outcome = _train_and_evaluate(device, local, current, train_data, val_data, cfg, False)
+        outcome = train_and_evaluate(device, local, current, train_data, val_data, cfg, False)
         model = outcome.model
     else:
         from sam2unet import distributed
 
         outcome = distributed.launch(
-            _train_and_evaluate,
+            train_and_evaluate,
             (current, train_data, val_data, cfg),
             plan,
             threads=settings.torch_threads,
             progress=progress,
             should_stop=should_stop,
+            cluster=spread,
         )
         model = copy.deepcopy(current.model)
         bad = model.load_state_dict(outcome.weights, strict=False).unexpected_keys
@@ -202,6 +210,54 @@ def run_round(
 
 
 @dataclass
+class RoundPlan:
+    """What every machine of a round needs besides the shared model and dataset directories:
+    the parent version, the labels, which tasks train and which are held out (in order), and
+    the training configuration (``TrainConfig.to_dict()``)."""
+
+    parent: str
+    project: int | None
+    labels: list[str]
+    train_ids: list[int]
+    val_ids: list[int]
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RoundPlan:
+        return cls(
+            str(d["parent"]),
+            None if d.get("project") is None else int(d["project"]),
+            [str(x) for x in d["labels"]],
+            [int(t) for t in d["train_ids"]],
+            [int(t) for t in d["val_ids"]],
+            dict(d["config"]),
+        )
+
+
+def round_datasets(
+    by_id: dict[int, tuple[np.ndarray, np.ndarray]],
+    train_ids: Sequence[int],
+    val_ids: Sequence[int],
+    labels: Sequence[str],
+    size: int,
+    seed: int,
+) -> tuple[Any, Any]:
+    """The training (augmented, seeded) and held-out datasets of a round, in the given task
+    order: the same on every machine given the same arguments."""
+    from sam2unet.data import ArraySource, SegmentationDataset
+
+    labels = tuple(labels)
+    val_data = SegmentationDataset(ArraySource([by_id[t] for t in val_ids], labels=labels), size)
+    train_data = SegmentationDataset(
+        ArraySource([by_id[t] for t in train_ids], labels=labels), size, train=True, seed=seed
+    )
+    return train_data, val_data
+
+
+@dataclass
 class _Outcome:
     """What the training part of a round produced: ``model`` in one process, the trained
     ``weights`` (adapters, decoder, BatchNorm statistics) from several."""
@@ -215,7 +271,7 @@ class _Outcome:
     weights: dict[str, Any] | None = None
 
 
-def _train_and_evaluate(
+def train_and_evaluate(
     device: Any,
     relay: Any,
     current: Any,
@@ -254,7 +310,12 @@ def _train_and_evaluate(
     metrics = (current_metrics, candidate_metrics, history, current_images, candidate_images)
     if not parallel:
         return _Outcome(*metrics, model=result.model)
-    if not distributed.is_main():
-        return None
-    weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
-    return _Outcome(*metrics, weights=weights)
+    outcome = None
+    if distributed.is_main():
+        weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
+        outcome = _Outcome(*metrics, weights=weights)
+    if distributed.machines() > 1:
+        # rank 0 may run on another machine than the trainer: every machine gets the outcome
+        outcome = distributed.broadcast_from_main(outcome)
+        return outcome if distributed.local_rank() == 0 else None
+    return outcome

@@ -32,6 +32,7 @@ from contracts.schedule import ALL, parse_schedule
 from contracts.settings import Settings
 from sam2unet.distributed import DistributedRunError, parse_devices
 from sam2unet.exceptions import ConfigError
+from trainer.cluster import ClusterDataError, RoundPublisher, report_progress
 from trainer.dataset import DatasetCache, correction_rates
 from trainer.plots import write_versions_png
 from trainer.round import RoundReport, run_round
@@ -109,6 +110,12 @@ class TrainerService:
                 f"SAM2UNET_TRAIN_BATCH_SIZE {settings.train_batch_size} does not divide among "
                 f"the {plan.nprocs} training processes of SAM2UNET_TRAIN_DEVICES"
             )
+        self.publisher: RoundPublisher | None = None
+        if settings.train_nodes > 1:
+            try:
+                self.publisher = RoundPublisher(settings, connection, self.cache)
+            except ConfigError as e:
+                raise ValueError(f"invalid SAM2UNET_TRAIN_RDZV: {e}") from None
         self.scheduler: ScheduleRunner | None = None
         self.last_sync: Any = None
 
@@ -270,10 +277,14 @@ class TrainerService:
                 progress=self._progress,
                 should_stop=self.stop_event.is_set,
                 sides=sides,
+                cluster=self.publisher,
             )
-        except DistributedRunError as e:
+        except (DistributedRunError, ClusterDataError) as e:
             log.error("round for project %s failed, nothing promoted: %s", project, e)
             return RoundReport("failed", str(e), project, self.registry.current())
+        finally:
+            if self.publisher is not None:
+                self.publisher.withdraw()
         if report.sides:
             self.cache.save_sides(project, {**sides, **report.sides})
         return report
@@ -324,20 +335,7 @@ class TrainerService:
         tmp.replace(path)
 
     def _progress(self, event: Any) -> None:
-        if event.kind == "epoch" or event.step == event.steps:
-            log.info(
-                "training epoch %d/%d step %d/%d loss %.4f lr %.2e",
-                event.epoch,
-                event.epochs,
-                event.step,
-                event.steps,
-                event.loss,
-                event.lr,
-            )
-            self.redis.hset(
-                STATUS_KEY,
-                mapping={"epoch": event.epoch, "epochs": event.epochs, "loss": f"{event.loss:.5f}"},
-            )
+        report_progress(self.redis, event)
 
     def _status(self, state: str, project: int | None) -> None:
         self.redis.hset(
