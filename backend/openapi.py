@@ -226,6 +226,7 @@ SCHEMAS: dict[str, Any] = {
             "workers": {"type": "integer"},
             "warnings": {"type": "array", "items": {"type": "string"}},
             "scheduled_rounds": _ref("ScheduledRounds"),
+            "train_agents": _ref("TrainAgents"),
         },
     },
     "ScheduledRounds": {
@@ -241,6 +242,21 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "TrainAgents": {
+        "type": "array",
+        "description": "live train agents (machines that join rounds, SAM2UNET_TRAIN_NODES)",
+        "items": {
+            "type": "object",
+            "required": ["name", "state", "devices"],
+            "properties": {
+                "name": {"type": "string"},
+                "state": {"type": "string", "enum": ["idle", "training"]},
+                "devices": {"type": "array", "items": {"type": "string"}},
+                "run_id": {"type": "string"},
+                "at": {"type": "number"},
+            },
+        },
+    },
     "Versions": {
         "type": "object",
         "required": ["versions", "current"],
@@ -249,6 +265,7 @@ SCHEMAS: dict[str, Any] = {
             "current": {"type": "string", "nullable": True},
             "details": {"type": "array", "items": {"type": "object"}},
             "scheduled_rounds": _ref("ScheduledRounds"),
+            "train_agents": _ref("TrainAgents"),
         },
     },
     "PreannotateRequest": {

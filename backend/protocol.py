@@ -11,6 +11,7 @@ from backend.auth import check_basic_auth
 from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
+from contracts.agents import train_agents
 from contracts.bootstrap import UNTRAINED_SOURCE
 from contracts.errors import BadRequest, NotFound
 from contracts.heads import decoder_trained, heads_json, untrained_warning
@@ -84,6 +85,7 @@ def health():
         "workers": workers,
         "warnings": warnings,
         "scheduled_rounds": scheduled_rounds(conn),
+        "train_agents": train_agents(conn),
     }
     for w in warnings:
         log.warning("health: %s", w)
@@ -188,6 +190,7 @@ def versions():
             "current": ext["registry"].current(),
             "details": details,
             "scheduled_rounds": scheduled_rounds(ext["redis"]),
+            "train_agents": train_agents(ext["redis"]),
         }
     )
 

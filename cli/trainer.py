@@ -108,6 +108,11 @@ def _versions(args: argparse.Namespace) -> int:
 
             for r in scheduled_rounds(conn):
                 print(f"next scheduled round: project {r['project']} at {r['next']} ({r['cron']})")
+            from contracts.agents import train_agents
+
+            for a in train_agents(conn):
+                doing = f" ({a['run_id']})" if a.get("state") == "training" else ""
+                print(f"train agent {a['name']}: {a['state']}{doing} on {','.join(a['devices'])}")
     except NotFound as e:
         raise SystemExit(e.message) from None
     return 0

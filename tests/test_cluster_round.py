@@ -22,6 +22,8 @@ import pytest
 import redis
 import torch
 
+from backend.app import create_app
+from contracts.agents import train_agents
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
@@ -35,7 +37,7 @@ from sam2unet.synthetic import generate
 from tests.lstudio import running_label_studio
 from tests.services import ServiceProcess, png_bytes, service_env
 from tests.test_distributed import assert_same_weights
-from trainer.cluster import AGENTS_KEY, ROUND_KEY, ClusterDataError, TrainAgent
+from trainer.cluster import ROUND_KEY, ClusterDataError, TrainAgent
 from trainer.round import RoundPlan, run_round
 from trainer.service import LOCK_KEY, TrainerService
 
@@ -51,11 +53,12 @@ def trainer(env: dict[str, str], conn: redis.Redis, ls, **changes) -> TrainerSer
     return TrainerService(settings, conn, client, fetch, consumer=f"t-{time.time_ns()}")
 
 
-def wait_idle(conn: redis.Redis, name: str, timeout: float = 90.0) -> None:
+def wait_idle(conn: redis.Redis, name: str, timeout: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if conn.hget(AGENTS_KEY, name):
-            return
+        for agent in train_agents(conn):
+            if agent["name"] == name and agent["state"] == "idle":
+                return agent
         time.sleep(0.2)
     raise TimeoutError(f"agent {name} did not start")
 
@@ -123,10 +126,13 @@ def test_a_round_over_two_machines(tmp_path, redis_url, model_dir):
         agent_env = {**env, "SAM2UNET_TRAIN_ADDR": "localhost"}  # sorts after 127.0.0.1: rank 1
         agent = ServiceProcess(["train-agent", "--name", "a1"], agent_env, "agent", tmp_path)
         try:
-            wait_idle(conn, "a1")
+            assert wait_idle(conn, "a1")["devices"] == ["cpu"]
+            health = create_app(service.settings, conn).test_client().get("/health").get_json()
+            assert [(a["name"], a["state"]) for a in health["train_agents"]] == [("a1", "idle")]
             got = service.round(project, "test")
             assert got.status in ("promoted", "rejected"), (got, agent.log()[-3000:])
             agent.wait_log(" done: candidate")
+            wait_idle(conn, "a1")
             assert got.sides == want.sides and got.train_size == want.train_size == 4
             assert got.current_metrics == pytest.approx(want.current_metrics, abs=1e-9)
             assert [h["loss"] for h in got.history] == pytest.approx(

@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from contracts import agents as presence
 from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
@@ -45,7 +46,6 @@ from trainer.round import RoundPlan, round_datasets
 log = logging.getLogger(__name__)
 
 ROUND_KEY = "sam2unet:trainer:cluster-round"  # the round the agents should join, as JSON
-AGENTS_KEY = "sam2unet:trainer:agents"  # agent name -> JSON {state, run_id, at}
 DEFAULT_PORT = 29400
 
 
@@ -141,12 +141,22 @@ class RoundPublisher:
         # expires on its own if the trainer dies before withdrawing it
         self.conn.set(ROUND_KEY, spec.to_json(), ex=int(timeout) + 60)
         self.published = run_id
+        idle = [a["name"] for a in presence.train_agents(self.conn) if a.get("state") == "idle"]
         log.info(
-            "round %s published for %d machine(s), meeting at %s",
+            "round %s published for %d machine(s), meeting at %s; idle train agents: %s",
             run_id,
             spec.nodes,
             self.endpoint,
+            ", ".join(idle) or "none",
         )
+        if len(idle) < spec.nodes - 1:
+            log.warning(
+                "round %s needs %d train agent(s), %d idle: it waits up to %.0f s for them",
+                run_id,
+                spec.nodes - 1,
+                len(idle),
+                timeout,
+            )
         host = self.endpoint.rpartition(":")[0]
         return Cluster(
             spec.nodes,
@@ -180,13 +190,32 @@ class TrainAgent:
         self.stop_event = threading.Event()
         self.joined: list[str] = []  # run ids, in order
         self.failed: list[str] = []
+        self.plan = self._devices()
+        self.state, self.run_id = "idle", ""
+
+    def _devices(self) -> Any:
+        from sam2unet import distributed
+        from sam2unet.predictor import pick_device
+
+        plan = distributed.parse_devices(self.settings.train_devices)
+        return plan or distributed.DevicePlan((str(pick_device(self.settings.device)),))
 
     def _state(self, state: str, run_id: str = "") -> None:
-        self.conn.hset(
-            AGENTS_KEY,
-            self.name,
-            json.dumps({"state": state, "run_id": run_id, "at": time.time()}),
-        )
+        self.state, self.run_id = state, run_id
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Refresh this agent's presence (``/health``, ``versions``, the trainer's log)."""
+        try:
+            presence.announce(
+                self.conn, self.name, self.state, list(self.plan.devices), self.run_id
+            )
+        except redis.exceptions.RedisError as e:
+            log.warning("could not record this agent in Redis: %s", e)
+
+    def _beat(self) -> None:
+        while not self.stop_event.wait(presence.HEARTBEAT):
+            self.heartbeat()
 
     def pending(self) -> ClusterRound | None:
         """The published round, when there is one this agent has not joined yet."""
@@ -233,7 +262,6 @@ class TrainAgent:
     def join(self, spec: ClusterRound) -> bool:
         """Take part in one round; True when it completed on every machine."""
         from sam2unet import distributed
-        from sam2unet.predictor import pick_device
         from trainer.round import train_and_evaluate
 
         self.joined.append(spec.run_id)
@@ -244,8 +272,6 @@ class TrainAgent:
         self._state("training", spec.run_id)
         try:
             current, train_data, val_data, cfg = self.load(spec)
-            plan = distributed.parse_devices(self.settings.train_devices)
-            plan = plan or distributed.DevicePlan((str(pick_device(self.settings.device)),))
             remaining = max(1.0, spec.at + spec.join_timeout - time.time())
             cluster = distributed.Cluster(
                 spec.nodes,
@@ -258,7 +284,7 @@ class TrainAgent:
             outcome = distributed.launch(
                 train_and_evaluate,
                 (current, train_data, val_data, cfg),
-                plan,
+                self.plan,
                 threads=self.settings.torch_threads,
                 progress=lambda event: report_progress(self.conn, event),
                 should_stop=self.stop_event.is_set,
@@ -281,8 +307,12 @@ class TrainAgent:
         return True
 
     def run_forever(self, poll: float = 1.0) -> None:
-        log.info("train agent %s waiting for rounds", self.name)
+        log.info(
+            "train agent %s waiting for rounds (devices %s)", self.name, ",".join(self.plan.devices)
+        )
         self._state("idle")
+        beat = threading.Thread(target=self._beat, name="agent-heartbeat", daemon=True)
+        beat.start()
         while not self.stop_event.is_set():
             try:
                 spec = self.pending()
@@ -295,5 +325,5 @@ class TrainAgent:
             else:
                 self.stop_event.wait(poll)
         with contextlib.suppress(redis.exceptions.RedisError):
-            self.conn.hdel(AGENTS_KEY, self.name)
+            presence.withdraw(self.conn, self.name)
         log.info("train agent %s stopped", self.name)
