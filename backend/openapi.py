@@ -250,9 +250,10 @@ SCHEMAS: dict[str, Any] = {
             "required": ["name", "state", "devices"],
             "properties": {
                 "name": {"type": "string"},
-                "state": {"type": "string", "enum": ["idle", "training"]},
+                "state": {"type": "string", "enum": ["idle", "training", "refused"]},
                 "devices": {"type": "array", "items": {"type": "string"}},
                 "run_id": {"type": "string"},
+                "error": {"type": "string", "description": "why it refused round run_id"},
                 "at": {"type": "number"},
             },
         },

@@ -19,10 +19,18 @@ HEARTBEAT = 10.0  # seconds between an agent's heartbeats
 
 
 def announce(
-    connection: redis.Redis, name: str, state: str, devices: list[str], run_id: str = ""
+    connection: redis.Redis,
+    name: str,
+    state: str,
+    devices: list[str],
+    run_id: str = "",
+    error: str = "",
 ) -> None:
-    """Record (or refresh) agent ``name``: ``state`` is ``idle`` or ``training`` (``run_id``)."""
+    """Record (or refresh) agent ``name``: ``state`` is ``idle``, ``training`` or ``refused``
+    (round ``run_id``, for the reason ``error``)."""
     row = {"name": name, "state": state, "devices": devices, "run_id": run_id, "at": time.time()}
+    if error:
+        row["error"] = error
     connection.set(AGENT_PREFIX + name, json.dumps(row), ex=AGENT_TTL)
 
 
@@ -31,7 +39,8 @@ def withdraw(connection: redis.Redis, name: str) -> None:
 
 
 def train_agents(connection: Any) -> list[dict[str, Any]]:
-    """The live train agents, by name: ``{name, state, devices, run_id, at}``. Empty when none
+    """The live train agents, by name: ``{name, state, devices, run_id, at}`` (and ``error``
+    while refusing a round). Empty when none
     runs (or Redis is unreachable)."""
     try:
         keys = sorted(connection.scan_iter(match=AGENT_PREFIX + "*", count=100))

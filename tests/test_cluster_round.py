@@ -37,8 +37,9 @@ from sam2unet.synthetic import generate
 from tests.lstudio import running_label_studio
 from tests.services import ServiceProcess, png_bytes, service_env
 from tests.test_distributed import assert_same_weights
-from trainer.cluster import ROUND_KEY, ClusterDataError, TrainAgent
-from trainer.round import RoundPlan, run_round
+from trainer.cluster import ROUND_KEY
+from trainer.dataset import DatasetCache
+from trainer.round import run_round
 from trainer.service import LOCK_KEY, TrainerService
 
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -148,22 +149,6 @@ def test_a_round_over_two_machines(tmp_path, redis_url, model_dir):
             assert [v.name for v in registry.versions()] == [*listed, got.candidate]
             assert not conn.exists(ROUND_KEY)
 
-            # an agent refuses a round whose data differs from what it finds on the volume
-            train_ids = sorted(t for t, side in got.sides.items() if side == "train")
-            val_ids = sorted(t for t, side in got.sides.items() if side == "val")
-            plan = RoundPlan(parent, project, labels, train_ids, val_ids, {"epochs": 1})
-            service.publisher(plan)
-            checker = TrainAgent(service.settings, conn, name="checker")
-            spec = checker.pending()
-            assert spec is not None and spec.plan == plan
-            _, train_data, val_data, _ = checker.load(spec)
-            assert (len(train_data), len(val_data)) == (4, 4)
-            spec.samples[str(val_ids[0])][0] = "0" * 64
-            with pytest.raises(ClusterDataError, match=f"task {val_ids[0]} of project"):
-                checker.load(spec)
-            service.publisher.withdraw()
-            assert not conn.exists(ROUND_KEY)
-
             # the agent dies at the first step: the round fails, nothing is written
             now_current = registry.current()
             listed = [v.name for v in registry.versions()]
@@ -181,6 +166,32 @@ def test_a_round_over_two_machines(tmp_path, redis_url, model_dir):
             assert service.step(block_ms=10) == []
         finally:
             agent.stop()
+
+        # an agent whose volume is not the trainer's: one image differs from the trainer's
+        # dataset; the agent refuses the round and it ends at once, saying why
+        elsewhere = tmp_path / "elsewhere"
+        shutil.copytree(models, elsewhere)
+        cache = DatasetCache(elsewhere / "dataset")
+        manifest = cache.load_manifest(project)
+        task = sorted(manifest.samples, key=int)[0]
+        manifest.samples[task].image = "0" * 64
+        cache._save_manifest(manifest)
+        other_env = {**agent_env, "MODEL_DIR": str(elsewhere)}
+        other = ServiceProcess(["train-agent", "--name", "a2"], other_env, "agent2", tmp_path)
+        try:
+            wait_idle(conn, "a2")
+            service._progress = lambda event: None
+            t0 = time.monotonic()
+            refused = service.round(project, "START_TRAINING")
+            assert time.monotonic() - t0 < 100  # not the 120 s join timeout
+            assert refused.status == "failed", refused
+            assert f"train agent a2: ClusterDataError: task {task} of project" in refused.reason
+            assert registry.current() == now_current
+            assert [v.name for v in registry.versions()] == listed
+            assert not conn.exists(LOCK_KEY) and not conn.exists(ROUND_KEY)
+            assert wait_idle(conn, "a2")["error"].startswith("ClusterDataError")
+        finally:
+            other.stop()
     conn.close()
 
 

@@ -167,6 +167,11 @@ class RoundPublisher:
             local_addr=self.settings.train_addr or host,
         )
 
+    def explain(self, error: Exception) -> str:
+        """``error`` of the published run, with what the agents said of it."""
+        said = agent_errors(self.conn, self.published) if self.published else []
+        return "; ".join([str(error), *said])
+
     def withdraw(self) -> None:
         """Take the published round down (its run is over, whatever the outcome)."""
         if self.published is None:
@@ -175,6 +180,21 @@ class RoundPublisher:
         if raw is not None and json.loads(raw).get("run_id") == self.published:
             self.conn.delete(ROUND_KEY)
         self.published = None
+
+
+def refuse(device: Any, relay: Any, message: str) -> None:
+    """A rank of an agent that cannot take part: it joined the process group, and leaves it
+    with this error, which ends the run on every machine."""
+    raise ClusterDataError(message)
+
+
+def agent_errors(conn: redis.Redis, run_id: str) -> list[str]:
+    """Why agents refused run ``run_id`` (``"agent NAME: error"``)."""
+    return [
+        f"train agent {a['name']}: {a['error']}"
+        for a in presence.train_agents(conn)
+        if a.get("run_id") == run_id and a.get("error")
+    ]
 
 
 class TrainAgent:
@@ -191,7 +211,7 @@ class TrainAgent:
         self.joined: list[str] = []  # run ids, in order
         self.failed: list[str] = []
         self.plan = self._devices()
-        self.state, self.run_id = "idle", ""
+        self.state, self.run_id, self.error = "idle", "", ""
 
     def _devices(self) -> Any:
         from sam2unet import distributed
@@ -208,7 +228,7 @@ class TrainAgent:
         """Refresh this agent's presence (``/health``, ``versions``, the trainer's log)."""
         try:
             presence.announce(
-                self.conn, self.name, self.state, list(self.plan.devices), self.run_id
+                self.conn, self.name, self.state, list(self.plan.devices), self.run_id, self.error
             )
         except redis.exceptions.RedisError as e:
             log.warning("could not record this agent in Redis: %s", e)
@@ -269,18 +289,28 @@ class TrainAgent:
         log.info(
             "joining round %s of project %s at %s", spec.run_id, spec.plan.project, spec.endpoint
         )
+        self.error = ""  # the last round's, kept for the trainer to read until this one
         self._state("training", spec.run_id)
+        remaining = max(1.0, spec.at + spec.join_timeout - time.time())
+        cluster = distributed.Cluster(
+            spec.nodes,
+            spec.endpoint,
+            spec.run_id,
+            host=False,
+            join_timeout=remaining,
+            local_addr=self.settings.train_addr or None,
+        )
         try:
-            current, train_data, val_data, cfg = self.load(spec)
-            remaining = max(1.0, spec.at + spec.join_timeout - time.time())
-            cluster = distributed.Cluster(
-                spec.nodes,
-                spec.endpoint,
-                spec.run_id,
-                host=False,
-                join_timeout=remaining,
-                local_addr=self.settings.train_addr or None,
-            )
+            try:
+                current, train_data, val_data, cfg = self.load(spec)
+            except Exception as e:
+                # join anyway, and fail at once: the round stops on every machine instead of
+                # waiting out its join timeout, and the trainer reads why (the error below)
+                self.error = f"{type(e).__name__}: {e}"
+                log.error("round %s refused: %s", spec.run_id, self.error)
+                self._state("refused", spec.run_id)
+                distributed.launch(refuse, (self.error,), self.plan, threads=1, cluster=cluster)
+                raise
             outcome = distributed.launch(
                 train_and_evaluate,
                 (current, train_data, val_data, cfg),

@@ -280,8 +280,9 @@ class TrainerService:
                 cluster=self.publisher,
             )
         except (DistributedRunError, ClusterDataError) as e:
-            log.error("round for project %s failed, nothing promoted: %s", project, e)
-            return RoundReport("failed", str(e), project, self.registry.current())
+            why = self.publisher.explain(e) if self.publisher is not None else str(e)
+            log.error("round for project %s failed, nothing promoted: %s", project, why)
+            return RoundReport("failed", why, project, self.registry.current())
         finally:
             if self.publisher is not None:
                 self.publisher.withdraw()
