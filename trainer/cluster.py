@@ -309,7 +309,7 @@ class TrainAgent:
                 self.error = f"{type(e).__name__}: {e}"
                 log.error("round %s refused: %s", spec.run_id, self.error)
                 self._state("refused", spec.run_id)
-                distributed.launch(refuse, (self.error,), self.plan, threads=1, cluster=cluster)
+                distributed.launch(refuse, (str(e),), self.plan, threads=1, cluster=cluster)
                 raise
             outcome = distributed.launch(
                 train_and_evaluate,
