@@ -58,13 +58,7 @@ def _trainer(args: argparse.Namespace) -> int:
         print(json.dumps({k: report.to_json()[k] for k in ("status", "reason", "candidate")}))
         return 0 if report.status != "skipped" else 1
 
-    def stop(*_: object) -> None:
-        service.stop_event.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    service.run_forever()
-    return 0
+    return _serve_until_signalled(service)
 
 
 def _versions(args: argparse.Namespace) -> int:
@@ -125,12 +119,16 @@ def _train_agent(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     apply_torch_threads(settings)
-    agent = TrainAgent(settings, redis_client(settings.redis_url), name=args.name)
+    return _serve_until_signalled(TrainAgent(settings, redis_client(settings.redis_url), args.name))
+
+
+def _serve_until_signalled(service) -> int:
+    """``service.run_forever()`` until SIGTERM or SIGINT sets its ``stop_event``."""
 
     def stop(*_: object) -> None:
-        agent.stop_event.set()
+        service.stop_event.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    agent.run_forever()
+    service.run_forever()
     return 0

@@ -29,6 +29,19 @@ def png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def annotate_brush(ls, label_config: str, ids, masks, label: str) -> None:
+    """Submit one brush annotation per task of Label Studio ``ls``: task ``ids[i]`` gets
+    ``masks[i]`` (boolean H x W) as ``label`` of the config's brush control."""
+    from labelstudio.codecs import brush_result
+    from labelstudio.labelconfig import parse_label_config
+
+    target = parse_label_config(label_config)
+    for tid, mask in zip(ids, masks, strict=True):
+        item = brush_result(mask, target, label, 1.0)
+        item.pop("score", None)
+        ls.annotate(tid, [item])
+
+
 def round_settings(model_dir: Path, **overrides: object):
     """Settings for a fast training round of the test-size model on a CPU."""
     from contracts.settings import Settings

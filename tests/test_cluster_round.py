@@ -27,15 +27,13 @@ from contracts.agents import train_agents
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
-from labelstudio.codecs import brush_result
 from labelstudio.fetch import FetchPolicy, ImageFetcher
-from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import free_port
 from sam2unet.distributed import parse_endpoint
 from sam2unet.exceptions import ConfigError
 from sam2unet.synthetic import generate
 from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, png_bytes, service_env
+from tests.services import ServiceProcess, annotate_brush, png_bytes, service_env
 from tests.test_distributed import assert_same_weights
 from trainer.cluster import ROUND_KEY
 from trainer.dataset import DatasetCache
@@ -73,17 +71,13 @@ def test_a_round_over_two_machines(tmp_path, redis_url, model_dir):
     conn = redis.Redis.from_url(redis_url)
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
-    target = parse_label_config(CONFIG)
     samples = generate(8, 64, seed=11)
     port = free_port()
     with running_label_studio(tmp_path / "ls") as ls:
         project = ls.create_project(CONFIG)
         ids = ls.import_images(project, [(f"s{i}.png", png_bytes(im)) for i, (im, _) in
                                          enumerate(samples)])  # fmt: skip
-        for tid, (_, mask) in zip(ids, samples, strict=True):
-            item = brush_result(mask[0] > 127, target, "object", 1.0)
-            item.pop("score", None)
-            ls.annotate(tid, [item])
+        annotate_brush(ls, CONFIG, ids, [m[0] > 127 for _, m in samples], "object")
         env = service_env(
             redis_url,
             models,

@@ -12,14 +12,12 @@ import pytest
 
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
-from labelstudio.codecs import brush_result
-from labelstudio.labelconfig import parse_label_config
 from sam2unet.acquisition import acquire, select
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
 from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, png_bytes, service_env
+from tests.services import ServiceProcess, annotate_brush, png_bytes, service_env
 from tests.test_e2e_label_studio import BRUSH, our_predictions, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -64,11 +62,7 @@ def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_s
     with running_label_studio(tmp_path / "ls") as ls:
         project = ls.create_project(BRUSH, title="acquisition order")
         ids = ls.import_images(project, [(f"a{i}.png", b) for i, b in enumerate(pngs)])
-        target = parse_label_config(BRUSH)
-        for tid, (_, mask) in zip(ids[:4], samples[:4], strict=True):
-            item = brush_result(mask[0] > 0, target, "Circle", 1.0)
-            item.pop("score", None)
-            ls.annotate(tid, [item])
+        annotate_brush(ls, BRUSH, ids[:4], [m[0] > 0 for _, m in samples[:4]], "Circle")
         env = service_env(
             redis_url,
             models,

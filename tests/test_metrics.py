@@ -21,7 +21,7 @@ from contracts import preannotate as runs
 from contracts.jobs import QUEUE_BACKGROUND, QUEUE_BATCH
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis, free_port
-from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.services import LabelStudioLikeFiles, annotate_brush, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 
 CFG = fixture("post_setup.json")["json"]["schema"]
@@ -218,9 +218,7 @@ def test_training_round_gauges_from_real_trainer_rounds(own_redis, model_dir, tm
     import shutil
 
     from labelstudio.client import LabelStudioClient
-    from labelstudio.codecs import brush_result
     from labelstudio.fetch import FetchPolicy, ImageFetcher
-    from labelstudio.labelconfig import parse_label_config
     from sam2unet.synthetic import generate
     from tests.lstudio import running_label_studio
     from trainer.service import ROUNDS_KEY, TrainerService
@@ -233,15 +231,11 @@ def test_training_round_gauges_from_real_trainer_rounds(own_redis, model_dir, tm
     cfg = """<View><Image name="image" value="$image"/>
       <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels></View>"""
     samples = generate(6, 64, seed=5)
-    target = parse_label_config(cfg)
     with running_label_studio(tmp_path / "ls") as ls:
         annotated = ls.create_project(cfg, title="annotated")
         ids = ls.import_images(annotated, [(f"s{i}.png", png_bytes(im)) for i, (im, _) in
                                            enumerate(samples)])  # fmt: skip
-        for tid, (_, mask) in zip(ids, samples, strict=True):
-            item = brush_result(mask[0] > 127, target, "object", 1.0)
-            item.pop("score", None)
-            ls.annotate(tid, [item])
+        annotate_brush(ls, cfg, ids, [m[0] > 127 for _, m in samples], "object")
         bare = ls.create_project(cfg, title="nothing annotated")
         ls.import_images(bare, [("b.png", png_bytes(samples[0][0]))])
 
