@@ -245,10 +245,18 @@ class LabelStudio:
         return {"Authorization": f"Bearer {self.access_token()}"}
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """An authenticated (Bearer) API call; raises for HTTP errors with the body's start."""
+        """An authenticated (Bearer) API call; raises for HTTP errors with the body's start.
+
+        A 401 is retried once with a fresh access token: its expiry is read against this
+        process's clock, which need not be Label Studio's."""
         r = self.session.request(
             method, self.url + path, headers=self._headers(), timeout=60, **kwargs
         )
+        if r.status_code == 401:
+            self._access = ""
+            r = self.session.request(
+                method, self.url + path, headers=self._headers(), timeout=60, **kwargs
+            )
         if r.status_code >= 400:
             raise requests.HTTPError(
                 f"{method} {path}: HTTP {r.status_code}: {r.text[:500]}", response=r
