@@ -746,3 +746,22 @@ def test_docker_compose_refuses_a_broken_copy(change, error, tmp_path: Path) -> 
     broken.write_text(text.replace(old, new, 1))
     r = compose_config([broken], deployment_env(), tmp_path, "-q")
     assert r.returncode != 0 and error in r.stderr, r.stderr
+
+
+def test_documented_round_across_machines_override(tmp_path: Path) -> None:
+    """docs/deployment.md's override for a trainer in a round over several machines is a valid
+    Compose file, and gives the trainer the host's network, no service dependencies and the
+    cluster settings."""
+    text = DOCS.read_text()
+    section = text[text.index("### A round across several machines") :]
+    override = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    path = tmp_path / "compose.override.yml"
+    path.write_text(override)
+    r = compose_config([COMPOSE, path], deployment_env(), tmp_path, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    trainer = json.loads(r.stdout)["services"]["trainer"]
+    assert trainer["network_mode"] == "host" and trainer["ipc"] == "host"
+    assert not trainer.get("depends_on")
+    env = trainer["environment"]
+    assert env["SAM2UNET_TRAIN_NODES"] == "3" and env["SAM2UNET_TRAIN_RDZV"] == "10.0.0.5:29400"
+    assert env["REDIS_URL"].endswith("@127.0.0.1:6379/0")
