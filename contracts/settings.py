@@ -82,6 +82,8 @@ class Settings:
     promote_tolerance: float = 0.01  # promote if not worse by more than this (see promote_conf.)
     promote_confidence: float = 0.9  # confidence of the paired bootstrap's lower bound
     active_learning: bool = True  # after a promotion, re-predict unlabeled tasks
+    # a finished pre-annotation run points its project's model version at the run's version
+    set_project_version: bool = True
     train_devices: str = ""  # processes of a round: auto, cuda:0,cuda:1, cpu:N; empty: one
     train_nodes: int = 1  # machines in a round: the trainer's and TRAIN_NODES - 1 train agents'
     train_rdzv: str = ""  # host:port where they meet (the trainer's); default <host name>:29400

@@ -319,6 +319,11 @@ class LabelStudioClient:
         except ValueError as e:
             raise LabelStudioError(f"{method} {path}: Label Studio answered non-JSON") from e
 
+    def set_project_model_version(self, project: int, version: str) -> None:
+        """``PATCH /api/projects/{id}`` ``{"model_version": version}``: the predictions Label
+        Studio shows as pre-labels and scores in the data manager's prediction columns."""
+        self.request("PATCH", f"/api/projects/{int(project)}", json_body={"model_version": version})
+
     def get_project(self, project: int) -> dict[str, Any]:
         """``GET /api/projects/{id}`` (includes ``label_config``)."""
         return self._json("GET", f"/api/projects/{int(project)}")

@@ -26,11 +26,14 @@ STRATEGY = "tta"
 
 def sorted_by_prediction_score(ls, project: int, version: str) -> list[dict]:
     """The project's tasks as the data manager lists them sorted by prediction score ascending,
-    with the project pointed at ``version``."""
+    once the finished pre-annotation run has pointed the project at ``version``."""
     # the data manager's prediction score averages the predictions of the project's model
-    # version (Label Studio 1.23): point it at the current version, as the README says
-    r = ls.api("PATCH", f"/api/projects/{project}", json={"model_version": version})
-    assert r.status_code == 200, r.text
+    # version (Label Studio 1.23): the worker sets it when the run is completed
+    wait_until(
+        lambda: ls.api("GET", f"/api/projects/{project}").json().get("model_version") == version,
+        60,
+        f"project {project} pointed at {version}",
+    )
     # the data manager: a tab sorted by prediction score, ascending
     view = ls.api(
         "POST",

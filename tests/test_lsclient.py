@@ -310,9 +310,24 @@ def test_missing_things_are_label_studio_errors(ls: LabelStudio) -> None:
     client = LabelStudioClient(ls.url, ls.pat)
     with pytest.raises(LabelStudioError, match="HTTP 404 to GET /api/tasks/999999"):
         client.get_task(999999)
+    with pytest.raises(LabelStudioError, match="HTTP 404 to PATCH /api/projects/999999"):
+        client.set_project_model_version(999999, "sam2unet-tiny-v2")
     # Label Studio 1.23.2 answers 500 for an upload that does not exist
     with pytest.raises(LabelStudioError, match=r"HTTP (404|500) to GET /data/upload/1/nothing"):
         client.download("/data/upload/1/nothing-here.png", 10**6, 10)
+
+
+@pytest.mark.e2e
+def test_project_model_version(ls: LabelStudio) -> None:
+    client = LabelStudioClient(ls.url, ls.pat)
+    pid = ls.create_project(LABEL_CONFIG, title="model version")
+    (tid,) = ls.import_images(pid, [("one.png", png_bytes(1))])
+    # Label Studio 1.23 accepts only a version the project has predictions of
+    with pytest.raises(LabelStudioError, match="HTTP 400 to PATCH"):
+        client.set_project_model_version(pid, "sam2unet-tiny-v7")
+    client.create_prediction(tid, [polygon()], 0.5, "sam2unet-tiny-v7")
+    client.set_project_model_version(pid, "sam2unet-tiny-v7")
+    assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == "sam2unet-tiny-v7"
 
 
 @pytest.mark.e2e

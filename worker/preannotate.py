@@ -38,6 +38,35 @@ def has_prediction_of(task: dict[str, Any], version: str) -> bool:
     return False
 
 
+def point_project_at_run(ctx: WorkerContext, run_id: str) -> None:
+    """Once a run is completed (call it where ``runs.record`` or ``runs.maybe_complete``
+    answered True): point the project's model version at the run's version, so that Label
+    Studio shows the new predictions as pre-labels and fills the prediction-score column
+    (sorting by it lists the acquisition order). Not when the run wrote nothing, or with
+    ``SAM2UNET_SET_PROJECT_VERSION=false``; a refusal is logged and kept in the run's
+    ``project_version_error``, the run stays completed."""
+    st = runs.status(ctx.redis, run_id)
+    version = st.get("model_version")
+    if not ctx.settings.set_project_version or not version or st["done"] <= 0:
+        return
+    if ctx.ls_client is None:
+        return
+    try:
+        ctx.ls_client.set_project_model_version(st["project"], version)
+    except AssistError as e:
+        log.warning(
+            "pre-annotation %s: could not point project %s at %s: %s",
+            run_id,
+            st["project"],
+            version,
+            e.message,
+        )
+        runs.update(ctx.redis, run_id, project_version_error=e.message)
+        return
+    runs.update(ctx.redis, run_id, project_model_version=version)
+    log.info("pre-annotation %s: project %s now shows %s", run_id, st["project"], version)
+
+
 def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     conn = ctx.redis
     if not runs.is_running(conn, run_id):
@@ -91,8 +120,8 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         url = (task.get("data") or {}).get(target.value_key)
         if has_prediction_of(task, version) or (unlabeled_only and is_labeled(task)):
             skipped += 1
-        elif not isinstance(url, str) or not url:
-            runs.record(conn, run_id, failed=1)
+        elif (not isinstance(url, str) or not url) and runs.record(conn, run_id, failed=1):
+            point_project_at_run(ctx, run_id)
         else:
             todo.append(PredictItem(index=i, url=url, task_id=task.get("id")))
     if not isinstance(total, int) and last:
@@ -116,10 +145,12 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         run_id=run_id,
         acquisition=acquisition,
     )
-    runs.record(conn, run_id, queued=len(todo), skipped=skipped)
+    if runs.record(conn, run_id, queued=len(todo), skipped=skipped):
+        point_project_at_run(ctx, run_id)
     if last:
         runs.update(conn, run_id, paged=1)
-        runs.maybe_complete(conn, run_id)
+        if runs.maybe_complete(conn, run_id):
+            point_project_at_run(ctx, run_id)
     else:
         runs.enqueue_page(conn, run_id, page + 1)
     log.info(
