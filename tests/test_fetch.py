@@ -10,7 +10,6 @@ import base64
 import contextlib
 import http.server
 import io
-import socket
 import struct
 import threading
 import zlib
@@ -23,7 +22,7 @@ from PIL import Image
 from contracts.errors import ImageFetchError
 from labelstudio.client import LabelStudioClient, redact_url
 from labelstudio.fetch import FetchPolicy, ImageFetcher, address_kind
-from tests.sockets import connections
+from tests.sockets import connections, rebind
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -268,17 +267,7 @@ def test_dns_rebinding_is_caught_at_connect_time(server: Server, monkeypatch) ->
     """The name resolves to a public address when checked, to loopback when connecting: the
     connection's peer address is checked again before the request is sent."""
     server.routes["/img.png"] = body(IMAGE)
-    real = socket.getaddrinfo
-    calls = []
-
-    def rebinding(host, port, *args, **kwargs):
-        if host == "images.example.test":
-            calls.append(host)
-            addr = "93.184.216.34" if len(calls) == 1 else "127.0.0.1"
-            return real(addr, port, *args, **kwargs)
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    calls = rebind(monkeypatch, "images.example.test")
     fetcher = ImageFetcher(None, FetchPolicy())
     with pytest.raises(ImageFetchError, match=r"connected to 127\.0\.0\.1, a loopback address"):
         fetcher.fetch(f"http://images.example.test:{server.port}/img.png")

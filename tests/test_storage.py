@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import socket
 
 import pytest
 
@@ -16,6 +15,7 @@ from contracts.errors import ImageFetchError
 from labelstudio import storage
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
+from tests.sockets import rebind
 from tests.test_fetch import IMAGE, Server, body, redirect
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -166,17 +166,7 @@ def test_dns_rebinding_of_the_issued_host_is_caught_at_connect_time(ls, store, m
         f"http://storage.example.test:{store.port}/k.png?Signature=x", 303
     )
     store.routes["/k.png"] = body(IMAGE)
-    real = socket.getaddrinfo
-    calls = []
-
-    def rebinding(host, port, *args, **kwargs):
-        if host == "storage.example.test":
-            calls.append(host)
-            addr = "93.184.216.34" if len(calls) == 1 else "127.0.0.1"
-            return real(addr, port, *args, **kwargs)
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    calls = rebind(monkeypatch, "storage.example.test")
     fetcher = ImageFetcher(LabelStudioClient(ls.url, TOKEN), FetchPolicy())
     with pytest.raises(ImageFetchError, match=r"connected to 127\.0\.0\.1, a loopback address"):
         fetcher.fetch(URI, None, 7)
