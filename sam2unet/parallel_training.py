@@ -33,11 +33,16 @@ class ParallelResult:
     stopped: bool
 
 
+def trained_weights(model: Any) -> dict[str, torch.Tensor]:
+    """A rank's trained part of ``model`` (adapters, decoder, BatchNorm statistics) on the CPU,
+    to hand back to the launching process."""
+    return {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()}
+
+
 def as_parallel_result(result: TrainResult) -> ParallelResult:
-    weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
     return ParallelResult(
         result.history,
-        weights,
+        trained_weights(result.model),
         result.best_path,
         result.last_path,
         result.best_metric,

@@ -284,6 +284,7 @@ def train_and_evaluate(
     process, or as one rank of several (see :func:`sam2unet.distributed.launch`: ``relay``
     carries progress and stop requests, evaluation is sharded, rank 0 returns the outcome)."""
     from sam2unet import distributed
+    from sam2unet.parallel_training import trained_weights
     from sam2unet.training import TrainConfig, train
     from sam2unet.validation import validate
 
@@ -312,8 +313,7 @@ def train_and_evaluate(
         return _Outcome(*metrics, model=result.model)
     outcome = None
     if distributed.is_main():
-        weights = {k: v.detach().cpu() for k, v in result.model.trainable_state_dict().items()}
-        outcome = _Outcome(*metrics, weights=weights)
+        outcome = _Outcome(*metrics, weights=trained_weights(result.model))
     if distributed.machines() > 1:
         # rank 0 may run on another machine than the trainer: every machine gets the outcome
         outcome = distributed.broadcast_from_main(outcome)
