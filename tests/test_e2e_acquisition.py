@@ -47,18 +47,15 @@ def sorted_by_prediction_score(ls, project: int, version: str) -> list[dict]:
     ).json()["tasks"]
 
 
-def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_server, model_dir):
-    import redis
-
+def test_sorting_by_prediction_score_lists_the_strategys_order(
+    tmp_path, redis_url, redis_conn, model_dir
+):
     from labelstudio.client import LabelStudioClient
     from labelstudio.fetch import FetchPolicy, ImageFetcher
     from trainer.service import TrainerService
 
     shutil.copytree(model_dir, tmp_path / "models")
     models = tmp_path / "models"
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/12"
-    conn = redis.Redis.from_url(redis_url)
-    conn.flushdb()
     domains = ["easy", "low_contrast", "small", "several", "camouflage"]
     samples = [make_domain_sample(sample_rng(31, i), 64, domains[i % 5]) for i in range(12)]
     pngs = [png_bytes(img) for img, _ in samples]
@@ -86,7 +83,7 @@ def test_sorting_by_prediction_score_lists_the_strategys_order(tmp_path, redis_s
             )
             client = LabelStudioClient(ls.url, ls.pat)
             fetch = ImageFetcher(client, FetchPolicy.from_settings(settings)).fetch
-            service = TrainerService(settings, conn, client, fetch)
+            service = TrainerService(settings, redis_conn, client, fetch)
             report = service.round(project, "acquisition test")
             assert report.status in ("promoted", "rejected"), report
             assert report.val_size == 2  # half of four: the held-out minimum's cap

@@ -35,14 +35,11 @@ pytestmark = pytest.mark.e2e
 BATCH = 4
 
 
-def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_server, model_dir):
-    import redis
-
+def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(
+    tmp_path, redis_url, redis_conn, model_dir
+):
     shutil.copytree(model_dir, tmp_path / "models")
     models = tmp_path / "models"
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/13"
-    conn = redis.Redis.from_url(redis_url)
-    conn.flushdb()
     domains = ["easy", "low_contrast", "small", "several", "camouflage"]
     distinct = [make_domain_sample(sample_rng(47, i), 64, domains[i % 5])[0] for i in range(8)]
     # images 0 and 1 three times each, then six others
@@ -88,9 +85,9 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(tmp_path, redis_serve
         assert re.search(r"items \([1-9]\d* cached", log), log[-3000:]
 
         # the order, computed here from what the worker stored
-        tasks, _, u, labelled = stored(conn, final["id"])
+        tasks, _, u, labelled = stored(redis_conn, final["id"])
         assert tasks == sorted(ids) and not labelled
-        feats = features(conn, final["id"], tasks)
+        feats = features(redis_conn, final["id"], tasks)
         expected = [tasks[i] for i in run_order(u, feats, BATCH)]
         # ... which are the model's own numbers for these images
         version = ModelRegistry(models, None).current()
