@@ -271,3 +271,35 @@ def test_predict_past_the_deadline_answers_in_time_and_writes_the_rest_back(e2e,
             assert len([p for p in our_predictions(ls, tid) if p["model_version"] == version]) == 1
     finally:
         quick.stop()
+
+
+def test_a_task_without_an_image_counts_as_failed_and_the_run_points_the_project(e2e):
+    """A run over a project with one task whose image field is empty: that task is counted
+    failed and never queued, the others are predicted, and the finished run points the project
+    at the version it wrote."""
+    ls = e2e["ls"]
+    project = ls.create_project(BRUSH, title="e2e task without image")
+    ids = ls.import_images(
+        project, [(f"n{i}.png", png_bytes(circle_sample(700 + i)[0])) for i in range(2)]
+    )
+    (empty,) = ls.import_tasks(project, [{"data": {"image": ""}}])
+    r = requests.post(e2e["url"] + "/preannotate", json={"project": project}, auth=AUTH, timeout=10)
+    assert r.status_code == 202, r.text
+    run = r.json()["id"]
+    st = wait_until(
+        lambda: (s := backend_get(e2e, f"/preannotate/{run}"))["status"] != "running" and s,
+        120,
+        "pre-annotation run to finish",
+        interval=1.0,
+    )
+    assert st["status"] == "completed", st
+    assert (st["done"], st["failed"], st["total"], st["queued"]) == (2, 1, 3, 2), st
+    version = backend_get(e2e, "/versions")["current"]
+    for tid in ids:
+        assert [p for p in our_predictions(ls, tid) if p["model_version"] == version], tid
+    assert our_predictions(ls, empty) == []
+    wait_until(
+        lambda: ls.api("GET", f"/api/projects/{project}").json().get("model_version") == version,
+        30,
+        "the project pointed at the run's version",
+    )

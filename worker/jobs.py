@@ -76,17 +76,15 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         )
     if p.run_id:
         untrained = sum(1 for r in results if is_untrained(r.model_version))
-        completed = runs.record(
-            ctx.redis,
+        from worker.preannotate import record
+
+        record(
+            ctx,
             p.run_id,
             done=written,
             failed=len(results) - written - untrained,
             skipped=untrained,
         )
-        if completed:
-            from worker.preannotate import point_project_at_run
-
-            point_project_at_run(ctx, p.run_id)
     return {"items": len(results), "errors": sum(1 for r in results if r.error)}
 
 

@@ -38,13 +38,19 @@ def has_prediction_of(task: dict[str, Any], version: str) -> bool:
     return False
 
 
+def record(ctx: WorkerContext, run_id: str, **counts: int) -> None:
+    """Add to a run's counters (:func:`contracts.preannotate.record`); the call that completes
+    the run also points its project at the run's version (:func:`point_project_at_run`)."""
+    if runs.record(ctx.redis, run_id, **counts):
+        point_project_at_run(ctx, run_id)
+
+
 def point_project_at_run(ctx: WorkerContext, run_id: str) -> None:
-    """Once a run is completed (call it where ``runs.record`` or ``runs.maybe_complete``
-    answered True): point the project's model version at the run's version, so that Label
-    Studio shows the new predictions as pre-labels and fills the prediction-score column
-    (sorting by it lists the acquisition order). Not when the run wrote nothing, or with
-    ``SAM2UNET_SET_PROJECT_VERSION=false``; a refusal is logged and kept in the run's
-    ``project_version_error``, the run stays completed."""
+    """Once a run is completed (see :func:`record`): point the project's model version at the
+    run's version, so that Label Studio shows the new predictions as pre-labels and fills the
+    prediction-score column (sorting by it lists the acquisition order). Not when the run
+    wrote nothing, or with ``SAM2UNET_SET_PROJECT_VERSION=false``; a refusal is logged and kept
+    in the run's ``project_version_error``, the run stays completed."""
     st = runs.status(ctx.redis, run_id)
     version = st.get("model_version")
     if not ctx.settings.set_project_version or not version or st["done"] <= 0:
@@ -120,8 +126,8 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         url = (task.get("data") or {}).get(target.value_key)
         if has_prediction_of(task, version) or (unlabeled_only and is_labeled(task)):
             skipped += 1
-        elif (not isinstance(url, str) or not url) and runs.record(conn, run_id, failed=1):
-            point_project_at_run(ctx, run_id)
+        elif not isinstance(url, str) or not url:
+            record(ctx, run_id, failed=1)
         else:
             todo.append(PredictItem(index=i, url=url, task_id=task.get("id")))
     if not isinstance(total, int) and last:
@@ -145,12 +151,10 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         run_id=run_id,
         acquisition=acquisition,
     )
-    if runs.record(conn, run_id, queued=len(todo), skipped=skipped):
-        point_project_at_run(ctx, run_id)
+    record(ctx, run_id, queued=len(todo), skipped=skipped)
     if last:
         runs.update(conn, run_id, paged=1)
-        if runs.maybe_complete(conn, run_id):
-            point_project_at_run(ctx, run_id)
+        record(ctx, run_id)  # nothing to add: completes the run if every task is accounted for
     else:
         runs.enqueue_page(conn, run_id, page + 1)
     log.info(
