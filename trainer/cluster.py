@@ -41,7 +41,7 @@ from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from trainer.dataset import DatasetCache
-from trainer.round import RoundPlan, round_datasets
+from trainer.round import RoundPlan, machine_plan, round_datasets
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +210,8 @@ class TrainAgent:
         self.stop_event = threading.Event()
         self.joined: list[str] = []  # run ids, in order
         self.failed: list[str] = []
-        self.plan = self._devices()
+        self.plan = machine_plan(settings)
         self.state, self.run_id, self.error = "idle", "", ""
-
-    def _devices(self) -> Any:
-        from sam2unet import distributed
-        from sam2unet.predictor import pick_device
-
-        plan = distributed.parse_devices(self.settings.train_devices)
-        return plan or distributed.DevicePlan((str(pick_device(self.settings.device)),))
 
     def _state(self, state: str, run_id: str = "") -> None:
         self.state, self.run_id = state, run_id

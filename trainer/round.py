@@ -76,8 +76,7 @@ def run_round(
     :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.Cluster` to launch.
     """
     from sam2unet.checkpoints import relabel
-    from sam2unet.distributed import DevicePlan, parse_devices
-    from sam2unet.predictor import pick_device
+    from sam2unet.distributed import parse_devices
     from sam2unet.training import TrainConfig
 
     t0 = time.monotonic()
@@ -131,7 +130,7 @@ def run_round(
         spread = cluster(
             RoundPlan(parent, project, list(labels), train_ids, val_ids, cfg.to_dict())
         )
-        plan = plan or DevicePlan((str(pick_device(device)),))
+        plan = machine_plan(settings)
     if plan is None:
         local = SimpleNamespace(progress=progress, should_stop=should_stop)
         outcome = train_and_evaluate(device, local, current, train_data, val_data, cfg, False)
@@ -207,6 +206,16 @@ def run_round(
         report.seconds,
     )
     return report
+
+
+def machine_plan(settings: Settings) -> Any:
+    """This machine's processes in a round over several machines: ``SAM2UNET_TRAIN_DEVICES``,
+    else one process on ``SAM2UNET_DEVICE`` (a :class:`~sam2unet.distributed.DevicePlan`)."""
+    from sam2unet.distributed import DevicePlan, parse_devices
+    from sam2unet.predictor import pick_device
+
+    plan = parse_devices(settings.train_devices)
+    return plan or DevicePlan((str(pick_device(settings.device)),))
 
 
 @dataclass

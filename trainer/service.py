@@ -26,7 +26,8 @@ from typing import Any
 
 import redis
 
-from contracts.metrics import record_round
+from contracts.metrics import ROUNDS_KEY, record_round
+from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
 from contracts.registry import ModelRegistry
 from contracts.schedule import ALL, parse_schedule
 from contracts.settings import Settings
@@ -43,9 +44,7 @@ log = logging.getLogger(__name__)
 EVENTS_STREAM = "sam2unet:events"
 GROUP = "sam2unet-trainer"
 LOCK_KEY = "sam2unet:trainer:round"
-ROUNDS_KEY = "sam2unet:trainer:rounds"
 ROUND_LOCK_TTL = 60.0  # seconds; renewed while a round runs
-STATUS_KEY = "sam2unet:trainer:status"
 TRAINED_KEY = "sam2unet:trainer:trained"  # project -> fingerprint of its last round's data
 CHANGE_ACTIONS = frozenset(
     {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
