@@ -207,3 +207,21 @@ def test_cluster_settings(redis_conn, model_dir):
         )
     one = TrainerService(Settings(model_dir=model_dir), redis_conn, None, None)
     assert one.publisher is None  # one machine: nothing is published
+
+
+def test_agent_presence(redis_conn):
+    from contracts import agents
+
+    agents.announce(redis_conn, "b", "idle", ["cuda:0", "cuda:1"])
+    agents.announce(redis_conn, "a", "refused", ["cpu"], "round-1", "ClusterDataError: task 3")
+    agents.announce(redis_conn, "c", "training", ["cpu"], "round-1")
+    assert 0 < redis_conn.ttl(agents.AGENT_PREFIX + "a") <= agents.AGENT_TTL
+    rows = agents.train_agents(redis_conn)
+    assert [(r["name"], r["state"]) for r in rows] == [("a", "refused"), ("b", "idle"),
+                                                      ("c", "training")]  # fmt: skip
+    assert rows[0]["error"] == "ClusterDataError: task 3" and "error" not in rows[1]
+    assert rows[1]["devices"] == ["cuda:0", "cuda:1"]
+    agents.withdraw(redis_conn, "a")
+    redis_conn.delete(agents.AGENT_PREFIX + "c")  # c died: its key expired
+    assert [r["name"] for r in agents.train_agents(redis_conn)] == ["b"]
+    assert redis_conn.smembers(agents.AGENT_NAMES) == {b"b"}  # the dead one's name is gone too
