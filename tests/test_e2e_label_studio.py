@@ -186,6 +186,20 @@ def test_annotations_and_start_training_promote_a_new_version(e2e):
         )
 
 
+def finished_run(e2e, body: dict, timeout: float) -> dict:
+    """Start a pre-annotation run (``POST /preannotate`` with ``body``: 202) and return its
+    status once it stopped running."""
+    r = requests.post(e2e["url"] + "/preannotate", json=body, auth=AUTH, timeout=10)
+    assert r.status_code == 202, r.text
+    run = r.json()["id"]
+    return wait_until(
+        lambda: (s := backend_get(e2e, f"/preannotate/{run}"))["status"] != "running" and s,
+        timeout,
+        f"pre-annotation run {run} to finish",
+        interval=1.0,
+    )
+
+
 def test_whole_project_preannotated_through_the_async_path(e2e):
     ls = e2e["ls"]
     project = ls.create_project(BRUSH, title="e2e bulk")
@@ -193,20 +207,7 @@ def test_whole_project_preannotated_through_the_async_path(e2e):
     ids = ls.import_images(
         project, [(f"b{i}.png", png_bytes(circle_sample(500 + i)[0])) for i in range(n)]
     )
-    r = requests.post(
-        e2e["url"] + "/preannotate",
-        json={"project": project, "page_size": 15},
-        auth=AUTH,
-        timeout=10,
-    )
-    assert r.status_code == 202, r.text
-    run = r.json()["id"]
-    st = wait_until(
-        lambda: (s := backend_get(e2e, f"/preannotate/{run}"))["status"] != "running" and s,
-        300,
-        "pre-annotation run to finish",
-        interval=1.0,
-    )
+    st = finished_run(e2e, {"project": project, "page_size": 15}, 300)
     assert st["status"] == "completed", st
     assert st["done"] == n and st["failed"] == 0 and st["total"] == n
     version = backend_get(e2e, "/versions")["current"]
@@ -214,14 +215,7 @@ def test_whole_project_preannotated_through_the_async_path(e2e):
         preds = [p for p in our_predictions(ls, tid) if p["model_version"] == version]
         assert len(preds) == 1, (tid, preds)
     # a second run finds nothing left to do
-    r = requests.post(e2e["url"] + "/preannotate", json={"project": project}, auth=AUTH, timeout=10)
-    run2 = r.json()["id"]
-    st2 = wait_until(
-        lambda: (s := backend_get(e2e, f"/preannotate/{run2}"))["status"] != "running" and s,
-        120,
-        "second run",
-        interval=1.0,
-    )
+    st2 = finished_run(e2e, {"project": project}, 120)
     assert st2["skipped"] == n and st2["done"] == 0
     for tid in ids[:5]:
         assert len([p for p in our_predictions(ls, tid) if p["model_version"] == version]) == 1
@@ -283,15 +277,7 @@ def test_a_task_without_an_image_counts_as_failed_and_the_run_points_the_project
         project, [(f"n{i}.png", png_bytes(circle_sample(700 + i)[0])) for i in range(2)]
     )
     (empty,) = ls.import_tasks(project, [{"data": {"image": ""}}])
-    r = requests.post(e2e["url"] + "/preannotate", json={"project": project}, auth=AUTH, timeout=10)
-    assert r.status_code == 202, r.text
-    run = r.json()["id"]
-    st = wait_until(
-        lambda: (s := backend_get(e2e, f"/preannotate/{run}"))["status"] != "running" and s,
-        120,
-        "pre-annotation run to finish",
-        interval=1.0,
-    )
+    st = finished_run(e2e, {"project": project}, 120)
     assert st["status"] == "completed", st
     assert (st["done"], st["failed"], st["total"], st["queued"]) == (2, 1, 3, 2), st
     version = backend_get(e2e, "/versions")["current"]
