@@ -9,6 +9,7 @@ after a restart a new run of the same project only does what is left.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any
@@ -18,6 +19,8 @@ from rq import Queue, Retry
 
 from contracts.errors import NotFound
 from contracts.jobs import QUEUE_BACKGROUND
+
+log = logging.getLogger(__name__)
 
 RUN_PREFIX = "sam2unet:preannotate:run:"
 ACTIVE_PREFIX = "sam2unet:preannotate:active:"
@@ -34,6 +37,21 @@ def _key(run_id: str) -> str:
     return RUN_PREFIX + run_id
 
 
+# The active run of a project, or a new one made its active run, in one step. Returns the
+# active run's id, or nil when the new run was made.
+_START_LUA = """
+local active = redis.call('GET', KEYS[1])
+if active and redis.call('HGET', ARGV[1] .. active, 'status') == ARGV[5] then
+  return active
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+return nil
+"""
+
+
 def start_run(
     conn: redis.Redis,
     project: int,
@@ -45,44 +63,50 @@ def start_run(
     acquisition: str | None = None,
 ) -> tuple[str, bool]:
     """Start pre-annotating ``project``, or return its run in progress: (run id, started).
+    Atomic: of concurrent calls for one project, one starts a run and the others get its id.
 
     With ``unlabeled_only`` (the default), tasks that already have a submitted annotation are
     skipped: their label is known, a prediction would only be noise for annotators."""
-    active = conn.get(ACTIVE_PREFIX + str(project))
-    if active is not None:
-        run_id = active.decode()
-        if _field(conn, run_id, "status") == RUNNING:
-            return run_id, False
     run_id = f"{project}-{int(time.time())}-{secrets.token_hex(3)}"
     now = time.time()
-    with conn.pipeline() as pipe:
-        pipe.hset(
-            _key(run_id),
-            mapping={
-                "id": run_id,
-                "project": project,
-                "status": RUNNING,
-                "reason": reason,
-                "created_at": now,
-                "updated_at": now,
-                "total": -1,
-                "pages": 0,
-                "paged": 0,
-                "queued": 0,
-                "done": 0,
-                "failed": 0,
-                "skipped": 0,
-                "error": "",
-                "model_version": "",
-                "page_size": page_size,
-                "unlabeled_only": int(bool(unlabeled_only)),
-                "acquisition": acquisition or "",
-            },
-        )
-        pipe.expire(_key(run_id), RUN_TTL)
-        pipe.set(ACTIVE_PREFIX + str(project), run_id, ex=RUN_TTL)
-        pipe.zadd(RUNS_KEY, {run_id: now})
-        pipe.execute()
+    fields = {
+        "id": run_id,
+        "project": project,
+        "status": RUNNING,
+        "reason": reason,
+        "created_at": now,
+        "updated_at": now,
+        "total": -1,
+        "pages": 0,
+        "paged": 0,
+        "queued": 0,
+        "done": 0,
+        "failed": 0,
+        "skipped": 0,
+        "error": "",
+        "model_version": "",
+        "page_size": page_size,
+        "unlabeled_only": int(bool(unlabeled_only)),
+        "acquisition": acquisition or "",
+    }
+    flat = [str(x) for kv in fields.items() for x in kv]
+    # one script: two requests at once never both see "no active run" and make two
+    active = conn.eval(
+        _START_LUA,
+        3,
+        ACTIVE_PREFIX + str(project),
+        _key(run_id),
+        RUNS_KEY,
+        RUN_PREFIX,
+        run_id,
+        RUN_TTL,
+        now,
+        RUNNING,
+        *flat,
+    )
+    if active is not None:
+        log.info("pre-annotation of project %s: run %s is in progress", project, active.decode())
+        return active.decode(), False
     enqueue_page(conn, run_id, 1, job_timeout)
     return run_id, True
 
