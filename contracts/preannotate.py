@@ -144,6 +144,7 @@ def status(conn: redis.Redis, run_id: str) -> dict[str, Any]:
     d = {k.decode(): v.decode() for k, v in raw.items()}
     total = int(_num(d, "total"))
     done, failed, skipped = (int(_num(d, k)) for k in ("done", "failed", "skipped"))
+    failed += int(_num(d, "write_failed"))
     elapsed = max(
         1e-6,
         (time.time() if d["status"] == RUNNING else _num(d, "updated_at")) - _num(d, "created_at"),
@@ -219,7 +220,7 @@ def maybe_complete(conn: redis.Redis, run_id: str) -> bool:
     if not d or d.get("status") != RUNNING:
         return False
     total = int(_num(d, "total"))
-    finished = sum(int(_num(d, k)) for k in ("done", "failed", "skipped"))
+    finished = sum(int(_num(d, k)) for k in ("done", "failed", "skipped", "write_failed"))
     if not (total >= 0 and d.get("paged") == "1" and finished >= total):
         return False
     if not conn.hsetnx(_key(run_id), "completed_at", time.time()):
@@ -240,6 +241,21 @@ def maybe_complete(conn: redis.Redis, run_id: str) -> bool:
             description=f"pre-annotation {run_id}: diverse ordering",
         )
     return True
+
+
+def all_predicted(conn: redis.Redis, run_id: str) -> bool:
+    """Whether every task of the run was read and predicted (or failed, or skipped): what is
+    left is writing the predictions waiting in the run's write buffer."""
+    d = {k.decode(): v.decode() for k, v in conn.hgetall(_key(run_id)).items()}
+    total = int(_num(d, "total"))
+    finished = sum(int(_num(d, k)) for k in ("predicted", "failed", "skipped"))
+    return total >= 0 and d.get("paged") == "1" and finished >= total
+
+
+def set_written(conn: redis.Redis, run_id: str, written: int, write_failed: int) -> None:
+    """The run's written and write-refused task counts, as absolute numbers (the sizes of the
+    run's written and refused sets, so that a retried write never counts a task twice)."""
+    update(conn, run_id, done=written, write_failed=write_failed)
 
 
 def fail(conn: redis.Redis, run_id: str, error: str) -> None:

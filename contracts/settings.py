@@ -93,6 +93,8 @@ class Settings:
     acquisition: str = "confidence"  # prediction score: random, confidence, tta or diverse
     diverse_batch: int = 20  # diverse pre-annotation runs: suggestions spread out per batch
     diverse_depth: int = 2000  # ... over the first this many ranks; the rest by uncertainty
+    # predictions per call of Label Studio's bulk import (POST /api/projects/<id>/import/predictions)
+    write_batch: int = 500
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -113,6 +115,8 @@ class Settings:
             raise ValueError(
                 "SAM2UNET_TRAIN_NODES must be >= 1 and SAM2UNET_TRAIN_JOIN_TIMEOUT > 0"
             )
+        if self.write_batch < 1:
+            raise ValueError(f"invalid SAM2UNET_WRITE_BATCH {self.write_batch}: need >= 1")
         if self.holdout_min < 0:
             raise ValueError(f"invalid SAM2UNET_HOLDOUT_MIN {self.holdout_min}: need >= 0")
 

@@ -398,6 +398,98 @@ class LabelStudioClient:
             "GET", f"/api/projects/{int(project)}/export", params={"exportType": "JSON"}
         )
 
+    def import_predictions(self, project: int, predictions: list[dict[str, Any]]) -> int:
+        """``POST /api/projects/{id}/import/predictions``: many predictions in one call (each
+        ``{"task", "result", "score", "model_version"}``); returns how many Label Studio stored.
+
+        Label Studio 1.23 answers ``{"created": N}``, no ids. It checks every item's task id
+        before storing any and refuses the whole call (HTTP 400, raised as
+        :class:`PredictionsRefused`) when one is not a task of the project; an item whose result
+        does not fit the labelling config is left out silently (``created`` is then smaller).
+        """
+        path = f"/api/projects/{int(project)}/import/predictions"
+        r = self.request("POST", path, json_body=predictions, ok=(200, 201, 400))
+        if r.status_code == 400:
+            raise PredictionsRefused(refusal_reason(r))
+        try:
+            created = r.json().get("created")
+        except (ValueError, AttributeError) as e:
+            raise LabelStudioError(f"POST {path}: Label Studio answered non-JSON") from e
+        if not isinstance(created, int):
+            raise LabelStudioError(f"POST {path}: no count of created predictions")
+        return created
+
+    def task_page(
+        self,
+        project: int,
+        page: int,
+        page_size: int,
+        *,
+        include: tuple[str, ...] = (),
+        full: bool = False,
+        query: dict[str, Any] | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """One page of ``GET /api/tasks``: (tasks, total); ([], total) past the last page.
+
+        ``include`` names the only fields wanted (Label Studio's ``include=``); ``full`` adds
+        the annotations and predictions (``fields=all``); ``query`` is a data manager query
+        (``filters``, ``selectedItems``, ``ordering``)."""
+        params: dict[str, Any] = {"project": int(project), "page": page, "page_size": page_size}
+        if full:
+            params["fields"] = "all"
+        if include:
+            params["include"] = ",".join(include)
+        if query:
+            params["query"] = json.dumps(query)
+        r = self.request("GET", "/api/tasks", params=params, ok=(200, 404))
+        if r.status_code == 404:
+            return [], None
+        try:
+            body = r.json()
+        except ValueError as e:
+            raise LabelStudioError("GET /api/tasks: Label Studio answered non-JSON") from e
+        if isinstance(body, list):
+            return body, None
+        total = body.get("total") if isinstance(body, dict) else None
+        tasks = body.get("tasks", []) if isinstance(body, dict) else []
+        return tasks, total if isinstance(total, int) else None
+
+    def tasks_with_prediction_of(
+        self, project: int, version: str, tasks: list[int], page_size: int = 100
+    ) -> set[int]:
+        """Which of ``tasks`` hold a prediction of exactly ``version``.
+
+        The data manager's model-version filter matches substrings (``v1`` finds ``v10``): it
+        narrows the tasks down, their predictions' versions are then compared exactly."""
+        wanted = sorted({int(t) for t in tasks})
+        held: set[int] = set()
+        for start in range(0, len(wanted), page_size):
+            chunk = wanted[start : start + page_size]
+            query = {
+                "filters": {
+                    "conjunction": "and",
+                    "items": [
+                        {
+                            "filter": "filter:tasks:predictions_model_versions",
+                            "operator": "contains",
+                            "type": "List",
+                            "value": [version],
+                        }
+                    ],
+                },
+                "selectedItems": {"all": False, "included": chunk},
+            }
+            found, _ = self.task_page(project, 1, len(chunk), full=True, query=query)
+            for task in found:
+                versions = {
+                    p.get("model_version")
+                    for p in task.get("predictions") or []
+                    if isinstance(p, dict)
+                }
+                if version in versions and isinstance(task.get("id"), int):
+                    held.add(task["id"])
+        return held
+
     # --- downloads -------------------------------------------------------------------------
     def download(self, url: str, max_bytes: int, timeout: float) -> bytes:
         """GET a file, e.g. a task image, at most ``max_bytes`` within ``timeout`` seconds.
@@ -455,3 +547,24 @@ class LabelStudioClient:
 
     def close(self) -> None:
         self.session.close()
+
+
+class PredictionsRefused(LabelStudioError):
+    """Label Studio refused a bulk prediction import as a whole (HTTP 400): none was stored."""
+
+    status = 400
+    code = "predictions_refused"
+
+
+def refusal_reason(r: requests.Response) -> str:
+    """Label Studio's reason for a 400, shortened: its validation errors or its detail."""
+    try:
+        body = r.json()
+    except ValueError:
+        return "HTTP 400"
+    if isinstance(body, dict):
+        detail = body.get("validation_errors") or body.get("detail") or body
+    else:
+        detail = body
+    text = detail if isinstance(detail, str) else json.dumps(detail)
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -57,9 +57,16 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         ctx.redis, p.reply_key, encode_reply(job_id, results), max(60, rt.settings.result_ttl)
     )
     record_job(ctx.redis, job, times, results)  # after the reply: nobody waits for metrics
+    if p.run_id and p.write_back and not acquired and ctx.ls_client is not None:
+        from worker.preannotate import after_predict
+
+        after_predict(ctx, p.run_id, results)  # through the run's write buffer, in bulk
+        return {"items": len(results), "errors": sum(1 for r in results if r.error)}
     written = 0
     if (p.write_back or late) and ctx.write_back is not None:
-        written = ctx.write_back(p, results)
+        written = ctx.write_back(
+            p, results, ctx.redis, ctx.settings.write_batch, with_ids=bool(acquired)
+        )
     elif p.write_back:
         log.error("request %s: no Label Studio API configured to write results to", p.request_id)
     if acquired:  # a diverse run: what the order of the whole run needs

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
+import time
+import zlib
 from typing import Any
 
 from rq import Queue
@@ -167,3 +171,110 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         version,
     )
     return {"tasks": len(tasks), "queued": len(todo), "skipped": skipped}
+
+
+# ------------------------------------------------------------------- the run's write buffer
+# Predict jobs hold a device batch (SAM2UNET_BATCH_SIZE tasks); Label Studio's bulk import is
+# fastest with hundreds per call. A run's predictions therefore wait in a Redis hash (task id
+# -> compressed bulk-import item) until SAM2UNET_WRITE_BATCH of them are there, or until every
+# task of the run is predicted; one worker at a time (a lock with an expiry) writes them with
+# a PredictionWriter scoped by the run, which writes each task at most once, and removes what
+# was written or refused. A worker killed while writing leaves the items in the buffer and
+# marked pending: the next write looks them up in Label Studio first.
+BUFFER_PREFIX = "sam2unet:preannotate:buffer:"
+FLUSH_LOCK_PREFIX = "sam2unet:preannotate:flushing:"
+FLUSH_LOCK_TTL = 300
+BUFFER_TTL = 2 * 24 * 3600
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def after_predict(ctx: WorkerContext, run_id: str, results: list[Any]) -> None:
+    """A run's predict job is done predicting: its results join the run's write buffer, the
+    job's tasks are counted, and the buffer is written when full or when the run is
+    predicted."""
+    from contracts.heads import is_untrained
+    from labelstudio.writeback import writable
+
+    todo = writable(results)
+    untrained = sum(1 for r in results if is_untrained(r.model_version))
+    buffer_results(ctx.redis, run_id, todo)
+    record(
+        ctx,
+        run_id,
+        predicted=len(todo),
+        failed=len(results) - len(todo) - untrained,
+        skipped=untrained,
+    )
+    flush(ctx, run_id)
+
+
+def buffer_results(conn: Any, run_id: str, results: list[Any]) -> None:
+    from labelstudio.writeback import prediction_of
+
+    if not results:
+        return
+    key = BUFFER_PREFIX + run_id
+    items = {str(r.task_id): zlib.compress(json.dumps(prediction_of(r)).encode()) for r in results}
+    with conn.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=items)
+        pipe.expire(key, BUFFER_TTL)
+        pipe.execute()
+
+
+def flush(ctx: WorkerContext, run_id: str, wait: float | None = None) -> int:
+    """Write the run's buffered predictions: full batches, or all of them once every task of
+    the run is predicted (then waiting up to ``wait`` seconds, default half the job timeout,
+    for another worker's write to finish). Returns how many were written by this call."""
+    conn = ctx.redis
+    key = BUFFER_PREFIX + run_id
+    batch = max(1, ctx.settings.write_batch)
+    final = runs.all_predicted(conn, run_id)
+    if not final and conn.hlen(key) < batch:
+        return 0
+    lock = FLUSH_LOCK_PREFIX + run_id
+    token = secrets.token_hex(8)
+    deadline = time.monotonic() + (ctx.settings.job_timeout / 2 if wait is None else wait)
+    while not conn.set(lock, token, nx=True, ex=FLUSH_LOCK_TTL):
+        if not final or time.monotonic() > deadline:
+            return 0  # the worker holding the lock writes what is there
+        time.sleep(0.1)
+    written = 0
+    try:
+        while True:
+            n, progressed = write_buffered(ctx, run_id, batch, final)
+            written += n
+            if not progressed:
+                break
+    finally:
+        conn.eval(_UNLOCK, 1, lock, token)
+    record(ctx, run_id)  # completes the run once everything is written or refused
+    return written
+
+
+def write_buffered(ctx: WorkerContext, run_id: str, batch: int, final: bool) -> tuple[int, bool]:
+    """One bulk call's worth of the buffer: (written, whether anything left the buffer)."""
+    from labelstudio.writeback import PredictionWriter
+
+    conn = ctx.redis
+    key = BUFFER_PREFIX + run_id
+    entries: dict[bytes, bytes] = {}
+    for field, value in conn.hscan_iter(key, count=batch):
+        entries[field] = value
+        if len(entries) >= batch:
+            break
+    if not entries or (len(entries) < batch and not final):
+        return 0, False
+    preds = [json.loads(zlib.decompress(v)) for v in entries.values()]
+    st = runs.status(conn, run_id)
+    version = st["model_version"] or preds[0]["model_version"]
+    writer = PredictionWriter(ctx.ls_client, conn, batch)
+    report = writer.write(st["project"], run_id, preds)
+    gone = [str(t) for t in report.written | report.refused]
+    if gone:
+        conn.hdel(key, *gone)
+    written, refused = writer.counts(run_id, version)
+    runs.set_written(conn, run_id, written, refused)
+    return len(report.written), bool(gone)
