@@ -183,8 +183,12 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
 # marked pending: the next write looks them up in Label Studio first.
 BUFFER_PREFIX = "sam2unet:preannotate:buffer:"
 FLUSH_LOCK_PREFIX = "sam2unet:preannotate:flushing:"
-FLUSH_LOCK_TTL = 300
+FLUSH_LOCK_TTL = 30  # renewed before each bulk call; a killed writer's lock lapses soon
 BUFFER_TTL = 2 * 24 * 3600
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -235,15 +239,18 @@ def flush(ctx: WorkerContext, run_id: str, wait: float | None = None) -> int:
     if not final and conn.hlen(key) < batch:
         return 0
     lock = FLUSH_LOCK_PREFIX + run_id
-    token = secrets.token_hex(8)
-    deadline = time.monotonic() + (ctx.settings.job_timeout / 2 if wait is None else wait)
+    # the holder's name in the lock: which worker is writing
+    token = f"{ctx.runtime.worker_name or 'worker'}/{secrets.token_hex(6)}"
+    if wait is None:
+        wait = max(ctx.settings.job_timeout / 2, FLUSH_LOCK_TTL + 5.0)
+    deadline = time.monotonic() + wait
     while not conn.set(lock, token, nx=True, ex=FLUSH_LOCK_TTL):
         if not final or time.monotonic() > deadline:
             return 0  # the worker holding the lock writes what is there
         time.sleep(0.1)
     written = 0
     try:
-        while True:
+        while conn.eval(_RENEW, 1, lock, token, FLUSH_LOCK_TTL):
             n, progressed = write_buffered(ctx, run_id, batch, final)
             written += n
             if not progressed:
