@@ -22,7 +22,13 @@ import torch
 from PIL import Image
 
 from sam2unet.exceptions import ConfigError, DatasetError
-from sam2unet.transforms import normalize, resize_mask, resize_rgb, to_rgb_array
+from sam2unet.transforms import (
+    displayed_frame,
+    normalize,
+    resize_mask,
+    resize_rgb,
+    to_rgb_array,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +111,12 @@ def pair_by_stem(
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as H x W x 3 uint8 (RGB)."""
+    """An image file as H x W x 3 uint8 (RGB), in its displayed frame (EXIF orientation
+    applied, as :func:`sam2unet.transforms.decode_image`)."""
     try:
         with Image.open(path) as im:
-            return to_rgb_array(im.convert("RGB"))
+            im.load()
+            return to_rgb_array(displayed_frame(im, str(path)).convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e
 
@@ -116,11 +124,15 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """A mask file as H x W uint8 0..255: a single-channel 0/255 PNG is one label.
 
-    Colour masks are converted to grey (luma), as the released pipeline does.
+    Colour masks are converted to grey (luma), as the released pipeline does. Like images,
+    masks are read in their displayed frame: a mask file carrying an EXIF Orientation tag
+    (saved in a photo's stored frame by an editor that kept the photo's metadata) is shown,
+    and read, turned as its photo is.
     """
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L")).copy()
+            im.load()
+            return np.asarray(displayed_frame(im, str(path)).convert("L")).copy()
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read mask {path}: {e}") from e
 
@@ -192,9 +204,16 @@ class FolderSource:
         for path in self.masks[index]:
             m = read_mask(path)
             if m.shape != rgb.shape[:2]:
+                turned = m.shape == rgb.shape[1::-1]
                 raise DatasetError(
                     f"mask {path} is {m.shape[1]}x{m.shape[0]} but its image "
                     f"{self.images[index]} is {rgb.shape[1]}x{rgb.shape[0]}"
+                    + (
+                        " (turned a quarter: both are read as displayed, EXIF orientation "
+                        "applied; was one saved in the other's stored frame without its tag?)"
+                        if turned
+                        else ""
+                    )
                 )
             planes.append(m)
         return rgb, np.stack(planes)

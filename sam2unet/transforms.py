@@ -1,13 +1,22 @@
-"""Image and mask pre/post-processing (numpy/PIL), shared by training and inference."""
+"""Image and mask pre/post-processing (numpy/PIL), shared by training and inference.
+
+Images are decoded in the frame they are displayed in: a photo whose EXIF Orientation tag
+turns it on screen (phones write one instead of turning the pixels) is turned the same way,
+as Label Studio and browsers show it, so that predictions, prompts given in percent of the
+displayed image, and annotations drawn on it all share one frame.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from sam2unet.exceptions import ImageError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -42,9 +51,32 @@ def to_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def displayed_frame(im: Image.Image, name: str = "image") -> Image.Image:
+    """A loaded image turned as its EXIF Orientation tag says it is displayed
+    (:func:`PIL.ImageOps.exif_transpose`); the image itself when it has no such tag.
+
+    An EXIF block too damaged to be read or rewritten leaves the image in its stored frame,
+    with a warning naming ``name``: the pixels are intact and usable, and the orientation the
+    block meant is unknown (refusing the image would lose a task its viewer still shows).
+    """
+    try:
+        if ExifTags.Base.Orientation not in im.getexif():
+            return im  # most images: no copy
+        return ImageOps.exif_transpose(im)
+    except Exception as e:  # the library raises many types on malformed EXIF blocks
+        log.warning(
+            "%s has an unreadable EXIF block (%s: %s); using its stored frame",
+            name,
+            type(e).__name__,
+            e,
+        )
+        return im
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Encoded image bytes to H x W x 3 uint8, refusing empty, corrupt, truncated and
-    oversized (decompression-bomb) images with :class:`ImageError`."""
+    """Encoded image bytes to H x W x 3 uint8 in the displayed frame (EXIF orientation
+    applied, see :func:`displayed_frame`), refusing empty, corrupt, truncated and oversized
+    (decompression-bomb) images with :class:`ImageError`."""
     if not data:
         raise ImageError("empty image (0 bytes)")
     try:
@@ -53,7 +85,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             if w * h > max_pixels:
                 raise ImageError(f"image of {w}x{h} pixels exceeds the {max_pixels} pixel limit")
             im.load()
-            return to_rgb_array(im)
+            return to_rgb_array(displayed_frame(im))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
