@@ -8,15 +8,23 @@ Layout::
       versions/<name>/model.pt  our delta checkpoint (adapters + decoder)
       versions/<name>/meta.json version info: parent, base, metrics, training data size, ...
       promotions.jsonl          append-only log of pointer flips (promotions and rollbacks)
+      superseded.jsonl          candidates not promoted because the pointer moved during their
+                                round (a rollback, another promotion)
 
 A version directory is written under a temporary name and renamed into place, so a reader
 never sees a partial version; a version never changes afterwards. Promotion appends to the log
 (fsync) and then flips the Redis pointer; if Redis loses its data, the pointer is recovered from
 the log's last line.
+
+Writers hold the registry lock (Redis; a file lock on ``MODEL_DIR`` without Redis). A round
+promotes with :meth:`ModelRegistry.promote_from`: a compare-and-set against the pointer the
+round started from (its version and the number of flips so far), so a rollback made during the
+round is never undone by it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 
 POINTER_KEY = "sam2unet:registry:current"
 LOCK_KEY = "sam2unet:registry:lock"
+SUPERSEDED_LOG = "superseded.jsonl"
 _NAME_RE = re.compile(r"^sam2unet-(?P<size>[a-z_]+)-v(?P<n>\d+)$")
 
 
@@ -81,6 +90,15 @@ class VersionInfo:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclass(frozen=True)
+class Pointer:
+    """The current version and the number of pointer flips (promotion log entries) so far:
+    what a round remembers when it starts, to promote only if nothing moved meanwhile."""
+
+    version: str | None
+    flips: int
+
+
 class ModelRegistry:
     """Versions under ``model_dir``; the current pointer in ``redis_client`` (may be None for
     read-only use from a CLI without Redis, in which case the promotion log is the pointer)."""
@@ -90,6 +108,7 @@ class ModelRegistry:
         self.versions_dir = self.model_dir / "versions"
         self.base_dir = self.model_dir / "base"
         self.log_path = self.model_dir / "promotions.jsonl"
+        self.superseded_path = self.model_dir / SUPERSEDED_LOG
         self.redis = redis_client
 
     # ------------------------------------------------------------------ reading
@@ -138,6 +157,24 @@ class ModelRegistry:
                     log.warning("ignoring a torn line at the end of %s", self.log_path)
         return out
 
+    def superseded(self) -> dict[str, dict[str, Any]]:
+        """Candidates that were not promoted because the pointer moved during their round:
+        version name -> its entry (``parent``, ``current``, ``at``, ``reason``)."""
+        if not self.superseded_path.is_file():
+            return {}
+        out = {}
+        for line in self.superseded_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                out[str(entry["version"])] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
+
+    def pointer(self) -> Pointer:
+        """The current version and the number of flips so far (see :class:`Pointer`)."""
+        return Pointer(self.current(), len(self.promotions()))
+
     def current_and(self, *keys: str) -> tuple[str | None, list[Any]]:
         """:meth:`current` and the values of other Redis ``keys``, in one round trip."""
         if self.redis is None or not keys:
@@ -174,8 +211,14 @@ class ModelRegistry:
     @contextmanager
     def lock(self, timeout: float = 60.0) -> Iterator[None]:
         """Serialise writers (version creation, promotion) across processes."""
-        if self.redis is None:
-            yield
+        if self.redis is None:  # a CLI without Redis: a file lock, for this machine
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.model_dir / ".registry.lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
             return
         with self.redis.lock(LOCK_KEY, timeout=timeout, blocking_timeout=timeout):
             yield
@@ -270,7 +313,9 @@ class ModelRegistry:
     def promote(
         self, name: str, reason: str = "promoted", metrics: dict[str, Any] | None = None
     ) -> None:
-        """Make ``name`` current: append to the promotion log, then flip the Redis pointer."""
+        """Make ``name`` current: append to the promotion log, then flip the Redis pointer.
+        Unconditional, and without the lock: the caller holds it (see :meth:`promote_from`
+        for a round's promotion, :meth:`rollback` for an operator's)."""
         info = self.get(name)
         if not self.model_path(name).is_file():
             raise NotFound(f"model version {name!r} has no model file")
@@ -280,17 +325,52 @@ class ModelRegistry:
             "reason": reason,
             "metrics": metrics or {},
         }
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_line(self.log_path, entry)
         if self.redis is not None:
             self.redis.set(POINTER_KEY, info.name)
         log.info("model version %s is now current (%s)", name, reason)
 
+    def promote_from(
+        self,
+        name: str,
+        start: Pointer,
+        reason: str = "promoted",
+        metrics: dict[str, Any] | None = None,
+    ) -> bool:
+        """Promote ``name`` only if the pointer is still ``start`` (the one its round trained
+        from), under the registry lock: True when promoted. Otherwise (a rollback or another
+        promotion came in between) nothing moves, the candidate is recorded as superseded
+        (:meth:`superseded`) and False is returned."""
+        with self.lock():
+            now = self.pointer()
+            if now == start:
+                self.promote(name, reason=reason, metrics=metrics)
+                return True
+            _append_line(
+                self.superseded_path,
+                {
+                    "version": name,
+                    "parent": start.version,
+                    "current": now.version,
+                    "at": time.time(),
+                    "reason": reason,
+                },
+            )
+        log.warning(
+            "model version %s is not promoted: it was trained from %s, and the current version "
+            "changed during its round (now %s, %d pointer change(s) since); it is kept as "
+            "superseded",
+            name,
+            start.version,
+            now.version,
+            now.flips - start.flips,
+        )
+        return False
+
     def rollback(self, name: str) -> None:
-        self.promote(name, reason="rollback")
+        """Make ``name`` current again (an operator's command), under the registry lock."""
+        with self.lock():
+            self.promote(name, reason="rollback")
 
     # ------------------------------------------------------------------ loading
 
@@ -302,6 +382,15 @@ class ModelRegistry:
             search_dirs=[self.base_dir, self.model_dir],
             trunk_cache=trunk_cache,
         )
+
+
+def _append_line(path: Path, entry: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

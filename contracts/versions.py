@@ -23,6 +23,7 @@ def correction_rates(settings: Settings) -> dict[str, Any]:
 def versions_json(registry: ModelRegistry, settings: Settings) -> list[dict[str, Any]]:
     current = registry.current()
     promoted = {e["version"] for e in registry.promotions()}
+    superseded = registry.superseded()
     rates = correction_rates(settings)
     out = []
     for v in registry.versions():
@@ -32,6 +33,8 @@ def versions_json(registry: ModelRegistry, settings: Settings) -> list[dict[str,
                 "version": v.name,
                 "current": v.name == current,
                 "promoted": v.name in promoted,
+                # would have been promoted, but the current version changed during its round
+                "superseded": v.name in superseded and v.name not in promoted,
                 "created_at": v.created_at,
                 "parent": v.parent,
                 "source": v.source,
@@ -75,6 +78,8 @@ def version_table(rows: list[dict[str, Any]]) -> str:
     lines = [head + "  (mIoU per label)"]
     for r in rows:
         state = "current" if r["current"] else ("promoted" if r["promoted"] else "candidate")
+        if state == "candidate" and r.get("superseded"):
+            state = "superseded"
         m = r["metrics"]
         corr = r["correction_rate"]
         values = per_label(m)

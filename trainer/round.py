@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundReport:
-    """What a round did. ``status``: promoted, rejected or skipped."""
+    """What a round did. ``status``: promoted, rejected, skipped, or superseded (the candidate
+    would have been promoted, but the current version changed during the round, by a rollback
+    or another promotion: it is kept on disk, listed as superseded, and nothing moves)."""
 
     status: str
     reason: str
@@ -80,7 +82,8 @@ def run_round(
     from sam2unet.training import TrainConfig
 
     t0 = time.monotonic()
-    parent = registry.current()
+    start = registry.pointer()  # promotion is a compare-and-set against it
+    parent = start.version
     metric = settings.promote_metric
     report = RoundReport("skipped", "", project, parent, metric=metric)
     if parent is None:
@@ -188,14 +191,19 @@ def run_round(
         extra_files={TRAINING_PNG: png} if png else None,
     )
     report.candidate = info.name
-    if promote:
-        registry.promote(
-            info.name, reason=f"{metric} {cand:.4f} vs {cur:.4f}", metrics={metric: cand}
-        )
+    report.reason = f"{metric}: candidate {cand:.4f}, current {cur:.4f}; {decision.describe()}"
+    if not promote:
+        report.status = "rejected"
+    elif registry.promote_from(
+        info.name, start, reason=f"{metric} {cand:.4f} vs {cur:.4f}", metrics={metric: cand}
+    ):
         report.status = "promoted"
     else:
-        report.status = "rejected"
-    report.reason = f"{metric}: candidate {cand:.4f}, current {cur:.4f}; {decision.describe()}"
+        report.status = "superseded"
+        report.reason = (
+            f"trained from {parent}, but the current version became {registry.current()} "
+            f"during the round: not promoted; {report.reason}"
+        )
     report.seconds = time.monotonic() - t0
     log.info(
         "round for project %s: %s %s (%s) in %.1fs",
