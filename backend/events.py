@@ -11,6 +11,9 @@ from backend.schemas import WebhookEvent
 
 EVENTS_STREAM = "sam2unet:events"
 EVENTS_MAXLEN = 100_000
+#: Annotation and task ids kept in one event (the trainer needs the project and how many
+#: annotations changed, kept in ``count``; it re-reads the annotations from Label Studio).
+MAX_EVENT_IDS = 100
 
 #: Actions the trainer acts on; others are acknowledged and ignored.
 TRAINER_ACTIONS = frozenset(
@@ -39,12 +42,14 @@ UNAUTHENTICATED_ACTIONS = frozenset(
 
 
 def record_event(connection: redis.Redis, event: WebhookEvent) -> str:
-    """Append the event to the stream; return its id."""
+    """Append the event to the stream; return its id. At most :data:`MAX_EVENT_IDS` annotation
+    and task ids are kept; ``count`` is how many annotations the event named."""
     fields = {
         "action": event.action,
         "project": "" if event.project is None else str(event.project),
-        "annotations": json.dumps(list(event.annotation_ids)),
-        "tasks": json.dumps(list(event.task_ids)),
+        "annotations": json.dumps(list(event.annotation_ids[:MAX_EVENT_IDS])),
+        "count": str(event.annotation_count),
+        "tasks": json.dumps(list(event.task_ids[:MAX_EVENT_IDS])),
         "updated_at": event.updated_at or "",
         "received_at": f"{time.time():.3f}",
     }

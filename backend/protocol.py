@@ -6,14 +6,20 @@ import logging
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from backend.auth import check_basic_auth
+from backend.auth import (
+    WEBHOOK_SECRET_HEADER,
+    basic_auth_given,
+    check_basic_auth,
+    webhook_secret_given,
+)
 from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
 from contracts.agents import train_agents
 from contracts.bootstrap import UNTRAINED_SOURCE
-from contracts.errors import BadRequest, NotFound
+from contracts.errors import BadRequest, NotFound, Unauthorized
 from contracts.heads import decoder_trained, heads_json, untrained_warning
 from contracts.jobs import QUEUES
 from contracts.metrics import record_answer
@@ -143,21 +149,72 @@ def predict():
     return response
 
 
+def _guard_webhook(route: str) -> Any:
+    """Authenticate a webhook and read its body, bounded by ``SAM2UNET_WEBHOOK_MAX_BYTES``.
+
+    With ``SAM2UNET_WEBHOOK_SECRET`` set, every call needs the secret (header
+    ``X-Sam2unet-Webhook-Secret`` or ``Authorization: Bearer``) or, when basic auth is on, the
+    backend's basic auth (Label Studio's "Start Training" call carries that and no custom
+    header). The body is not read before that."""
+    s = _ext()["settings"]
+    if s.webhook_secret:
+        header = request.headers.get("Authorization")
+        if not (
+            webhook_secret_given(request.headers, s.webhook_secret)
+            or (
+                s.basic_auth_enabled
+                and basic_auth_given(header, s.basic_auth_user, s.basic_auth_pass)
+            )
+        ):
+            given = "a wrong secret" if _carries_credentials() else "no secret"
+            log.warning(
+                "webhook refused: %s %s with %s (from %s, %s)",
+                request.method,
+                route,
+                given,
+                request.remote_addr,
+                request.user_agent.string[:80] or "no user agent",
+            )
+            also = " or the backend's basic auth" if s.basic_auth_enabled else ""
+            raise Unauthorized(
+                f"{route} needs the webhook secret in the {WEBHOOK_SECRET_HEADER} header "
+                f"(or Authorization: Bearer <secret>){also}"
+            )
+    limit = s.webhook_max_bytes
+    # a body sent without Content-Length (chunked) is read up to one byte past the limit
+    request.max_content_length = limit + 1
+    length = request.content_length
+    try:
+        if (length is not None and length > limit) or len(request.get_data()) > limit:
+            raise RequestEntityTooLarge()
+        return _json_body()
+    except RequestEntityTooLarge:
+        size = f"{length} bytes" if length is not None else "more than that"
+        log.warning("%s refused: webhook body of %s over the limit of %d", route, size, limit)
+        raise RequestEntityTooLarge(
+            f"the {route} body is {size}; the limit is {limit} bytes (SAM2UNET_WEBHOOK_MAX_BYTES)"
+        ) from None
+
+
+def _carries_credentials() -> bool:
+    return bool(request.headers.get(WEBHOOK_SECRET_HEADER) or request.headers.get("Authorization"))
+
+
 @bp.post("/webhook")
 def webhook():
     """Record the event for the trainer and acknowledge at once (Label Studio waits 1 s)."""
-    event = WebhookEvent.parse(_json_body())
-    if event.action not in UNAUTHENTICATED_ACTIONS:
+    event = WebhookEvent.parse(_guard_webhook("/webhook"))
+    if event.action not in UNAUTHENTICATED_ACTIONS and not _ext()["settings"].webhook_secret:
         _require_auth()
     if event.action not in TRAINER_ACTIONS:
-        log.info("webhook %s ignored", event.action)
+        log.info("webhook %r ignored", event.action[:40])
         return jsonify({"status": "ignored", "action": event.action})
     event_id = record_event(_ext()["redis"], event)
     log.info(
-        "webhook %s project %s annotations %s recorded as %s",
+        "webhook %s project %s, %d annotation(s), recorded as %s",
         event.action,
         event.project,
-        list(event.annotation_ids),
+        event.annotation_count,
         event_id,
     )
     return jsonify({"status": "recorded", "action": event.action, "event": event_id})
@@ -166,8 +223,9 @@ def webhook():
 @bp.post("/train")
 def train():
     """Older Label Studio versions send POST /train for "Start Training": same as the webhook."""
-    _require_auth()
-    body = _json_body()
+    if not _ext()["settings"].webhook_secret:
+        _require_auth()
+    body = _guard_webhook("/train")
     if not isinstance(body, dict):
         raise BadRequest("/train: the body must be a JSON object")
     event = WebhookEvent.parse({"action": "START_TRAINING", "project": body.get("project")})

@@ -28,6 +28,13 @@ def _list(body: dict[str, Any], key: str, what: str) -> list[Any]:
 _MAX_ID = 2**63  # ids are 64-bit integers in Label Studio's database
 
 
+def _id(value: Any) -> int | None:
+    """``value`` if it is a Label Studio id (an int, not a bool, in range), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_ID:
+        return value
+    return None
+
+
 def parse_project_id(value: Any) -> int | None:
     """Label Studio sends ``project`` as ``"<id>.<created_at>"`` (a string), sometimes an int
     or a full project object (webhooks)."""
@@ -106,13 +113,15 @@ class PredictRequest:
 class WebhookEvent:
     """The part of a webhook that matters: which action, which project, which annotation and
     task ids. Labels themselves are never taken from a webhook: the trainer re-reads them from
-    Label Studio's API."""
+    Label Studio's API. ``annotation_count``: how many annotations the webhook named (the ids
+    kept in the event stream are capped, :data:`backend.events.MAX_EVENT_IDS`)."""
 
     action: str
     project: int | None
     annotation_ids: tuple[int, ...] = ()
     task_ids: tuple[int, ...] = ()
     updated_at: str | None = None
+    annotation_count: int = 0
 
     @classmethod
     def parse(cls, body: Any) -> WebhookEvent:
@@ -126,28 +135,35 @@ class WebhookEvent:
         updated_at = None
         ann = b.get("annotation")
         if isinstance(ann, dict):
-            if isinstance(ann.get("id"), int):
+            if _id(ann.get("id")) is not None:
                 ann_ids.append(ann["id"])
             task = ann.get("task")
-            if isinstance(task, int):
+            if _id(task) is not None:
                 task_ids.append(task)
-            elif isinstance(task, dict) and isinstance(task.get("id"), int):
+            elif isinstance(task, dict) and _id(task.get("id")) is not None:
                 task_ids.append(task["id"])
             if isinstance(ann.get("updated_at"), str):
                 updated_at = ann["updated_at"]
             if project is None:
                 project = parse_project_id(ann.get("project"))
         for a in _list(b, "annotations", "/webhook"):
-            if isinstance(a, dict) and isinstance(a.get("id"), int):
+            if isinstance(a, dict) and _id(a.get("id")) is not None:
                 ann_ids.append(a["id"])
         task = b.get("task")
         if (
             isinstance(task, dict)
-            and isinstance(task.get("id"), int)
+            and _id(task.get("id")) is not None
             and task["id"] not in task_ids
         ):
             task_ids.append(task["id"])
         for t in _list(b, "tasks", "/webhook"):
-            if isinstance(t, dict) and isinstance(t.get("id"), int):
+            if isinstance(t, dict) and _id(t.get("id")) is not None:
                 task_ids.append(t["id"])
-        return cls(action, project, tuple(ann_ids), tuple(task_ids), updated_at)
+        return cls(
+            action[:100],
+            project,
+            tuple(ann_ids),
+            tuple(task_ids),
+            updated_at[:64] if updated_at else None,
+            len(ann_ids),
+        )

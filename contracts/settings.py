@@ -43,6 +43,9 @@ class Settings:
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
     predict_deadline: float = 80.0  # seconds; Label Studio gives up after 100 s
+    # shared secret every /webhook must carry (X-Sam2unet-Webhook-Secret or Bearer); None: open
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_max_bytes: int = 1024 * 1024  # largest /webhook (and /train) body; larger: 413
     # model / worker
     model_size: str = "tiny"
     image_size: int = 352
@@ -90,6 +93,10 @@ class Settings:
     train_join_timeout: float = 600.0  # seconds a round waits for its train agents
     train_addr: str = ""  # this machine's address for the other machines; default its host name
     train_cron: str = ""  # scheduled rounds: "EXPR" for every project, "; PROJECT=EXPR" each
+    train_backoff: float = 60.0  # seconds before a project's failed round is tried again ...
+    train_backoff_max: float = 3600.0  # ... doubling after each failure in a row, up to this
+    trainer_consumer: str = ""  # the trainer's name on the event stream; default its host name
+    trainer_claim_idle: float = 300.0  # seconds before another trainer's unacked events are taken
     acquisition: str = "confidence"  # prediction score: random, confidence, tta or diverse
     diverse_batch: int = 20  # diverse pre-annotation runs: suggestions spread out per batch
     diverse_depth: int = 2000  # ... over the first this many ranks; the rest by uncertainty
@@ -117,6 +124,13 @@ class Settings:
             )
         if self.write_batch < 1:
             raise ValueError(f"invalid SAM2UNET_WRITE_BATCH {self.write_batch}: need >= 1")
+        if self.webhook_max_bytes < 1:
+            raise ValueError(f"invalid SAM2UNET_WEBHOOK_MAX_BYTES {self.webhook_max_bytes}")
+        if not 0 <= self.train_backoff <= self.train_backoff_max or self.trainer_claim_idle <= 0:
+            raise ValueError(
+                "need 0 <= SAM2UNET_TRAIN_BACKOFF <= SAM2UNET_TRAIN_BACKOFF_MAX and "
+                "SAM2UNET_TRAINER_CLAIM_IDLE > 0"
+            )
         if self.holdout_min < 0:
             raise ValueError(f"invalid SAM2UNET_HOLDOUT_MIN {self.holdout_min}: need >= 0")
 

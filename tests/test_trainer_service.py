@@ -115,6 +115,7 @@ def test_webhook_never_carries_labels_into_the_event(setup):
         b"action",
         b"project",
         b"annotations",
+        b"count",
         b"tasks",
         b"updated_at",
         b"received_at",
