@@ -58,6 +58,9 @@ class Settings:
     job_timeout: int = 120  # seconds one job may run before rq kills it
     job_lease: int = 15  # seconds a dead worker's job stays claimed before it is retried
     job_retries: int = 2
+    # seconds: most time between two tries to load a version that failed to load (doubling
+    # from 1 s); the worker keeps serving the version it holds meanwhile
+    reload_retry_max: float = 300.0
     result_ttl: int = 300  # seconds results stay in Redis
     cache_ttl: int = 7 * 24 * 3600  # result cache per (image hash, model version)
     threshold: float = 0.5

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 class ModelRuntime:
     """Holds this process's predictor. ``ensure_current()`` is called between jobs, never
-    during one; a version that fails to load is logged and the previous one kept."""
+    during one; a version that fails to load is logged and the previous one kept, and its load
+    is tried again on a later job after a delay that doubles with each failure, from
+    :data:`RELOAD_RETRY_FIRST` seconds up to ``SAM2UNET_RELOAD_RETRY_MAX``."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self.settings = settings
@@ -35,7 +37,7 @@ class ModelRuntime:
         #: whether the held version's automatic head (U-Net decoder) was ever trained
         self.decoder_trained = True
         self._trunk_cache: dict[str, Any] = {}
-        self._failed: set[str] = set()
+        self._failed: dict[str, _FailedLoad] = {}  # versions whose last load failed
         self._lock = threading.Lock()
         self._job_checked = False  # the worker read the pointer for the job now running
         self.loads = 0
@@ -70,7 +72,10 @@ class ModelRuntime:
         name = self.registry.current()
         if name is None:
             name = ensure_current_version(self.registry, self.settings).name
-        if name == self.version or name in self._failed:
+        if name == self.version:
+            return name
+        failed = self._failed.get(name)
+        if failed is not None and time.monotonic() < failed.retry_at:
             return self.version or name
         with self._lock:
             if name != self.version:
@@ -86,10 +91,9 @@ class ModelRuntime:
             loaded = self.registry.load(name, trunk_cache=self._trunk_cache)
             info = self.registry.get(name)
         except Exception as e:
-            self._failed.add(name)
+            self._load_failed(name, e)
             if self.predictor is None:
                 raise
-            log.error("cannot load model version %s, keeping %s: %s", name, self.version, e)
             return
         predictor = Predictor(
             loaded.model,
@@ -111,13 +115,37 @@ class ModelRuntime:
         self.labels = tuple(loaded.config.labels)
         self.decoder_trained = decoder_trained(info)
         self.loads += 1
+        failed = self._failed.pop(name, None)
         log.info(
-            "loaded model version %s on %s in %.2fs (previous: %s)",
+            "loaded model version %s on %s in %.2fs (previous: %s)%s",
             name,
             predictor.device,
             time.perf_counter() - t0,
             old,
+            f" after {failed.attempts} failed attempt(s)" if failed else "",
         )
+
+    def _load_failed(self, name: str, error: Exception) -> None:
+        """Note a failed load of ``name`` and when to try again; logged when the failure is new
+        or its error changed, not on every retry."""
+        failed = self._failed.get(name)
+        attempts = failed.attempts + 1 if failed is not None else 1
+        cap = max(RELOAD_RETRY_FIRST, float(self.settings.reload_retry_max))
+        delay = min(cap, RELOAD_RETRY_FIRST * 2 ** (attempts - 1))
+        message = f"{type(error).__name__}: {error}"
+        self._failed[name] = _FailedLoad(attempts, time.monotonic() + delay, message)
+        if failed is None or failed.error != message:
+            log.error(
+                "cannot load model version %s, keeping %s: %s (retrying after %.0f s, then "
+                "less often, up to every %.0f s)",
+                name,
+                self.version,
+                message,
+                delay,
+                cap,
+            )
+        else:
+            log.debug("model version %s still fails to load (attempt %d)", name, attempts)
 
     @property
     def prompt_head(self) -> str:
@@ -178,6 +206,16 @@ class ModelRuntime:
         return acquire(
             self.predictor, images, strategy, threshold=self.settings.threshold, keys=keys
         )
+
+
+RELOAD_RETRY_FIRST = 1.0  # seconds before the first retry of a version that failed to load
+
+
+@dataclass
+class _FailedLoad:
+    attempts: int
+    retry_at: float  # time.monotonic() from which a load is tried again
+    error: str
 
 
 @dataclass
