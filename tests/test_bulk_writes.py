@@ -154,7 +154,8 @@ def test_a_run_with_a_worker_killed_while_writing_predicts_each_task_once(
     n = 160
     project = ls.create_project(BRUSH, title="killed writer")
     pngs = [png_bytes(make_domain_sample(sample_rng(61, i), 64, "easy")[0]) for i in range(n)]
-    ids = ls.import_images(project, [(f"k{i}.png", b) for i, b in enumerate(pngs)])
+    files = [(f"k{i}.png", b) for i, b in enumerate(pngs)]
+    ids = [t for s in range(0, n, 80) for t in ls.import_images(project, files[s : s + 80])]
     env = service_env(
         redis_url,
         model_dir,
@@ -169,7 +170,10 @@ def test_a_run_with_a_worker_killed_while_writing_predicts_each_task_once(
         deadline = time.monotonic() + 300
         while runs.status(redis_conn, run_id)["status"] == "running":
             assert time.monotonic() < deadline, runs.status(redis_conn, run_id)
-            if deleted is None:  # a task deleted after the run read it, before it is written
+            # a task deleted after the run read every page (a deletion shifts the pages not
+            # read yet), before it is written
+            paged = redis_conn.hget(runs.RUN_PREFIX + run_id, "paged") == b"1"
+            if deleted is None and paged:
                 buffered = redis_conn.hkeys(BUFFER_PREFIX + run_id)
                 if buffered:
                     deleted = int(buffered[0])
