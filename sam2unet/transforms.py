@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -71,6 +72,17 @@ def displayed_frame(im: Image.Image, name: str = "image") -> Image.Image:
             e,
         )
         return im
+
+
+def turned_on_screen(source: bytes | str | os.PathLike[str]) -> bool:
+    """Whether an image (its bytes or its file) has an EXIF Orientation tag that displays it
+    otherwise than stored (values 2 to 8). Reads the header only; False for data or EXIF that
+    cannot be read."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return im.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
+    except Exception:  # the library raises many types on malformed files
+        return False
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

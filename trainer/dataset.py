@@ -31,11 +31,14 @@ import numpy as np
 from contracts.errors import AnnotationFormatError, AssistError
 from labelstudio.codecs import results_to_masks
 from labelstudio.labelconfig import Target, parse_label_config
-from sam2unet.transforms import decode_image
+from sam2unet.transforms import decode_image, turned_on_screen
 
 log = logging.getLogger(__name__)
 
 OUR_VERSION_PREFIX = "sam2unet-"
+#: Images and masks are in the frame an image is displayed in (EXIF orientation applied).
+#: Manifests without it were derived on the stored pixels.
+DISPLAYED_FRAME = "displayed"
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Manifest:
     target: dict[str, Any]
     samples: dict[str, Sample]
     synced_at: float = 0.0
+    frame: str = DISPLAYED_FRAME
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -69,7 +73,14 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
         samples = {k: Sample(**v) for k, v in d.get("samples", {}).items()}
-        return cls(d["project"], list(d["labels"]), d["target"], samples, d.get("synced_at", 0.0))
+        return cls(
+            d["project"],
+            list(d["labels"]),
+            d["target"],
+            samples,
+            d.get("synced_at", 0.0),
+            d.get("frame", "stored"),
+        )
 
 
 @dataclass
@@ -117,10 +128,31 @@ class DatasetCache:
         if not path.is_file():
             return None
         try:
-            return Manifest.from_json(json.loads(path.read_text()))
+            m = Manifest.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError) as e:
             log.warning("project %s: unreadable manifest, rebuilding it (%s)", project, e)
             return None
+        if m.frame != DISPLAYED_FRAME:
+            self._drop_stored_frame_samples(m)
+        return m
+
+    def _drop_stored_frame_samples(self, m: Manifest) -> None:
+        """A manifest derived on stored pixels: the samples of images that EXIF turns on screen
+        were paired with masks in the wrong frame. They are left out (the next sync derives them
+        again, in the displayed frame); the others are the same in both frames."""
+        turned = [
+            key for key, s in m.samples.items() if turned_on_screen(self.images_dir / s.image)
+        ]
+        for key in turned:
+            del m.samples[key]
+        if turned:
+            log.info(
+                "project %s: %d sample(s) of EXIF-turned images were derived on the stored "
+                "pixels; they are derived again, in the displayed frame",
+                m.project,
+                len(turned),
+            )
+        m.frame = DISPLAYED_FRAME
 
     def _save_manifest(self, m: Manifest) -> None:
         d = self.project_dir(m.project)
