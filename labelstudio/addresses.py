@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Address kinds that ``allow_private`` admits; multicast, reserved and unspecified never are.
-PRIVATE_KINDS = ("private", "loopback", "link-local", "non-public")
+# Address kinds that ``allow_private`` admits; link-local (169.254.0.0/16 with the cloud metadata
+# service, fe80::/10) needs an explicit allow-list entry; multicast, reserved and unspecified
+# are never admitted by a flag.
+PRIVATE_KINDS = ("private", "loopback", "non-public")
+# Address kinds that ``allow_private_storage`` admits for a presigned storage URL.
+STORAGE_KINDS = ("private", "loopback")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,12 +41,15 @@ class FetchPolicy:
         max_bytes: largest body accepted, in bytes.
         timeout: seconds for a whole fetch (connect, redirects and body).
         max_pixels: largest decoded image, in pixels (decompression bombs).
-        allow_private: admit private, loopback and link-local addresses.
+        allow_private: admit private, loopback and other non-public unicast addresses
+            (``SAM2UNET_ALLOW_PRIVATE_URLS``); never link-local ones (169.254.0.0/16, where
+            cloud metadata services answer, and fe80::/10).
         allow_hosts: hosts admitted even when their addresses are not public: host names,
-            ``host:port``, IP addresses or CIDR networks. The Label Studio origin is always
-            admitted.
-        allow_private_storage: admit a private or loopback address for a presigned URL that
-            Label Studio's storage endpoint redirected to (never for a URL found in a task).
+            ``host:port``, IP addresses or CIDR networks (``SAM2UNET_ALLOW_HOSTS``). The only
+            way to admit a link-local address. The Label Studio origin is always admitted.
+        allow_private_storage: admit a private or loopback address, never a link-local one,
+            for a presigned URL that Label Studio's storage endpoint redirected to (never for
+            a URL found in a task; ``SAM2UNET_ALLOW_PRIVATE_STORAGE``).
         local_roots: Label Studio local-files document roots readable from disk here: a
             ``/data/local-files/?d=<path>`` URL is read from ``<root>/<path>`` when that file
             exists under a root, else fetched from Label Studio.

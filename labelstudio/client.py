@@ -7,7 +7,16 @@ an access token valid five minutes, sent as ``Authorization: Bearer <access>``; 
 refreshes it shortly before it expires and once more when Label Studio answers 401.
 
 The key is sent only to the Label Studio origin (scheme, host and port of ``url``), never to
-another host, and never appears in errors or logs.
+another host, and never appears in errors or logs. One URL parser decides where a request goes:
+:func:`origin` reads a URL the way the HTTP library will connect (urllib3's parser, on the URL
+as ``requests`` prepares it) and refuses every URL that Python's ``urllib.parse`` would read
+differently, or that holds a backslash, whitespace, control characters, user info (``user@``),
+percent-encoding or non-IDNA characters in its host. The key is attached to the prepared request
+itself, right before it is sent, only when that request's URL has exactly the Label Studio origin;
+every redirect hop is decided again the same way.
+
+Label Studio may be served under a path prefix (``LABEL_STUDIO_URL=http://host:8080/ls``):
+relative URLs (``/data/upload/...``) are resolved under that prefix.
 """
 
 from __future__ import annotations
@@ -17,15 +26,19 @@ import binascii
 import http.cookiejar
 import json
 import logging
+import re
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+import idna
 import requests
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import LocationParseError, ReadTimeoutError
+from urllib3.util import parse_url
 
 from contracts.errors import ImageFetchError, LabelStudioError
 
@@ -53,17 +66,102 @@ def jwt_claims(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
-def origin(url: str) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of a URL, with the default port made explicit."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+class UnsafeURL(ValueError):
+    """A URL refused because its destination is not certain: it is not http(s), or parsers
+    could read its host differently."""
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+# an authority of host names, IPv4 and bracketed IPv6 literals and a port; nothing else
+_AUTHORITY = re.compile(r"[A-Za-z0-9._\-]+(?::[0-9]*)?|\[[0-9A-Fa-f:.]+\](?::[0-9]*)?")
+# control, format (zero-width, bidi), surrogate and separator characters (spaces, line breaks)
+_BAD_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def url_scheme(url: str) -> str:
+    """The lowercased scheme of ``url`` (``""`` if it has none), read without parsing the rest."""
+    m = _SCHEME.match(url)
+    return m.group(1).lower() if m else ""
+
+
+def _parsed(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` as urllib3 reads ``url``, after checking that
+    ``urllib.parse`` reads the same; raises UnsafeURL."""
     try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None:
-        port = {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
+        split = urlsplit(url)
+        split_port = split.port
+    except ValueError as e:
+        raise UnsafeURL(f"malformed URL ({e})") from e
+    try:
+        parsed = parse_url(url)
+    except LocationParseError as e:
+        raise UnsafeURL("malformed URL (the host cannot be parsed)") from e
+    scheme = (parsed.scheme or "").lower()
+    host = (parsed.host or "").strip("[]").lower()
+    if not host:
+        raise UnsafeURL("URL without a host")
+    if parsed.auth is not None or split.username is not None:
+        raise UnsafeURL("user info (user@) in a URL is not allowed")
+    split_host = split.hostname or ""
+    if not split_host.isascii():
+        try:
+            split_host = idna.encode(split_host, strict=True, std3_rules=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as e:
+            raise UnsafeURL("the host is not a valid internationalized domain name") from e
+    if (split.scheme.lower(), split_host, split_port) != (scheme, host, parsed.port):
+        raise UnsafeURL("its host is read differently by different URL parsers")
+    port = parsed.port if parsed.port is not None else DEFAULT_PORTS.get(scheme)
+    if port is None or not 0 < port < 65536:
+        raise UnsafeURL("invalid port")
+    return scheme, host, port
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """``(scheme, host, port)`` of an http(s) URL as the HTTP library will connect to it: scheme
+    and host lowercased, IPv6 without brackets, internationalized names IDNA-encoded, the default
+    port made explicit.
+
+    Raises UnsafeURL (a ValueError) for anything else and for a URL whose destination is
+    ambiguous: a backslash, whitespace or control character anywhere; user info, percent-encoding
+    or characters other than letters, digits, ``.-_:[]`` and IDNA in the authority; a host or
+    port that ``urllib.parse`` and urllib3 read differently, before or after ``requests``
+    prepares the URL.
+    """
+    if not isinstance(url, str):
+        raise UnsafeURL("not a URL")
+    for ch in url:
+        if ch == "\\":
+            raise UnsafeURL("backslash in URL")
+        if unicodedata.category(ch) in _BAD_CATEGORIES:
+            raise UnsafeURL(f"whitespace or control character {ch!r} in URL")
+    scheme = url_scheme(url)
+    if scheme not in DEFAULT_PORTS:
+        raise UnsafeURL(f"a {scheme!r} URL is not http(s)" if scheme else "not an absolute URL")
+    rest = url[len(scheme) + 1 :]
+    if not rest.startswith("//"):
+        raise UnsafeURL("an http(s) URL needs // and a host")
+    authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+    if "@" in authority:
+        raise UnsafeURL("user info (user@) in a URL is not allowed")
+    if not authority.isascii():
+        labels = re.split(r"(:[0-9]*)$", authority, maxsplit=1)[0]
+        try:
+            ascii_host = idna.encode(labels, strict=True, std3_rules=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as e:
+            raise UnsafeURL("the host is not a valid internationalized domain name") from e
+        authority = ascii_host + authority[len(labels) :]
+    if not _AUTHORITY.fullmatch(authority):
+        raise UnsafeURL("the host holds characters a host name cannot have")
+    decided = _parsed(url)
+    try:
+        prepared = requests.PreparedRequest()
+        prepared.prepare_url(url, None)
+    except (requests.RequestException, ValueError) as e:
+        raise UnsafeURL("the URL cannot be prepared for sending") from e
+    if _parsed(prepared.url) != decided:
+        raise UnsafeURL("its host changes when the URL is prepared for sending")
+    return decided
 
 
 def redact_url(url: str, keep_params: tuple[str, ...] = ("d",)) -> str:
@@ -146,19 +244,28 @@ class LabelStudioClient:
         session: requests.Session | None = None,
     ) -> None:
         url = (url or "").strip().rstrip("/")
-        scheme, host, _ = origin(url)
-        if scheme not in ("http", "https") or not host:
-            raise ValueError(f"Label Studio URL must be http(s)://host[:port], got {url!r}")
+        try:
+            scheme, host, port = origin(url)
+            parts = urlsplit(url)
+        except UnsafeURL as e:
+            raise ValueError(
+                f"Label Studio URL must be http(s)://host[:port][/path], got {url!r}: {e}"
+            ) from e
+        if parts.query or parts.fragment:
+            raise ValueError(f"Label Studio URL must not have a query or fragment, got {url!r}")
         if not api_key or not api_key.strip():
             raise ValueError("a Label Studio API key is required")
         self.url = url
         self.host = host
+        # the path Label Studio is served under ("" at the root, else e.g. "/ls")
+        self.base_path = parts.path.rstrip("/")
+        self._root = f"{parts.scheme}://{parts.netloc}"
         self.timeout = timeout
         self.session = session or requests.Session()
         # no cookies kept: Label Studio's session cookie (cookies ignore ports) would go with a
         # download redirected to another service on the same host name
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        self._origin = origin(url)
+        self._origin = (scheme, host, port)
         self._key = api_key.strip()
         self._lock = threading.Lock()
         self._access: str | None = None
@@ -188,9 +295,15 @@ class LabelStudioClient:
                 self.url + "/api/token/refresh/",
                 json={"refresh": self._key},
                 timeout=self.timeout,
+                allow_redirects=False,  # the token is in the body: it goes nowhere else
             )
         except requests.RequestException as e:
             raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
+        if r.is_redirect:
+            raise LabelStudioError(
+                f"token refresh was redirected (HTTP {r.status_code}): check LABEL_STUDIO_URL "
+                "(scheme, host, port and path exactly as Label Studio is served)"
+            )
         if r.status_code in (401, 403):
             raise LabelStudioError(
                 f"Label Studio refused the personal access token (HTTP {r.status_code}): "
@@ -231,20 +344,67 @@ class LabelStudioClient:
         return True
 
     def is_label_studio_url(self, url: str) -> bool:
-        """Whether ``url`` points at this Label Studio (same scheme, host and port)."""
-        return origin(url) == self._origin
+        """Whether ``url`` points at this Label Studio: the same scheme, host and port as
+        :func:`origin` reads them (False for any URL it refuses)."""
+        try:
+            return origin(url) == self._origin
+        except UnsafeURL:
+            return False
 
     def auth_headers_for(self, url: str) -> dict[str, str]:
         """Auth headers for ``url``: Label Studio's own when ``url`` is on the Label Studio
-        origin, none for any other host."""
+        origin, none for any other host or an ambiguous URL."""
         return self.auth_header() if self.is_label_studio_url(url) else {}
 
+    def authorize(self, prepared: requests.PreparedRequest) -> bool:
+        """Set the ``Authorization`` header of a request about to be sent: Label Studio's key
+        when the prepared URL, the one that is sent, has exactly the Label Studio origin, no
+        ``Authorization`` at all otherwise. True if the key was attached."""
+        prepared.headers.pop("Authorization", None)
+        if not self.is_label_studio_url(prepared.url or ""):
+            return False
+        prepared.headers.update(self.auth_header())
+        return True
+
     def absolute_url(self, path_or_url: str) -> str:
-        """``/data/upload/...`` or ``/data/local-files/?d=...`` prefixed with the base URL;
-        absolute URLs are returned unchanged."""
-        if path_or_url.startswith("/") and not path_or_url.startswith("//"):
+        """``/data/upload/...`` or ``/data/local-files/?d=...`` prefixed with the base URL (its
+        path prefix included, unless the path already starts with it); other strings, absolute
+        URLs included, are returned unchanged."""
+        if path_or_url.startswith("/") and not path_or_url.startswith(("//", "/\\")):
+            prefix = self.base_path
+            if prefix and (path_or_url == prefix or path_or_url.startswith(prefix + "/")):
+                return self._root + path_or_url
             return self.url + path_or_url
         return path_or_url
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json_body: Any = None,
+        stream: bool = False,
+        timeout: float | tuple[float, float] | None = None,
+    ) -> tuple[requests.Response, dict[str, str]]:
+        """One request, redirects not followed, the key attached by :meth:`authorize` to the
+        prepared request that is sent: (response, the headers sent). Raises UnsafeURL for a URL
+        :func:`origin` refuses or a malformed redirect, ``requests`` errors as they come."""
+        origin(url)
+        prepared = self.session.prepare_request(
+            requests.Request(method, url, params=params, json=json_body)
+        )
+        self.authorize(prepared)
+        try:
+            r = self.session.send(
+                prepared,
+                stream=stream,
+                allow_redirects=False,
+                timeout=self.timeout if timeout is None else timeout,
+            )
+        except ValueError as e:  # requests reads a Location even when not following it
+            raise UnsafeURL("redirected to a malformed URL") from e
+        return r, dict(prepared.headers)
 
     # --- API calls -------------------------------------------------------------------------
     def request(
@@ -262,23 +422,37 @@ class LabelStudioClient:
         Raises LabelStudioError for connection errors and for statuses not in ``ok``.
         """
         url = self.absolute_url(path)
-        for attempt in (1, 2):
-            headers = self.auth_headers_for(url)
+        retried, hops = False, 0
+        while True:
             try:
-                r = self.session.request(
-                    method,
-                    url,
-                    params=params,
-                    json=json_body,
-                    headers=headers,
-                    timeout=self.timeout,
-                )
+                r, sent = self._send(method, url, params=params, json_body=json_body)
+            except UnsafeURL as e:
+                raise LabelStudioError(f"{method} {redact_url(url)}: {e}") from e
             except requests.RequestException as e:
                 raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
-            if r.status_code == 401 and attempt == 1 and self.handle_unauthorized(headers):
+            if r.status_code == 401 and not retried and self.handle_unauthorized(sent):
                 logger.info(
                     "Label Studio answered 401 to %s %s; refreshing the token", method, path
                 )
+                r.close()
+                retried = True
+                continue
+            if r.is_redirect and hops < MAX_REDIRECTS:
+                # followed by hand, as requests would, but only within Label Studio
+                target = urljoin(r.url, r.headers.get("Location", ""))
+                r.close()
+                if not self.is_label_studio_url(target):
+                    raise LabelStudioError(
+                        f"Label Studio redirected {method} {redact_url(path)} to "
+                        f"{redact_url(target)}, outside {self.url}: check LABEL_STUDIO_URL"
+                    )
+                hops += 1
+                code = r.status_code
+                if (code in (302, 303) and method != "HEAD") or (code == 301 and method == "POST"):
+                    method = "GET"
+                if r.status_code not in (307, 308):
+                    json_body = None
+                url, params = target, None
                 continue
             break
         if r.status_code not in ok:
@@ -507,24 +681,21 @@ class LabelStudioClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ImageFetchError(f"{redact_url(current)}: download timed out")
-            headers = self.auth_headers_for(current)
             try:
-                r = self.session.get(
-                    current,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(min(left, self.timeout), left),
+                r, sent = self._send(
+                    "GET", current, stream=True, timeout=(min(left, self.timeout), left)
                 )
+            except UnsafeURL as e:
+                raise ImageFetchError(f"{redact_url(current)}: {e}; refused") from e
             except requests.RequestException as e:
                 if self.is_label_studio_url(current):
                     raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
                 raise ImageFetchError(f"{redact_url(current)}: {type(e).__name__}") from e
             if (
                 r.status_code == 401
-                and headers
+                and "Authorization" in sent
                 and not retried
-                and self.handle_unauthorized(headers)
+                and self.handle_unauthorized(sent)
             ):
                 r.close()
                 retried = True

@@ -1,25 +1,38 @@
 """Guarded image fetching for task URLs: size, time and address limits.
 
 A task's image URL comes from whoever created the task, so fetching it must not become a way to
-reach the worker's private network (SSRF), exhaust its memory or hold it forever:
+reach the worker's private network (SSRF), to send Label Studio's API key elsewhere, to exhaust
+the worker's memory or to hold it forever:
 
+- One URL parser decides. Every http(s) URL, each redirect hop included, is read by
+  :func:`labelstudio.client.origin`: the scheme, host and port the HTTP library will connect to,
+  read from the URL as ``requests`` prepares it. A URL that Python's ``urllib.parse`` reads
+  differently, or that holds a backslash, whitespace or control characters, user info
+  (``user@``), percent-encoding or non-IDNA characters in its host, is refused. The address
+  check, the API key and the connection all follow that one reading, and the key is attached
+  to the prepared request that is sent only when its URL has exactly the Label Studio origin.
+  The task's value is stripped of surrounding whitespace once, before anything is decided.
 - Label Studio URLs (``/data/upload/...``, ``/data/local-files/?d=...``, or absolute URLs on the
-  Label Studio origin) are fetched from the configured Label Studio with its API key; a
-  ``/data/local-files/`` file under one of ``local_roots`` is read from disk directly.
-- Other ``http(s)`` URLs are fetched without credentials. Their host is resolved and every
-  address is checked before connecting: private, loopback, link-local, multicast, reserved and
-  unspecified addresses are refused unless allow-listed. Redirects (at most 5) are followed by
-  hand and each hop is checked again.
+  Label Studio origin) are fetched from the configured Label Studio with its API key, under its
+  path prefix if it has one; a ``/data/local-files/`` file under one of ``local_roots`` is read
+  from disk directly.
+- Other ``http(s)`` URLs are fetched without credentials. Their host is resolved (within the
+  fetch's time limit) and every address is checked before connecting: private, loopback,
+  link-local, multicast, reserved and unspecified addresses are refused unless allow-listed.
+  ``allow_private`` admits private, loopback and other non-public unicast addresses, never
+  link-local ones (169.254.0.0/16, which holds cloud metadata services, and fe80::/10): those
+  need an explicit ``allow_hosts`` entry. Redirects (at most 5) are followed by hand and each
+  hop is checked again.
 - DNS rebinding: the address checked before connecting could differ from the one connected to
   if DNS answers differently the second time. Every new connection therefore checks the peer
   address of its socket again, right after connecting and before sending a byte.
 - Cloud storage URIs (``s3://``, ``gs://``, ``azure-blob://``) are read through Label Studio's
   storage endpoint for the task (see :mod:`labelstudio.storage`); a presigned URL it redirects
-  to is fetched without credentials, on a private address only when allow-listed or when
-  ``allow_private_storage`` is on.
+  to is fetched without credentials, on a private or loopback address only when allow-listed or
+  when ``allow_private_storage`` is on (never a link-local one).
 - ``data:`` URIs with base64 data are decoded, size-capped. ``file:`` and ``ftp:`` are refused.
-- Bodies are streamed and cut off past ``max_bytes``; the whole fetch, redirects included,
-  must finish within ``timeout`` seconds.
+- Bodies are streamed and cut off past ``max_bytes``; the whole fetch, redirects and name
+  lookups included, must finish within ``timeout`` seconds.
 
 Every failure is an ImageFetchError whose message names the URL without credentials or query
 tokens, except Label Studio refusing the API key or being unreachable, which is a
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import concurrent.futures
 import http.cookiejar
 import ipaddress
 import logging
@@ -47,13 +61,14 @@ from contracts.errors import ImageFetchError, LabelStudioError
 from labelstudio import storage
 from labelstudio.addresses import (
     PRIVATE_KINDS,
+    STORAGE_KINDS,
     AddressRefused,
     FetchPolicy,
     address_kind,
     guarded_adapter,
     parse_allow,
 )
-from labelstudio.client import origin, read_limited, redact_url
+from labelstudio.client import UnsafeURL, origin, read_limited, redact_url, url_scheme
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
 
@@ -64,6 +79,24 @@ logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 USER_AGENT = "sam2unet-assist"
+# name lookups run here so that a slow resolver cannot hold a fetch past its time limit
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+
+
+def resolve(host: str, port: int, timeout: float) -> list[str]:
+    """The addresses ``host`` resolves to, within ``timeout`` seconds; ImageFetchError naming
+    the host when it cannot be resolved in time or at all."""
+    future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = future.result(timeout=max(timeout, 0.001))
+    except concurrent.futures.TimeoutError as e:
+        future.cancel()
+        raise ImageFetchError(
+            f"cannot resolve host {host!r} within {timeout:.1f} s (DNS too slow)"
+        ) from e
+    except (OSError, UnicodeError) as e:
+        raise ImageFetchError(f"cannot resolve host {host!r}") from e
+    return [str(info[4][0]) for info in infos]
 
 
 class ImageFetcher:
@@ -83,7 +116,7 @@ class ImageFetcher:
         self._names, self._origins, self._nets = parse_allow(self.policy.allow_hosts)
         if ls_client is not None:
             _, host, port = origin(ls_client.url)
-            self._origins.add((host, port or 80))
+            self._origins.add((host, port))
         self._roots = [os.path.realpath(r) for r in self.policy.local_roots]
         # per thread: the (host, port) of a presigned URL Label Studio just redirected to
         self._issued = threading.local()
@@ -112,38 +145,46 @@ class ImageFetcher:
         if any(ip in net for net in self._nets):
             return None
         kind = address_kind(ip)
-        private_ok = self.policy.allow_private or (issued and self.policy.allow_private_storage)
-        if kind is None or (private_ok and kind in PRIVATE_KINDS):
+        if kind is None:
+            return None
+        if self.policy.allow_private and kind in PRIVATE_KINDS:
+            return None
+        if issued and self.policy.allow_private_storage and kind in STORAGE_KINDS:
             return None
         return kind
 
-    def _check_url(self, url: str) -> None:
-        """Refuse ``url`` (ImageFetchError) unless it is http(s) with an admitted host; names are
-        resolved here and every address they resolve to must be admitted."""
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
-            raise ImageFetchError(f"{redact_url(url)}: redirect to a {parts.scheme!r} URL refused")
-        host = (parts.hostname or "").rstrip(".")
-        if not host:
-            raise ImageFetchError(f"{redact_url(url)}: URL without a host")
+    def _target(self, url: str) -> tuple[str, str, int]:
+        """``(scheme, host, port)`` that ``url`` will be fetched from (ImageFetchError for a URL
+        that is not http(s) or whose destination is ambiguous)."""
+        scheme = url_scheme(url)
+        if scheme not in ("http", "https"):
+            raise ImageFetchError(f"{redact_url(url)}: redirect to a {scheme!r} URL refused")
         try:
-            port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        except ValueError as e:
-            raise ImageFetchError(f"{redact_url(url)}: invalid port") from e
+            return origin(url)
+        except UnsafeURL as e:
+            raise ImageFetchError(f"{redact_url(url)}: {e}; refused") from e
+
+    def _check_target(self, url: str, target: tuple[str, str, int], deadline: float) -> None:
+        """Refuse ``url`` (ImageFetchError) unless its host is admitted; names are resolved
+        here, before ``deadline``, and every address they resolve to must be admitted."""
+        _, host, port = target
+        host = host.rstrip(".")
         if host in self._names or (host, port) in self._origins:
             return
         try:
-            addrs = [ipaddress.ip_address(host.split("%", 1)[0])]
+            addrs = [ipaddress.ip_address(host)]
         except ValueError:
             try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError) as e:
-                raise ImageFetchError(f"{redact_url(url)}: cannot resolve host {host!r}") from e
-            addrs = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+                found = resolve(host, port, deadline - time.monotonic())
+            except ImageFetchError as e:
+                raise ImageFetchError(f"{redact_url(url)}: {e.message}") from e
+            addrs = [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
         for ip in addrs:
             reason = self._refusal(host, port, str(ip))
             if reason:
-                if getattr(self._issued, "target", None) is not None:
+                if reason == "link-local":
+                    how = f"allow it with SAM2UNET_ALLOW_HOSTS={host}:{port} if it is meant"
+                elif getattr(self._issued, "target", None) is not None:
                     how = (
                         "Label Studio's storage endpoint redirected here; allow it with "
                         f"SAM2UNET_ALLOW_HOSTS={host}:{port} or SAM2UNET_ALLOW_PRIVATE_STORAGE=true"
@@ -168,9 +209,10 @@ class ImageFetcher:
         """
         if not isinstance(url, str) or not url.strip():
             raise ImageFetchError("the task has no image URL")
+        # stripped once, here: every decision below reads this same string
         url = url.strip()
         t0 = time.monotonic()
-        scheme = urlsplit(url).scheme.lower() if ":" in url[:20] else ""
+        scheme = url_scheme(url)
         if scheme == "data":
             data = self._from_data_uri(url)
         elif scheme in ("http", "https") or (not scheme and url.startswith("/")):
@@ -217,8 +259,8 @@ class ImageFetcher:
 
     def _resolve(self, url: str, ls_base: str | None) -> str:
         """Make a Label Studio URL absolute, pointing at the client's URL where possible."""
-        base = ls_base.rstrip("/") if ls_base else None
-        if url.startswith("/") and not url.startswith("//"):
+        base = ls_base.strip().rstrip("/") if ls_base else None
+        if url.startswith("/") and not url.startswith(("//", "/\\")):
             if self.client is not None:
                 return self.client.absolute_url(url)
             if base:
@@ -227,21 +269,42 @@ class ImageFetcher:
                 f"{redact_url(url)}: a relative Label Studio URL needs Label Studio's URL "
                 "(set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)"
             )
-        if url.startswith("//"):
+        if url.startswith("/"):
             raise ImageFetchError(f"{redact_url(url)}: scheme-relative URLs are not supported")
-        if self.client is not None and base and origin(url) == origin(base):
-            parts = urlsplit(url)
-            return self.client.url + parts.path + (f"?{parts.query}" if parts.query else "")
+        if self.client is not None and base and self._same_origin(url, base):
+            parts, prefix = urlsplit(url), urlsplit(base).path.rstrip("/")
+            path = parts.path
+            if prefix and (path == prefix or path.startswith(prefix + "/")):
+                path = path[len(prefix) :] or "/"
+            return self.client.absolute_url(path + (f"?{parts.query}" if parts.query else ""))
         return url
+
+    @staticmethod
+    def _same_origin(url: str, base: str) -> bool:
+        try:
+            return origin(url) == origin(base)
+        except UnsafeURL:
+            return False  # refused later, when fetched
+
+    def _ls_path(self, url: str) -> str:
+        """``url``'s path below the client's path prefix (its path when there is no client)."""
+        path = urlsplit(url).path
+        prefix = self.client.base_path if self.client is not None else ""
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            path = path[len(prefix) :] or "/"
+        return path
 
     def _local_file(self, url: str) -> str | None:
         """The path of a ``/data/local-files/?d=...`` URL's file under a local root, if any."""
         if not self._roots:
             return None
-        parts = urlsplit(url)
-        if parts.path.rstrip("/") != "/data/local-files":
-            return None
         if self.client is not None and not self.client.is_label_studio_url(url):
+            return None
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            return None
+        if self._ls_path(url).rstrip("/") != "/data/local-files":
             return None
         rel = parse_qs(parts.query).get("d", [""])[0]
         if not rel:
@@ -275,26 +338,33 @@ class ImageFetcher:
         try:
             while True:
                 self._issued.target = issued
-                self._check_url(current)
+                target = self._target(current)
+                self._check_target(current, target, deadline)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ImageFetchError(f"{name}: timed out after {self.policy.timeout} s")
-                r, is_ls = self._get(current, left, retried)
+                r, is_ls = self._get(current, target, left, retried)
                 if r is None:  # a 401 with a refreshable token: once more
                     retried = True
                     continue
-                from_endpoint = is_ls and storage.is_endpoint(current)
+                from_endpoint = is_ls and storage.is_endpoint(current, self.client.base_path)
                 if r.is_redirect:
                     location = r.headers.get("Location", "")
                     r.close()
                     hops += 1
                     if hops > MAX_REDIRECTS:
                         raise ImageFetchError(f"{name}: more than {MAX_REDIRECTS} redirects")
-                    current = urljoin(current, location)
+                    try:
+                        current = urljoin(current, location)
+                    except ValueError as e:
+                        raise ImageFetchError(f"{name}: redirect to a malformed URL") from e
                     issued = None
                     if from_endpoint and not self.client.is_label_studio_url(current):
-                        _, host, port = origin(current)
-                        issued = (host.strip("[]").rstrip("."), port)
+                        try:
+                            _, host, port = origin(current)
+                            issued = (host.rstrip("."), port)
+                        except UnsafeURL:
+                            pass  # refused at the top of the loop
                     logger.debug("redirect %d to %s", hops, redact_url(current))
                     continue
                 if r.status_code != 200:
@@ -315,23 +385,28 @@ class ImageFetcher:
             self._issued.target = None
 
     def _get(
-        self, current: str, left: float, retried: bool
+        self, current: str, target: tuple[str, str, int], left: float, retried: bool
     ) -> tuple[requests.Response | None, bool]:
-        """One GET without following redirects, with the API key only for Label Studio's
-        origin: (response, whether it is Label Studio), or (None, True) after a 401 that a
-        refreshed token may cure."""
-        is_ls = self.client is not None and self.client.is_label_studio_url(current)
-        headers = {"Accept-Encoding": "identity"}
-        if is_ls:
-            headers.update(self.client.auth_header())
+        """One GET of ``current`` (which :meth:`_target` read as ``target``) without following
+        redirects, with the API key only when the prepared request that is sent has Label
+        Studio's origin: (response, whether it is Label Studio), or (None, True) after a 401
+        that a refreshed token may cure."""
         try:
-            r = self.session.get(
-                current,
-                headers=headers,
-                stream=True,
-                allow_redirects=False,
-                timeout=(left, left),
+            prepared = self.session.prepare_request(
+                requests.Request("GET", current, headers={"Accept-Encoding": "identity"})
             )
+            sent_to = origin(prepared.url or "")
+        except (requests.RequestException, UnsafeURL, ValueError) as e:
+            raise ImageFetchError(f"{redact_url(current)}: cannot be prepared; refused") from e
+        if sent_to != target:  # what was checked is what is sent, or nothing is
+            raise ImageFetchError(f"{redact_url(current)}: its host changes when sent; refused")
+        prepared.headers.pop("Authorization", None)
+        is_ls = self.client is not None and self.client.authorize(prepared)
+        try:
+            # the adapter itself: no redirect handling at all (Session.send would parse the
+            # Location of a redirect it does not follow, and fail on a malformed one)
+            adapter = self.session.get_adapter(prepared.url)
+            r = adapter.send(prepared, stream=True, timeout=(left, left))
         except AddressRefused as e:
             raise ImageFetchError(f"{redact_url(current)}: {e}; refused") from e
         except requests.Timeout as e:
@@ -348,7 +423,7 @@ class ImageFetcher:
             r.status_code == 401
             and is_ls
             and not retried
-            and self.client.handle_unauthorized(headers)
+            and self.client.handle_unauthorized(dict(prepared.headers))
         ):
             r.close()
             return None, True

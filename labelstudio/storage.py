@@ -13,6 +13,10 @@ host; a private address is admitted only when the host is allow-listed
 covers only a target that Label Studio's storage endpoint itself redirected to, never a URL
 found in a task.
 
+Label Studio may be served under a path prefix (``LABEL_STUDIO_URL=http://host:8080/ls``): the
+endpoint is then ``/ls/tasks/<id>/resolve/``, and relative URLs such as
+``/tasks/<id>/resolve/?fileuri=...`` or ``/data/upload/...`` are resolved under the prefix.
+
 This module builds the endpoint's URL and turns the endpoint's and the storage host's error
 answers into per-task errors that say what went wrong.
 """
@@ -34,26 +38,42 @@ from labelstudio.client import redact_url
 # redis, which is no image storage); the others are refused by its endpoint with a 404.
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "az", "wasb", "wasbs", "abfs", "abfss")
 _ENDPOINT = re.compile(r"^/(?:tasks|projects)/\d+/(?:resolve|presign)/?$")
+_ENDPOINT_ANYWHERE = re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/?$")
 _ERROR_BODY_BYTES = 8192
 
 
 def resolve_url(ls_url: str, uri: str, task_id: int) -> str:
-    """Label Studio's storage endpoint for ``uri`` as an image of task ``task_id``."""
+    """Label Studio's storage endpoint for ``uri`` as an image of task ``task_id``; ``ls_url``
+    is Label Studio's base URL, its path prefix included (``http://host:8080/ls``)."""
     encoded = base64.urlsafe_b64encode(uri.encode()).decode()
     return f"{ls_url.rstrip('/')}/tasks/{int(task_id)}/resolve/?fileuri={encoded}"
 
 
-def is_endpoint(url: str) -> bool:
+def is_endpoint(url: str, base_path: str = "") -> bool:
     """Whether ``url``'s path is Label Studio's storage endpoint (``/tasks/<id>/resolve/``,
-    ``/presign/`` or their project-level forms); the caller checks the origin."""
-    return bool(_ENDPOINT.match(urlsplit(url).path))
+    ``/presign/`` or their project-level forms) under ``base_path``, the path prefix Label
+    Studio is served under (``""`` at the root, else e.g. ``/ls``); the caller checks the
+    origin."""
+    try:
+        path = urlsplit(url).path
+    except ValueError:
+        return False
+    prefix = base_path.rstrip("/")
+    if prefix:
+        if not path.startswith(prefix + "/"):
+            return False
+        path = path[len(prefix) :]
+    return bool(_ENDPOINT.match(path))
 
 
 def describe(url: str) -> str:
     """A storage endpoint URL named by the URI it resolves (``s3://bucket/key``), for messages;
-    other URLs redacted as usual."""
-    parts = urlsplit(url)
-    if _ENDPOINT.match(parts.path):
+    other URLs redacted as usual. The endpoint is recognized under any path prefix."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_url(url)
+    if _ENDPOINT_ANYWHERE.search(parts.path):
         raw = parse_qs(parts.query).get("fileuri", [""])[0]
         try:
             uri = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()

@@ -1,14 +1,17 @@
 """The connections this process opens, seen through Python's audit hooks (``socket.connect``
 events): tests use it to show that a refused address is never contacted and that a failed call
-is not retried, without timing anything. Also a DNS-rebinding resolver for such tests."""
+is not retried, without timing anything. Also a DNS-rebinding resolver for such tests, and a
+loopback HTTP server that records who sent it what (``RecordingServer``)."""
 
 from __future__ import annotations
 
 import contextlib
+import http.server
 import socket
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 _lock = threading.Lock()
 _listeners: list[list[tuple]] = []
@@ -54,3 +57,84 @@ def rebind(monkeypatch, host: str, public: str = "93.184.216.34") -> list[str]:
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     return calls
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request a RecordingServer received."""
+
+    path: str
+    host_header: str | None
+    authorization: str | None
+
+
+class RecordingServer:
+    """A threaded HTTP/1.1 server on ``host`` (any loopback address) that records every request
+    (path, ``Host`` and ``Authorization`` headers) in ``received``.
+
+    ``GET /redirect?to=<location>`` answers 302 with ``Location`` set to the query value
+    percent-decoded once and sent as raw UTF-8 (400 if it holds a line break), so tests can
+    send crafted locations; every other path answers 200 with ``body``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", body: bytes = b"image bytes") -> None:
+        self.received: list[Received] = []
+        self._lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                from urllib.parse import unquote
+
+                with owner._lock:
+                    owner.received.append(
+                        Received(
+                            self.path, self.headers.get("Host"), self.headers.get("Authorization")
+                        )
+                    )
+                path, _, query = self.path.partition("?")
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    location = unquote(query[3:]) if query.startswith("to=") else ""
+                    if path == "/redirect" and ("\r" in location or "\n" in location):
+                        self.send_error(400)  # it would end the header
+                        return
+                    if path == "/redirect":
+                        self.send_response(302)
+                        # raw UTF-8 bytes, as a hostile server may send them
+                        self.send_header("Location", location.encode().decode("latin-1"))
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
+        self.host = host
+        self.port = self.httpd.server_address[1]
+        self.authority = f"{host}:{self.port}"
+        self.url = f"http://{self.authority}"
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def snapshot(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+    def since(self, mark: int) -> list[Received]:
+        with self._lock:
+            return list(self.received[mark:])
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,218 @@
+"""The Label Studio API key goes only to Label Studio's origin, whatever a task's URL looks like.
+
+Two real servers on loopback stand in for Label Studio (127.0.0.1) and for another host
+(127.0.0.2, allow-listed so that the address rules do not hide anything); both record the
+``Authorization`` header of every request they receive. URLs are built from hostile pieces
+(backslashes, ``@``, ``#``, ``?``, percent-encoded delimiters, IPv6 literals, whitespace, unicode
+dots, scheme case, userinfo, ports, doubled slashes) and fetched directly and behind a redirect
+from Label Studio's origin. For every URL either the fetcher refuses it, or the server that got
+the request is the host the URL was decided to name, and it carried the key only if that host is
+Label Studio's origin. The other server never sees the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from urllib.parse import quote, urljoin
+
+import pytest
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+
+from contracts.errors import ImageFetchError, LabelStudioError
+from labelstudio.client import LabelStudioClient, origin
+from labelstudio.fetch import FetchPolicy, ImageFetcher
+from tests.sockets import Received, RecordingServer
+
+KEY = "ls-key-5f0c1e9a7b3d2c4e6f8a0b1c2d3e4f50"
+SENT_KEY = f"Token {KEY}"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[RecordingServer, RecordingServer]]:
+    ls, other = RecordingServer("127.0.0.1"), RecordingServer("127.0.0.2")
+    yield ls, other
+    ls.close()
+    other.close()
+
+
+@pytest.fixture(scope="module")
+def fetcher(servers) -> Iterator[ImageFetcher]:
+    ls, _ = servers
+    policy = FetchPolicy(
+        allow_hosts=("127.0.0.0/8", "::1", "::ffff:127.0.0.0/104", "localhost"), timeout=3.0
+    )
+    f = ImageFetcher(LabelStudioClient(ls.url, KEY), policy)
+    yield f
+    f.close()
+
+
+def expand(template: str, ls: RecordingServer, other: RecordingServer) -> str:
+    return (
+        template.replace("{L}", ls.authority)
+        .replace("{O}", other.authority)
+        .replace("{LP}", str(ls.port))
+        .replace("{OP}", str(other.port))
+    )
+
+
+# The 15 crafted URLs of the issue: each must be refused or reach its host, never leak the key.
+KINDS = {
+    "backslash": "http://{O}\\@{L}/x.png",
+    "doubled backslash": "http://{O}\\\\@{L}/x.png",
+    "percent-encoded backslash": "http://{O}%5C@{L}/x.png",
+    "userinfo of the other host": "http://{O}@{L}/x.png",
+    "userinfo of Label Studio": "http://{L}@{O}/x.png",
+    "fragment": "http://{O}#@{L}/x.png",
+    "tab": "http://{O}\t\\@{L}/x.png",
+    "scheme case": "HtTp://{O}\\@{L}/x.png",
+    "leading space": " http://{O}\\@{L}/x.png",
+    "backslash before the path": "http://{O}\\{L}/x.png",
+    "slash-backslash": "http:/\\{O}\\@{L}/x.png",
+    "unicode dots": "http://127\u30020\u30020\u30022:{OP}\\@{L}/x.png",
+    "fullwidth dot userinfo": "http://127\uff0e0\uff0e0\uff0e2:{OP}\\@{L}/x.png",
+    "redirect to the other host": "redirect:http://{O}/x.png",
+    "redirect to a crafted URL": "redirect:http://{O}\\@{L}/x.png",
+}
+
+
+def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def fetch_and_check(fetcher: ImageFetcher, servers, url: str, redirected: bool) -> str:
+    """Fetch ``url`` (behind a redirect from Label Studio's origin when ``redirected``) and check
+    who got what; returns what happened, for the test's record."""
+    ls, other = servers
+    marks = ls.snapshot(), other.snapshot()
+    sent = "/redirect?to=" + quote(url, safe="") if redirected else url
+    try:
+        fetcher.fetch(sent)
+        outcome = "fetched"
+    except (ImageFetchError, LabelStudioError) as e:
+        outcome = f"refused: {e}"
+    got_ls, got_other = ls.since(marks[0]), other.since(marks[1])
+    # the key never reaches the other host, by any path
+    assert all(r.authorization is None for r in got_other), (url, got_other)
+    if redirected:
+        assert got_ls and got_ls[0].authorization == SENT_KEY  # the first hop is Label Studio
+        got_ls = got_ls[1:]
+    hops: list[tuple[RecordingServer, Received]] = [(ls, r) for r in got_ls] + [
+        (other, r) for r in got_other
+    ]
+    if hops:
+        assert len(hops) == 1, (url, hops)
+        server, request = hops[0]
+        # a Location header's value loses its surrounding spaces and tabs on the way
+        redirect_target = urljoin(ls.url + "/redirect", url.strip(" \t"))
+        target = redirect_target if redirected else url.strip()
+        # the URL was fetched: the host it was decided to name is the host that got it
+        scheme, host, port = origin(target)
+        assert (ip_of(host), port) == (ipaddress.ip_address(server.host), server.port), (
+            url,
+            (scheme, host, port),
+            server.authority,
+        )
+        expect_key = (scheme, host, port) == origin(ls.url)
+        assert (request.authorization == SENT_KEY) == expect_key, (url, request)
+        assert request.authorization in (None, SENT_KEY)
+    return outcome
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_crafted_urls_never_carry_the_key_elsewhere(fetcher, servers, kind: str) -> None:
+    template = KINDS[kind]
+    redirected = template.startswith("redirect:")
+    url = expand(template.removeprefix("redirect:"), *servers)
+    fetch_and_check(fetcher, servers, url, redirected)
+
+
+# --- the hunt -------------------------------------------------------------------------------
+HOSTS = [
+    "{O}",
+    "{L}",
+    "localhost:{LP}",
+    "LocalHost:{LP}",
+    "[::ffff:127.0.0.2]:{OP}",
+    "[::1]:{LP}",
+    "127.0.0.1.:{LP}",
+    "2130706434:{OP}",
+    "127.0.0.2:{OP}:{LP}",
+    "127.0.0.1:0{LP}",
+    "127%2E0%2E0%2E2:{OP}",
+    "127\u30020\u30020\u30022:{OP}",
+    "127\uff0e0\uff0e0\uff0e2:{OP}",
+    "[127.0.0.2]:{OP}",
+    "127.0.0.2",
+]
+JOINERS = [
+    "/",
+    "?",
+    "#",
+    "/%5C",
+    "?@",
+    "\\@",
+    "\\",
+    "\\\\@",
+    "%5C@",
+    "%5c@",
+    "@",
+    "#@",
+    "/@",
+    "%40",
+    "%2F@",
+    "\t@",
+    " @",
+    "\n@",
+    "%09@",
+    ":@",
+    "/\\@",
+]
+TAILS = ["/x.png", "", "/", "?d=1", "#frag", "/a%2Fb", "/\u00e9.png", "\\x.png"]
+# two authorities around one hostile joiner: where parsers most often disagree
+focused = st.builds(
+    lambda scheme, a, joiner, b, tail: f"{scheme}://{a}{joiner}{b}{tail}",
+    st.sampled_from(["http", "HTTP", "hTtP"]),
+    st.sampled_from(
+        ["{O}", "{L}", "[::ffff:127.0.0.2]:{OP}", "localhost:{LP}", "LocalHost:{LP}", "[::1]:{LP}"]
+    ),
+    st.sampled_from(JOINERS),
+    st.sampled_from(["{L}", "{O}", "127.0.0.1:{LP}", "127.0.0.2:{OP}"]),
+    st.sampled_from(TAILS),
+)
+# every piece varied: leading and trailing whitespace, slashes, userinfo, chained authorities
+broad = st.builds(
+    lambda lead, scheme, slashes, userinfo, host, rest, tail, trail: (
+        lead + scheme + ":" + slashes + userinfo + host + "".join(rest) + tail + trail
+    ),
+    st.sampled_from(["", " ", "\t", "\n", "\x00", "\u3000"]),
+    st.sampled_from(["http", "HTTP", "hTtP", "https", "ht\ttp"]),
+    st.sampled_from(["//", "/", "///", "\\\\", "/\\", "\\/", "//\t", "/\t/"]),
+    st.sampled_from(["", "user@", "user:pw@", "{O}@", "{L}@", "a%40b@", "@"]),
+    st.sampled_from(HOSTS),
+    st.lists(st.tuples(st.sampled_from(JOINERS), st.sampled_from(HOSTS)).map("".join), max_size=2),
+    st.sampled_from(TAILS),
+    st.sampled_from(["", " ", "\t", "\n"]),
+)
+hostile_url = st.one_of(focused, broad)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(template=hostile_url, redirected=st.booleans())
+def test_hunt_the_key_never_leaves_label_studios_origin(
+    fetcher, servers, template: str, redirected: bool
+) -> None:
+    url = expand(template, *servers)
+    note(f"url={url!r} redirected={redirected}")
+    outcome = fetch_and_check(fetcher, servers, url, redirected)
+    note(outcome)
+    event("fetched" if outcome == "fetched" else "refused")
