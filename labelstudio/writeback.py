@@ -42,7 +42,8 @@ WRITTEN_PREFIX = "sam2unet:written:"
 PENDING_PREFIX = "sam2unet:writing:"
 REFUSED_PREFIX = "sam2unet:refused:"
 WRITTEN_TTL = 2 * 24 * 3600  # longer than any retry of the jobs that write
-DEFAULT_BATCH = 500  # Label Studio's own PREDICTION_IMPORT_BATCH_SIZE
+LS_IMPORT_PART = 500  # Label Studio's PREDICTION_IMPORT_BATCH_SIZE
+DEFAULT_BATCH = LS_IMPORT_PART
 ATTEMPTS = (0.0, 1.0, 4.0)  # seconds before each attempt of a call that could not get through
 
 
@@ -177,6 +178,15 @@ class PredictionWriter:
             if len(items) == 1:
                 self._refused(keys, tasks[0], e.message, report)
                 return
+            if len(items) > LS_IMPORT_PART:
+                # Label Studio may store a long call in parts of 500 (its memory-efficient
+                # import): what a refused call stored is looked up, not sent again
+                stored = self.ls.tasks_with_prediction_of(project, version, tasks)
+                self._mark_written(keys, stored)
+                report.written |= stored
+                items = [p for p in items if p["task"] not in stored]
+                if not items:
+                    return
             # nothing of a refused call was stored: find the item Label Studio refuses
             half = len(items) // 2
             self._import(project, version, keys, items[:half], report)
