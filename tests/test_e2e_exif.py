@@ -6,7 +6,9 @@ masks as the same displayed pixels sent without the tag.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import time
 from contextlib import ExitStack
 
 import numpy as np
@@ -15,13 +17,26 @@ import redis
 
 from backend.app import create_app
 from contracts.settings import Settings
-from labelstudio.codecs import rle_to_mask
-from launcher.redis_server import EmbeddedRedis
+from labelstudio.client import LabelStudioClient
+from labelstudio.codecs import brush_result, rle_to_mask
+from labelstudio.fetch import FetchPolicy, ImageFetcher
+from labelstudio.labelconfig import parse_label_config
+from launcher.redis_server import EmbeddedRedis, free_port
 from sam2unet.transforms import decode_image
+from tests.lstudio import running_label_studio
 from tests.sam2_helpers import write_official
-from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.services import (
+    LabelStudioLikeFiles,
+    ServiceProcess,
+    backend_process,
+    label_studio_env,
+    png_bytes,
+    service_env,
+    workers,
+)
 from tests.test_exif import displayed, jpeg
 from tests.test_promptable import LABEL_CONFIG, kp, make_runtime, rect
+from trainer.dataset import DatasetCache
 
 ORIENTATIONS = range(2, 9)
 
@@ -158,3 +173,101 @@ def test_prompt_answers_are_in_the_displayed_frame(stacks, head, orientation, ki
     (on_tagged,) = s.predict([s.add(f"q{orientation}.jpg", tagged)], ctx)
     (on_plain,) = s.predict([s.add(f"q{orientation}-shown.png", plain)], ctx)
     same_answer(on_tagged, on_plain, shown, f"{head} {kind}, orientation {orientation}")
+
+
+# --------------------------------------------------------------------------- Label Studio
+
+AUTH = ("ls-backend", "b4ckend-pass")
+
+
+@pytest.mark.e2e
+def test_a_phone_photo_through_label_studio(tmp_path, redis_url, model_dir):
+    """A photo taken holding the phone upright (stored sideways, tag 6) uploaded to a real Label
+    Studio 1.23.2: its prediction, the answer to a smart keypoint, and the training sample made
+    from a brush annotation drawn on it are all in the frame Label Studio shows."""
+    target = parse_label_config(LABEL_CONFIG)
+    tagged, plain, shown = tagged_and_plain(6, seed=3)
+    h, w = shown.shape[:2]
+    assert (h, w) == (83, 57)  # taller than wide on screen, wider than tall as stored
+    with running_label_studio(tmp_path / "ls") as ls:
+        port = free_port()
+        env = label_studio_env(redis_url, model_dir, ls, AUTH)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        backend = backend_process(env, port, logs)
+        worker = ServiceProcess(["worker", "--name", "exif-worker"], env, "worker", logs)
+        try:
+            backend.wait_http(f"http://127.0.0.1:{port}/health")
+            worker.wait_log("worker ready", timeout=120)
+            project = ls.create_project(LABEL_CONFIG, title="phone photos")
+            photo, twin = ls.import_images(project, [("phone.jpg", tagged), ("shown.png", plain)])
+            ml = ls.api(
+                "POST",
+                "/api/ml",
+                json={
+                    "url": f"http://127.0.0.1:{port}",
+                    "project": project,
+                    "title": "sam2unet-assist",
+                    "is_interactive": True,
+                    "auth_method": "BASIC_AUTH",
+                    "basic_auth_user": AUTH[0],
+                    "basic_auth_pass": AUTH[1],
+                },
+            ).json()
+
+            # predictions, as Label Studio retrieves and stores them
+            ls.retrieve_predictions(project)
+            stored = {}
+            for tid in (photo, twin):
+                deadline = time.monotonic() + 120
+                while not (preds := ls.predictions(tid)) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                assert preds, f"no prediction for task {tid}"
+                stored[tid] = preds[-1]
+            same_answer(stored[photo], stored[twin], shown, "Label Studio's stored prediction")
+
+            # a smart keypoint on the disc, sent the way Label Studio's editor sends it
+            answers = {}
+            for tid in (photo, twin):
+                r = ls.api(
+                    "POST",
+                    f"/api/ml/{ml['id']}/interactive-annotating",
+                    json={
+                        "task": tid,
+                        "context": {"result": [prompt_on_the_disc("keypoint", shown)]},
+                    },
+                )
+                assert r.status_code == 200, r.text
+                answers[tid] = r.json()["data"]
+            same_answer(answers[photo], answers[twin], shown, "interactive keypoint")
+        finally:
+            worker.stop()
+            backend.stop()
+
+        # the annotator paints the disc as Label Studio shows it
+        _, predicted = masks_of(stored[photo])
+        drawn = np.zeros((h, w), bool)
+        drawn[: h // 2, : w // 2] = predicted[: h // 2, : w // 2]
+        drawn[2:6, 2:9] = True
+        item = brush_result(drawn, target, "Foreground", 1.0)
+        item.pop("score", None)
+        ls.annotate(photo, [item])
+
+        # the trainer's training set, read from Label Studio the way the trainer reads it
+        settings = Settings.from_env(
+            {k: v for k, v in env.items() if k.startswith(("SAM2UNET_", "LABEL_STUDIO"))},
+            model_dir=model_dir,
+        )
+        client = LabelStudioClient(ls.url, ls.pat)
+        fetcher = ImageFetcher(client, FetchPolicy.from_settings(settings))
+        cache = DatasetCache(tmp_path / "dataset")
+        report = cache.sync(client, project, fetcher.fetch)
+        fetcher.close()
+        assert (report.samples, report.failed) == (1, 0)
+        ((sample, rgb, masks),) = cache.samples(project)
+        assert sample.task == photo
+        assert sample.image == hashlib.sha256(tagged).hexdigest()  # Label Studio kept the tag
+        assert (sample.height, sample.width) == (h, w)
+        assert np.array_equal(rgb, shown)
+        assert masks.shape == (2, h, w)  # Foreground, Background
+        assert np.array_equal(masks[0] > 0, drawn) and not masks[1].any()
