@@ -74,11 +74,14 @@ class RecordingServer:
 
     ``GET /redirect?to=<location>`` answers 302 with ``Location`` set to the query value
     percent-decoded once and sent as raw UTF-8 (400 if it holds a line break), so tests can
-    send crafted locations; every other path answers 200 with ``body``.
+    send crafted locations; a path in ``redirects`` (query left out) answers 303 to its value;
+    every other GET answers 200 with ``body``. Any POST answers 307 to ``post_redirect``.
     """
 
     def __init__(self, host: str = "127.0.0.1", body: bytes = b"image bytes") -> None:
         self.received: list[Received] = []
+        self.redirects: dict[str, str] = {}
+        self.post_redirect = "/"
         self._lock = threading.Lock()
         owner = self
 
@@ -103,6 +106,12 @@ class RecordingServer:
                     if path == "/redirect" and ("\r" in location or "\n" in location):
                         self.send_error(400)  # it would end the header
                         return
+                    if path in owner.redirects:
+                        self.send_response(303)
+                        self.send_header("Location", owner.redirects[path])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     if path == "/redirect":
                         self.send_response(302)
                         # raw UTF-8 bytes, as a hostile server may send them
@@ -115,6 +124,19 @@ class RecordingServer:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                with owner._lock:
+                    owner.received.append(
+                        Received(
+                            self.path, self.headers.get("Host"), self.headers.get("Authorization")
+                        )
+                    )
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(307)
+                self.send_header("Location", owner.post_redirect)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
         self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True

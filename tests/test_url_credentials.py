@@ -12,6 +12,7 @@ Label Studio's origin. The other server never sees the key.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterator
@@ -216,3 +217,152 @@ def test_hunt_the_key_never_leaves_label_studios_origin(
     outcome = fetch_and_check(fetcher, servers, url, redirected)
     note(outcome)
     event("fetched" if outcome == "fetched" else "refused")
+
+
+# --- the client's own calls follow the same rule ----------------------------------------------
+def test_client_decides_with_the_same_parser(servers) -> None:
+    ls, other = servers
+    client = LabelStudioClient(ls.url, KEY)
+    for kind, template in KINDS.items():
+        if template.startswith("redirect:"):
+            continue
+        url = expand(template, ls, other)
+        with contextlib.suppress(ValueError):  # refused, or the other host (a fragment)
+            assert origin(url.strip()) == ("http", other.host, other.port), kind
+        assert client.auth_headers_for(url) == {}, kind
+        assert not client.is_label_studio_url(url), kind
+    assert client.auth_headers_for(f"HTTP://127.0.0.1:{ls.port}/x") == {"Authorization": SENT_KEY}
+    assert client.absolute_url("/\\127.0.0.2/x") == "/\\127.0.0.2/x"  # not made absolute
+    mark = other.snapshot()
+    for kind in ("backslash", "percent-encoded backslash", "userinfo of Label Studio"):
+        with pytest.raises(ImageFetchError, match="refused"):
+            client.download(expand(KINDS[kind], ls, other), 10**6, 3)
+    # download: a Label Studio redirect to a crafted URL is refused, to the other host keyless
+    crafted = quote(expand(KINDS["backslash"], ls, other), safe="")
+    with pytest.raises(ImageFetchError, match="backslash"):
+        client.download(f"/redirect?to={crafted}", 10**6, 3)
+    to_other = quote(other.url + "/x.png", safe="")
+    assert client.download(f"/redirect?to={to_other}", 10**6, 3) == b"image bytes"
+    assert [r.authorization for r in other.since(mark)] == [None]
+    # API calls: redirects are followed within Label Studio only
+    assert client.request("GET", "/redirect?to=/api/x").status_code == 200
+    assert ls.received[-1].path == "/api/x" and ls.received[-1].authorization == SENT_KEY
+    with pytest.raises(LabelStudioError, match="outside"):
+        client.request("GET", f"/redirect?to={to_other}")
+    assert len(other.since(mark)) == 1
+
+
+def test_token_refresh_never_follows_a_redirect(servers) -> None:
+    """A personal access token travels in the body of ``POST /api/token/refresh/``: a 307 would
+    make ``requests`` send that body again, to wherever it points."""
+    import base64
+    import json
+    import time
+
+    ls, other = servers
+    claims = {"token_type": "refresh", "exp": time.time() + 3600}
+    payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    pat = f"e30.{payload}.sig"
+    ls.post_redirect = other.url + "/api/token/refresh/"
+    mark = other.snapshot()
+    client = LabelStudioClient(ls.url, pat)
+    with pytest.raises(LabelStudioError, match="redirected"):
+        client.auth_header()
+    assert other.since(mark) == []
+
+
+def test_a_reused_connection_never_carries_the_key_to_another_name(servers) -> None:
+    """Connections are pooled per (scheme, host, port) as the prepared URL names them, the same
+    reading the key is decided on: after Label Studio's keep-alive connection, the same socket
+    address under another name gets a connection of its own and no key."""
+    from tests.sockets import connections
+
+    ls, _ = servers
+    f = ImageFetcher(LabelStudioClient(ls.url, KEY), FetchPolicy(allow_hosts=("localhost",)))
+    mark = ls.snapshot()
+    with connections() as opened:
+        f.fetch(ls.url + "/a.png")
+        f.fetch(ls.url + "/b.png")  # the same connection, again with the key
+        f.fetch(f"http://localhost:{ls.port}/c.png")
+    got = ls.since(mark)
+    assert [(r.path, r.authorization) for r in got] == [
+        ("/a.png", SENT_KEY),
+        ("/b.png", SENT_KEY),
+        ("/c.png", None),
+    ]
+    assert len([a for a in opened if a[1] == ls.port]) == 2  # one for each name
+    f.close()
+
+
+# --- smaller holes ----------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_a_slow_resolver_is_an_error_within_the_time_limit(monkeypatch) -> None:
+    import time
+
+    real = socket.getaddrinfo
+
+    def slow(name, port, *args, **kwargs):
+        if name == "slow.example.test":
+            time.sleep(3)
+            return real("127.0.0.1", port, *args, **kwargs)
+        return real(name, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    fetcher = ImageFetcher(None, FetchPolicy(timeout=1.0))
+    t0 = time.monotonic()
+    with pytest.raises(ImageFetchError, match=r"cannot resolve host 'slow\.example\.test'"):
+        fetcher.fetch("http://slow.example.test/x.png")
+    assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "169.254.1.1", "[fe80::1]"])
+def test_link_local_needs_an_explicit_allow_entry(address: str) -> None:
+    from tests.sockets import connections
+
+    for policy in (FetchPolicy(allow_private=True), FetchPolicy(allow_private_storage=True)):
+        with connections() as opened, pytest.raises(ImageFetchError, match="link-local"):
+            ImageFetcher(None, policy).fetch(f"http://{address}/latest/meta-data/")
+        assert opened == []
+    host = address.strip("[]")
+    allowed = ImageFetcher(None, FetchPolicy(allow_hosts=(host,)))
+    assert allowed._refusal(host, 80, host) is None
+
+
+def test_presigned_storage_redirect_to_link_local_is_refused(servers) -> None:
+    """``SAM2UNET_ALLOW_PRIVATE_STORAGE`` admits a private or loopback storage host that Label
+    Studio's storage endpoint redirects to, never the metadata service's link-local range."""
+    from tests.sockets import connections
+
+    ls, other = servers
+    client = LabelStudioClient(ls.url, KEY)
+    fetcher = ImageFetcher(client, FetchPolicy(allow_private_storage=True, timeout=2.0))
+    ls.redirects["/tasks/7/resolve/"] = "http://169.254.1.1/bucket/a.png?X-Amz-Signature=s"
+    with connections() as opened, pytest.raises(ImageFetchError, match="link-local"):
+        fetcher.fetch("s3://bucket/a.png", None, 7)
+    assert [a for a in opened if a[0] == "169.254.1.1"] == []
+    ls.redirects["/tasks/7/resolve/"] = other.url + "/bucket/a.png?X-Amz-Signature=s"
+    assert fetcher.fetch("s3://bucket/a.png", None, 7) == b"image bytes"
+
+
+def test_label_studio_under_a_path_prefix(servers) -> None:
+    ls, other = servers
+    client = LabelStudioClient(ls.url + "/ls/", KEY)
+    fetcher = ImageFetcher(client, FetchPolicy(allow_private_storage=True, timeout=2.0))
+    mark_ls, mark_other = ls.snapshot(), other.snapshot()
+    # relative Label Studio URLs, with or without the prefix already, and the storage endpoint
+    fetcher.fetch("/data/upload/1/a.png")
+    fetcher.fetch("/ls/data/upload/1/b.png")
+    ls.redirects["/ls/tasks/7/resolve/"] = other.url + "/bucket/a.png?X-Amz-Signature=s"
+    assert fetcher.fetch("s3://bucket/a.png", None, 7) == b"image bytes"
+    # an absolute URL on the origin Label Studio names itself by, prefix included
+    fetcher.fetch("http://ls.example.test/ls/data/upload/1/c.png", "http://ls.example.test/ls")
+    got = [(r.path.split("?")[0], r.authorization) for r in ls.since(mark_ls)]
+    assert got == [
+        ("/ls/data/upload/1/a.png", SENT_KEY),
+        ("/ls/data/upload/1/b.png", SENT_KEY),
+        ("/ls/tasks/7/resolve/", SENT_KEY),
+        ("/ls/data/upload/1/c.png", SENT_KEY),
+    ]
+    assert [(r.path, r.authorization) for r in other.since(mark_other)] == [
+        ("/bucket/a.png?X-Amz-Signature=s", None)
+    ]
