@@ -24,6 +24,7 @@ from contracts.heads import decoder_trained, heads_json, untrained_warning
 from contracts.jobs import QUEUES
 from contracts.metrics import record_answer
 from contracts.schedule import scheduled_rounds
+from contracts.trainer_state import trainer_summary
 from labelstudio.labelconfig import parse_label_config
 from sam2unet.acquisition import STRATEGIES
 
@@ -92,6 +93,7 @@ def health():
         "warnings": warnings,
         "scheduled_rounds": scheduled_rounds(conn),
         "train_agents": train_agents(conn),
+        "trainer": trainer_summary(conn),
     }
     for w in warnings:
         log.warning("health: %s", w)
@@ -249,6 +251,7 @@ def versions():
             "details": details,
             "scheduled_rounds": scheduled_rounds(ext["redis"]),
             "train_agents": train_agents(ext["redis"]),
+            "trainer": trainer_summary(ext["redis"]),
         }
     )
 

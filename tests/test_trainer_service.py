@@ -132,3 +132,36 @@ def test_redis_losing_the_stream_is_survived_and_triggers_a_resync(setup):
     post(client, "post_webhook_start_training.json")
     settle(trainer, 0.8)
     assert trainer.rounds == [(1, "START_TRAINING")]
+
+
+def test_a_dead_trainers_pending_events_are_claimed_by_another(setup):
+    settings, client, _, conn = setup
+    post(client, "post_webhook_start_training.json")
+    dead = RecordingTrainer(settings, conn, client=None, fetch=None, consumer="old-host")
+    dead.poll(block_ms=100)  # read, then the trainer (and its host) are gone before the round
+    assert conn.xpending(EVENTS_STREAM, GROUP)["consumers"][0]["name"] == b"old-host"
+    env = {"SAM2UNET_TRAINER_CONSUMER": "new-host", "SAM2UNET_TRAINER_CLAIM_IDLE": "0.5"}
+    claim = Settings.from_env(
+        env, model_dir=settings.model_dir, train_debounce=0.3, train_min_new=3
+    )
+    other = RecordingTrainer(claim, conn, client=None, fetch=None)
+    assert other.consumer == "new-host"
+    settle(other, 0.3)
+    assert other.rounds == []  # not idle long enough yet: its owner may still be alive
+    settle(other, 1.0)
+    assert other.rounds == [(1, "START_TRAINING")]
+    assert conn.xpending(EVENTS_STREAM, GROUP)["pending"] == 0
+
+
+def test_the_consumer_name_is_stable_across_restarts(setup):
+    import socket
+
+    settings, client, _, conn = setup
+    first = RecordingTrainer(settings, conn, client=None, fetch=None)
+    assert first.consumer == socket.gethostname()
+    post(client, "post_webhook_start_training.json")
+    first.poll(block_ms=100)  # read, then the process dies
+    again = RecordingTrainer(settings, conn, client=None, fetch=None)  # restarted, same host
+    settle(again, 0.8)
+    assert again.rounds == [(1, "START_TRAINING")]
+    assert conn.xpending(EVENTS_STREAM, GROUP)["pending"] == 0

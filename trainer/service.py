@@ -7,8 +7,21 @@ and starts a round (sync from Label Studio, then train / evaluate / promote) whe
 since the last round and anything changed, or at once on ``START_TRAINING``; each trigger waits
 ``SAM2UNET_TRAIN_DEBOUNCE`` seconds of quiet, so a burst of webhooks becomes one round.
 ``SAM2UNET_TRAIN_CRON`` adds rounds on a schedule (:mod:`trainer.schedule`); a scheduled round
-of a project with nothing new since its last round is skipped. One round runs at a time (a Redis lock also keeps several trainer processes from overlapping). Events are
-acknowledged once their round ended; a trainer that dies mid-round gets them again at start.
+of a project with nothing new since its last round is skipped. One round runs at a time (a Redis
+lock also keeps several trainer processes from overlapping). Events are acknowledged once their
+round ended; a trainer that dies mid-round gets them again at start (its consumer name on the
+stream, ``SAM2UNET_TRAINER_CONSUMER``, defaults to the host name, so it stays the same), and
+another trainer takes them over once they were left unacknowledged for
+``SAM2UNET_TRAINER_CLAIM_IDLE`` seconds (XAUTOCLAIM); a live trainer keeps the events it holds
+fresh so that no other one takes them.
+
+No round kills the trainer: any error in a sync or a round (Label Studio unreachable or without
+the project, a Redis error, a bug) makes a ``failed`` round with its reason, recorded like any
+other (rounds list, metrics, ``/health``), its events are acknowledged and the round lock freed.
+The project's next round then waits ``SAM2UNET_TRAIN_BACKOFF`` seconds, doubling after each
+failure in a row up to ``SAM2UNET_TRAIN_BACKOFF_MAX``; the trainer logs when a project starts
+failing, when the reason changes and when its rounds work again. An event stream entry the
+trainer cannot read is acknowledged and logged.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
 from contracts.registry import ModelRegistry
 from contracts.schedule import ALL, parse_schedule
 from contracts.settings import Settings
+from contracts.trainer_state import FAILING_KEY
 from sam2unet.distributed import DistributedRunError, parse_devices
 from sam2unet.exceptions import ConfigError
 from trainer.cluster import ClusterDataError, RoundPublisher, report_progress
@@ -49,6 +63,7 @@ TRAINED_KEY = "sam2unet:trainer:trained"  # project -> fingerprint of its last r
 CHANGE_ACTIONS = frozenset(
     {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
 )
+_MAX_PROJECT = 2**63
 
 
 @dataclass
@@ -59,10 +74,15 @@ class ProjectState:
     last_event: float = 0.0
     last_round: float = field(default_factory=time.monotonic)
     event_ids: list[str] = field(default_factory=list)
+    failures: int = 0  # failed rounds in a row
+    retry_at: float = 0.0  # no round before this (monotonic time): the back-off
+    failure: str = ""  # the last failed round's reason
 
 
 def due(state: ProjectState, settings: Settings, now: float) -> bool:
     """Whether a project's round should start now."""
+    if now < state.retry_at:
+        return False
     quiet = now - state.last_event >= settings.train_debounce
     if state.forced or state.scheduled:
         return quiet
@@ -90,8 +110,10 @@ class TrainerService:
         self.fetch = fetch
         self.registry = ModelRegistry(settings.model_dir, connection)
         self.cache = DatasetCache(settings.dataset_dir)
-        self.consumer = consumer or f"{socket.gethostname()}-{id(self):x}"
+        self.consumer = consumer or settings.trainer_consumer or socket.gethostname()
         self.projects: dict[int, ProjectState] = {}
+        self._held: set[str] = set()  # ids of the events the project states hold
+        self._last_claim = 0.0
         self.stop_event = threading.Event()
         self.round_lock_ttl = ROUND_LOCK_TTL
         self._last_resync = time.monotonic()
@@ -127,43 +149,110 @@ class TrainerService:
                 raise
 
     def _take(self, entries: list[Any]) -> None:
+        """Take stream entries into the project states; acknowledge at once those that ask for
+        nothing (unknown action, no project) or cannot be read."""
         now = time.monotonic()
         for _, messages in entries or []:
-            for msg_id, fields in messages:
-                mid = msg_id.decode() if isinstance(msg_id, bytes) else str(msg_id)
-                f = {k.decode(): v.decode() for k, v in fields.items()}
-                project = int(f["project"]) if f.get("project", "").isdigit() else None
-                if project is None and f.get("action") != SCHEDULED_ACTION:
-                    self.redis.xack(EVENTS_STREAM, GROUP, mid)
+            for msg_id, fields in messages or []:
+                if msg_id is None:  # deleted from the stream while pending (Redis 6)
                     continue
-                if f.get("action") == SCHEDULED_ACTION:
-                    self._take_scheduled(mid, f.get("project", ""))
+                mid = _text(msg_id)
+                if mid in self._held:
                     continue
-                st = self.projects.setdefault(project, ProjectState())
-                st.event_ids.append(mid)
-                st.last_event = now
-                if f.get("action") == "START_TRAINING":
-                    st.forced = True
-                elif f.get("action") in CHANGE_ACTIONS:
-                    ann = json.loads(f.get("annotations") or "[]")
-                    st.changes += max(1, len(ann))
+                try:
+                    held = self._take_one(mid, fields, now)
+                except Exception as e:  # a malformed entry must not stop the trainer
+                    log.warning("event %s unreadable (%s); acknowledged and dropped", mid, e)
+                    held = False
+                if not held:
+                    self._ack([mid])
 
-    def _take_scheduled(self, event_id: str, target: str) -> None:
+    def _take_one(self, mid: str, raw: Any, now: float) -> bool:
+        """One entry; whether a project state now holds it."""
+        if not isinstance(raw, dict):
+            raise ValueError("no fields (deleted from the stream?)")
+        f = {_text(k): _text(v) for k, v in raw.items()}
+        action = f.get("action", "")
+        target = f.get("project", "")
+        if action == SCHEDULED_ACTION:
+            return self._take_scheduled(mid, target)
+        project = _project_id(target)
+        if project is None or (action not in CHANGE_ACTIONS and action != "START_TRAINING"):
+            log.info("event %s (%r, project %r) asks for no round", mid, action[:40], target[:40])
+            return False
+        if action in CHANGE_ACTIONS:
+            changes = _change_count(f)
+        st = self.projects.setdefault(project, ProjectState())
+        st.event_ids.append(mid)
+        self._held.add(mid)
+        st.last_event = now
+        if action == "START_TRAINING":
+            st.forced = True
+        else:
+            st.changes += changes
+        return True
+
+    def _take_scheduled(self, event_id: str, target: str) -> bool:
         """A scheduled firing for one project, or for every known project (``all``) that has
         no schedule entry of its own. It does not restart the webhook debounce."""
         if target == ALL:
             known = set(self.cache.projects()) | set(self.projects)
             projects = sorted(p for p in known if self.schedule.covers_by_default(p))
         else:
-            projects = [int(target)] if target.isdigit() else []
+            project = _project_id(target)
+            projects = [project] if project is not None else []
         if not projects:
-            log.info("scheduled round for %s: no project to train", target or "?")
-            self.redis.xack(EVENTS_STREAM, GROUP, event_id)
-            return
+            log.info("scheduled round for %s: no project to train", target[:40] or "?")
+            return False
         for project in projects:
             st = self.projects.setdefault(project, ProjectState())
             st.scheduled = True
             st.event_ids.append(event_id)
+        self._held.add(event_id)
+        return True
+
+    def _ack(self, ids: list[str]) -> None:
+        """Acknowledge events. They leave ``_held`` first: should Redis fail here, they stay
+        pending and come back through :meth:`claim_stale`."""
+        if not ids:
+            return
+        self._held.difference_update(ids)
+        self.redis.xack(EVENTS_STREAM, GROUP, *ids)
+
+    def held_events(self) -> set[str]:
+        """Ids of the events this trainer holds for rounds to come."""
+        return set(self._held)
+
+    def _touch_held(self) -> None:
+        """Reset the idle time of the events this trainer holds (XCLAIM to itself), so that no
+        other trainer takes them over while this one lives."""
+        held = list(self._held)
+        for i in range(0, len(held), 500):
+            self.redis.xclaim(
+                EVENTS_STREAM, GROUP, self.consumer, 0, held[i : i + 500], justid=True
+            )
+
+    def claim_stale(self) -> int:
+        """Take over the events other consumers (a dead trainer, this one's predecessor under
+        another name) left unacknowledged for ``SAM2UNET_TRAINER_CLAIM_IDLE`` seconds; how many
+        were taken."""
+        self._touch_held()
+        idle_ms = max(1, int(self.settings.trainer_claim_idle * 1000))
+        start: Any = "0-0"
+        taken = 0
+        for _ in range(100):  # at most 10,000 entries per call
+            answer = self.redis.xautoclaim(
+                EVENTS_STREAM, GROUP, self.consumer, idle_ms, start_id=start, count=100
+            )
+            start, messages = answer[0], answer[1]
+            fresh = [(i, f) for i, f in messages if i is not None and _text(i) not in self._held]
+            if fresh:
+                log.info("took over %d event(s) left unacknowledged by another trainer", len(fresh))
+                taken += len(fresh)
+                self._take([(EVENTS_STREAM, fresh)])
+            if _text(start) == "0-0":
+                break
+        return taken
 
     def poll(self, block_ms: int = 1000) -> None:
         """Read new events (and, first, events this consumer got but never acknowledged)."""
@@ -172,6 +261,14 @@ class TrainerService:
             self._ensure_group()
             self._take(self.redis.xreadgroup(GROUP, self.consumer, {EVENTS_STREAM: "0"}))
             self._recovered = True
+        now = time.monotonic()
+        if now - self._last_claim >= min(self.settings.trainer_claim_idle / 3, 60.0):
+            self._last_claim = now
+            try:
+                self.claim_stale()
+            except redis.exceptions.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
         try:
             entries = self.redis.xreadgroup(
                 GROUP, self.consumer, {EVENTS_STREAM: ">"}, count=1000, block=block_ms
@@ -201,15 +298,81 @@ class TrainerService:
                     reason = "scheduled" + (f", {st.changes} change(s)" if st.changes else "")
                 else:
                     reason = f"{st.changes} change(s)"
-                report = self.round(project, reason, scheduled=scheduled)
+                if st.failures:
+                    reason += f", after {st.failures} failed round(s)"
+                report = self._round_safely(project, reason, scheduled)
                 reports.append(report)
                 shared = {i for p, o in self.projects.items() if p != project for i in o.event_ids}
                 done = [i for i in st.event_ids if i not in shared]
-                self.redis.xack(EVENTS_STREAM, GROUP, *done) if done else None
-                # a failed round is tried again by the interval trigger
-                retry = max(st.changes, 1) if report.status == "failed" else 0
-                self.projects[project] = ProjectState(changes=retry, last_round=time.monotonic())
+                self.projects[project] = self._after_round(project, st, report)
+                self._ack(done)
         return reports
+
+    def _round_safely(self, project: int, reason: str, scheduled: bool) -> RoundReport:
+        """:meth:`round`, and a ``failed`` report for what escapes it (the lock or Redis)."""
+        try:
+            return self.round(project, reason, scheduled=scheduled)
+        except Exception as e:
+            why = _reason(e)
+            log.error("round for project %s failed: %s", project, why, exc_info=_unexpected(e))
+            return RoundReport("failed", why, project, None)
+
+    def _after_round(self, project: int, st: ProjectState, report: RoundReport) -> ProjectState:
+        """The project's state after a round: fresh after one that worked; after a failed one,
+        its triggers kept and the next round held back (back-off)."""
+        now = time.monotonic()
+        if report.status != "failed":
+            if st.failures:
+                log.info(
+                    "project %s: rounds work again after %d failed round(s)", project, st.failures
+                )
+                self._set_failing(project, None)
+            return ProjectState(last_round=now)
+        failures = st.failures + 1
+        s = self.settings
+        delay = min(s.train_backoff_max, s.train_backoff * 2.0 ** min(failures - 1, 60))
+        if failures == 1:
+            log.warning(
+                "rounds of project %s fail: %s; trying again in %.0f s, then backing off up to "
+                "%.0f s (SAM2UNET_TRAIN_BACKOFF_MAX)",
+                project,
+                report.reason,
+                delay,
+                s.train_backoff_max,
+            )
+        elif report.reason != st.failure:
+            log.warning("rounds of project %s still fail, now: %s", project, report.reason)
+        else:
+            log.debug(
+                "project %s: round failed again (%d in a row); next try in %.0f s",
+                project,
+                failures,
+                delay,
+            )
+        self._set_failing(project, {"failures": failures, "reason": report.reason,
+                                    "next_try": time.time() + delay})  # fmt: skip
+        return ProjectState(
+            changes=st.changes if (st.forced or st.scheduled) else max(st.changes, 1),
+            forced=st.forced,
+            scheduled=st.scheduled,
+            last_round=now,
+            failures=failures,
+            retry_at=now + delay,
+            failure=report.reason,
+        )
+
+    def _set_failing(self, project: int, row: dict[str, Any] | None) -> None:
+        """Publish (or, ``row`` None, clear) a project's failing rounds for /health."""
+        try:
+            if row is None:
+                self.redis.hdel(FAILING_KEY, str(project))
+                return
+            old = self.redis.hget(FAILING_KEY, str(project))
+            since = json.loads(old).get("since") if old else None
+            row = {**row, "since": since or time.time()}
+            self.redis.hset(FAILING_KEY, str(project), json.dumps(row))
+        except (redis.exceptions.RedisError, ValueError, AttributeError) as e:
+            log.warning("project %s: could not record its failing rounds: %s", project, e)
 
     def training_set(self, project: int) -> tuple[list[str], list[tuple[int, Any, Any]], str]:
         """Sync the project from Label Studio; its labels, annotated samples and a fingerprint
@@ -229,36 +392,80 @@ class TrainerService:
         """Sync the project from Label Studio and run one round for it, under the global lock.
         ``scheduled``: skip it when the project's annotations are those of its last round."""
         with self.round_lock():
-            self._status("syncing", project)
-            labels, samples, fingerprint = self.training_set(project)
-            last = self.redis.hget(TRAINED_KEY, str(project))
-            if scheduled and last is not None and last.decode() == fingerprint:
-                report = RoundReport(
-                    "skipped",
-                    "scheduled: nothing new since the last round",
+            self.last_sync = None
+            try:
+                report = self._sync_and_run(project, reason, scheduled)
+            except Exception as e:  # any failure is this round's outcome, not the trainer's end
+                why = _reason(e)
+                # the failing state's changes are logged once each (_after_round); a bug each time
+                level = logging.ERROR if _unexpected(e) else logging.DEBUG
+                log.log(
+                    level,
+                    "round for project %s failed, nothing promoted: %s",
                     project,
-                    self.registry.current(),
+                    why,
+                    exc_info=_unexpected(e),
                 )
-                log.info(
-                    "project %s: scheduled round skipped: nothing new since the last round", project
-                )
-            else:
-                report = self._run_round(project, reason, labels, samples)
-            if report.status in ("promoted", "rejected"):
-                self.redis.hset(TRAINED_KEY, str(project), fingerprint)
-            self._write_correction_rates()
-            sync = self.last_sync.__dict__ if self.last_sync is not None else None
-            self.redis.lpush(
-                ROUNDS_KEY, json.dumps({**report.to_json(), "at": time.time(), "sync": sync})
-            )
-            self.redis.ltrim(ROUNDS_KEY, 0, 199)
-            record_round(self.redis, report)
-            if report.status in ("promoted", "rejected"):
-                write_versions_png(self.registry, self.settings)
-            self._status("idle", None)
+                report = RoundReport("failed", why, project, self._current())
+            self._record(report)
         if report.status == "promoted" and self.settings.active_learning:
-            self.active_learning(project)
+            try:
+                self.active_learning(project)
+            except Exception as e:
+                log.error("project %s: re-predicting with the new version failed: %s", project, e)
         return report
+
+    def _sync_and_run(self, project: int, reason: str, scheduled: bool) -> RoundReport:
+        self._status("syncing", project)
+        labels, samples, fingerprint = self.training_set(project)
+        last = self.redis.hget(TRAINED_KEY, str(project))
+        if scheduled and last is not None and last.decode() == fingerprint:
+            log.info(
+                "project %s: scheduled round skipped: nothing new since the last round", project
+            )
+            return RoundReport(
+                "skipped",
+                "scheduled: nothing new since the last round",
+                project,
+                self.registry.current(),
+            )
+        report = self._run_round(project, reason, labels, samples)
+        if report.status in ("promoted", "rejected"):
+            self.redis.hset(TRAINED_KEY, str(project), fingerprint)
+        return report
+
+    def _current(self) -> str | None:
+        try:
+            return self.registry.current()
+        except Exception:  # Redis or the registry is what failed
+            return None
+
+    def _record(self, report: RoundReport) -> None:
+        """Record a round (rounds list, metrics, plots, state); a failure to record is logged,
+        it does not change the round's outcome."""
+        try:
+            self._write_correction_rates()
+        except (OSError, ValueError) as e:
+            log.warning("could not write correction_rates.json: %s", e)
+        sync = self.last_sync.__dict__ if self.last_sync is not None else None
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                entry = {**report.to_json(), "at": time.time(), "sync": sync}
+                pipe.lpush(ROUNDS_KEY, json.dumps(entry, default=str))
+                pipe.ltrim(ROUNDS_KEY, 0, 199)
+                pipe.execute()
+        except redis.exceptions.RedisError as e:
+            log.warning("round for project %s not recorded: %s", report.project, e)
+        record_round(self.redis, report)
+        if report.status in ("promoted", "rejected"):
+            try:
+                write_versions_png(self.registry, self.settings)
+            except Exception as e:
+                log.warning("could not draw the versions plot: %s", e)
+        try:
+            self._status("idle", None)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not record the trainer's state: %s", e)
 
     def _run_round(
         self, project: int, reason: str, labels: list[str], samples: list[Any]
@@ -300,23 +507,29 @@ class TrainerService:
         lock = self.redis.lock(
             LOCK_KEY, timeout=self.round_lock_ttl, blocking_timeout=6 * 3600, thread_local=False
         )
-        with lock:
-            stop = threading.Event()
+        if not lock.acquire():
+            raise redis.exceptions.LockError("the round lock stayed taken for 6 hours")
+        stop = threading.Event()
 
-            def renew() -> None:
-                while not stop.wait(self.round_lock_ttl / 3):
-                    try:
-                        lock.reacquire()
-                    except redis.exceptions.RedisError as e:  # LockError too
-                        log.warning("could not renew the round lock: %s", e)
+        def renew() -> None:
+            while not stop.wait(self.round_lock_ttl / 3):
+                try:
+                    lock.reacquire()
+                    self._touch_held()  # a long round must not lose its events to a claim
+                except redis.exceptions.RedisError as e:  # LockError too
+                    log.warning("could not renew the round lock: %s", e)
 
-            renewer = threading.Thread(target=renew, name="round-lock", daemon=True)
-            renewer.start()
+        renewer = threading.Thread(target=renew, name="round-lock", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
             try:
-                yield
-            finally:
-                stop.set()
-                renewer.join()
+                lock.release()
+            except redis.exceptions.RedisError as e:  # expired, taken over, or Redis down
+                log.warning("could not release the round lock (it expires by itself): %s", e)
 
     def active_learning(self, project: int) -> str | None:
         """Re-predict the project's tasks with the new version (through the workers); the
@@ -366,6 +579,10 @@ class TrainerService:
 
     def run_forever(self) -> None:
         log.info("trainer %s listening for webhook events", self.consumer)
+        try:
+            self.redis.delete(FAILING_KEY)  # what a previous trainer process saw fail
+        except redis.exceptions.RedisError as e:
+            log.warning("could not clear the failing projects: %s", e)
         self.resync_known_projects()
         self.start_schedule()
         try:
@@ -393,6 +610,46 @@ class TrainerService:
                 self.step(block_ms=1000)
                 if time.monotonic() - self._last_resync >= self.settings.train_interval_min * 60:
                     self.resync_known_projects()
-            except redis.exceptions.ConnectionError as e:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
                 log.error("Redis unavailable (%s); retrying in 2 s", e)
                 self.stop_event.wait(2)
+            except Exception:  # the trainer goes on whatever happened in one turn
+                log.exception("trainer loop: unexpected error; going on in 2 s")
+                self.stop_event.wait(2)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _project_id(text: str) -> int | None:
+    if text.isascii() and text.isdigit() and int(text) < _MAX_PROJECT:
+        return int(text)
+    return None
+
+
+def _change_count(f: dict[str, str]) -> int:
+    """How many annotations an event changed: ``count`` (events of this version), else the
+    listed ids; at least 1."""
+    count = f.get("count", "")
+    if count.isascii() and count.isdigit():
+        return max(1, min(int(count), 1_000_000))
+    ids = json.loads(f.get("annotations") or "[]")
+    return max(1, len(ids) if isinstance(ids, list) else 1)
+
+
+def _unexpected(e: BaseException) -> bool:
+    """Whether an error is a bug rather than the world (worth a traceback in the log)."""
+    from contracts.errors import AssistError
+
+    expected = (AssistError, redis.exceptions.RedisError, OSError, DistributedRunError,
+                ClusterDataError)  # fmt: skip
+    return not isinstance(e, expected)
+
+
+def _reason(e: BaseException) -> str:
+    """A failed round's reason: the error's message, with its kind when it is unexpected."""
+    text = str(e) or type(e).__name__
+    if _unexpected(e) or isinstance(e, redis.exceptions.RedisError):
+        text = f"{type(e).__name__}: {text}"
+    return text[:500]
