@@ -245,10 +245,12 @@ def test_positive_point_selects_only_its_object():
 
 
 def test_negative_point_removes_its_object():
-    im, a, b = two_objects()
-    prob, _ = apply_prompts(im, ctx(point(40, 40, 160, 120, positive=False)), ColourSegmenter())
-    np.testing.assert_array_equal(prob[0] >= 0.5, b)
-    assert np.all(prob[0][a] == 0)
+    im, _, b = two_objects()
+    # alone, a negative click names no object: no mask at all (not the rest of the image)
+    seg = ColourSegmenter()
+    prob, info = apply_prompts(im, ctx(point(40, 40, 160, 120, positive=False)), seg)
+    assert prob.shape == (1, 120, 160) and not prob.any()
+    assert "1 lone negative click(s) dropped" in info
 
     both = ctx(point(40, 40, 160, 120, positive=False), point(100, 80, 160, 120))
     prob, _ = apply_prompts(im, both, ColourSegmenter())
@@ -343,18 +345,23 @@ def test_labelled_prompts_act_on_their_channel_others_on_all():
     assert not prob[0].any()  # no prompt for this channel
     np.testing.assert_array_equal(prob[1] >= 0.5, green)
 
-    # a label that names no channel acts on every channel: two negatives, one per object
+    # a label that names no channel acts on every channel: a negative of it on the red object
+    # next to a positive of it on the green one keeps the green one in every channel it is in
+    items = ctx(
+        point(40, 40, 160, 120, positive=False, label="Other"),
+        point(100, 80, 160, 120, label="Other"),
+    )
+    prob, _ = apply_prompts(im, items, seg, channels=channels)
+    assert not (prob[0] >= 0.5).any()
+    np.testing.assert_array_equal(prob[1] >= 0.5, green)
+    assert not (prob > 0)[:, red].any()
+    # negatives of that label alone name no object: no mask in any channel
     items = ctx(
         point(40, 40, 160, 120, positive=False, label="Other"),
         point(100, 80, 160, 120, positive=False, label="Other"),
     )
-    prob, _ = apply_prompts(im, items, seg, channels=channels)
-    assert not (prob >= 0.5).any()
-    items = ctx(point(40, 40, 160, 120, positive=False, label="Other"))
-    prob, _ = apply_prompts(im, items, seg, channels=channels)
-    assert not (prob[0] >= 0.5).any()
-    np.testing.assert_array_equal(prob[1] >= 0.5, green)
-    assert not (prob[0] > 0)[red].any()
+    prob, info = apply_prompts(im, items, seg, channels=channels)
+    assert not prob.any() and "2 lone negative click(s) dropped" in info
 
 
 # --------------------------------------------------------------------------- parsing

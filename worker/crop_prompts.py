@@ -14,7 +14,9 @@ SAM2-UNet takes no prompts, so an interactive call's context (Label Studio's ``p
   prediction: of the whole image, or of the boxes when there are boxes (then nothing outside the
   boxes is ever returned). The prediction is thresholded and split into 8-connected components.
   Positive points select the components containing them; negative points remove theirs (from the
-  selection, or, with only negative points, from the whole mask). A component holding both a
+  selection, or, with only negative points, from the box's mask; negative points with no box
+  and no positive point of their object were dropped when parsed, see
+  :func:`worker.prompts.drop_lone_negatives`: no mask for them). A component holding both a
   positive and a negative point is split: its pixels nearer to a negative point are removed. A
   positive point on background falls back to a square crop around it (``FALLBACK_FRACTION`` of the
   image's shorter side, at least ``MIN_FALLBACK_PX``): the model runs on that crop and the crop's
@@ -247,6 +249,8 @@ def segment_with_prompts(
         parts.append(f"{stats.fallbacks} crop fallback(s), {stats.fallback_empty} empty")
     if prompts.ignored:
         parts.append(f"{prompts.ignored} item(s) ignored")
+    if prompts.dropped:
+        parts.append(f"{prompts.dropped} lone negative click(s) dropped")
     parts.append(f"{stats.calls} model call(s)")
     parts.append(f"{int((out >= threshold).sum())} foreground px")
     return out, ", ".join(parts)

@@ -7,6 +7,11 @@ Coordinates in Label Studio are percentages of ``original_width`` / ``original_h
 mapped to the pixels of the image actually fetched, which may have another size.
 ``image_rotation`` is ignored. Items of other types (choices, brushes, ...) are ignored; a
 malformed prompt item raises :class:`contracts.errors.BadRequest` naming it.
+
+Prompts form objects (:func:`prompt_groups`): each rectangle with the keypoints inside it that
+carry its label or none, then the keypoints left over, one object per label. An object with no
+rectangle and no positive point (a lone negative click) says only what the object is not: it is
+dropped with a log line, and the answer holds no mask for it (:attr:`Prompts.dropped`).
 """
 
 from __future__ import annotations
@@ -88,9 +93,74 @@ class Prompts:
     boxes: tuple[Box, ...] = ()
     points: tuple[Point, ...] = ()
     ignored: int = 0
+    #: negative clicks dropped: their objects had no rectangle and no positive point
+    dropped: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.boxes or self.points)
+        """Whether the call carried prompts (a call whose only prompts were dropped did: its
+        answer is empty, not the automatic model's answer for the whole image)."""
+        return bool(self.boxes or self.points or self.dropped)
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One object of a call: a rectangle (or None) and the keypoints that refine it, and the
+    label it carries (None: unlabelled)."""
+
+    box: Box | None
+    points: tuple[Point, ...]
+    label: str | None
+
+
+def _inside(point: Point, box: Box) -> bool:
+    xs = [c[0] for c in box.corners]
+    ys = [c[1] for c in box.corners]
+    return min(xs) <= point.x <= max(xs) and min(ys) <= point.y <= max(ys)
+
+
+def prompt_groups(prompts: Prompts) -> list[PromptGroup]:
+    """The objects of a call (see the module docstring), rectangles first, in order. A point
+    goes to the first rectangle whose bounds hold it and whose label fits (either has none,
+    or both are the same); the points left over form one object per label."""
+    taken: set[int] = set()
+    out: list[PromptGroup] = []
+    for box in prompts.boxes:
+        mine = []
+        for i, p in enumerate(prompts.points):
+            fits = p.label is None or box.label is None or p.label == box.label
+            if i not in taken and fits and _inside(p, box):
+                taken.add(i)
+                mine.append(p)
+        out.append(PromptGroup(box, tuple(mine), box.label))
+    groups: dict[str | None, list[Point]] = {}
+    for i, p in enumerate(prompts.points):
+        if i not in taken:
+            groups.setdefault(p.label, []).append(p)
+    out.extend(PromptGroup(None, tuple(points), label) for label, points in groups.items())
+    return out
+
+
+def drop_lone_negatives(prompts: Prompts) -> Prompts:
+    """``prompts`` without the objects that have no rectangle and no positive point (logged)."""
+    lone = [
+        g for g in prompt_groups(prompts) if g.box is None and not any(p.positive for p in g.points)
+    ]
+    if not lone:
+        return prompts
+    gone = {id(p) for g in lone for p in g.points}
+    for g in lone:
+        log.info(
+            "dropped %d negative click(s) (label %s): their object has no positive point and "
+            "no rectangle, so no mask is answered for it",
+            len(g.points),
+            g.label,
+        )
+    return Prompts(
+        prompts.boxes,
+        tuple(p for p in prompts.points if id(p) not in gone),
+        prompts.ignored,
+        prompts.dropped + len(gone),
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -132,6 +202,8 @@ def parse_context(context: Any, height: int, width: int, to_name: str | None = N
     Raises:
         BadRequest: the context or one of its keypoint / rectangle items is malformed, or a
             point or a box lies outside the image.
+
+    Lone negative clicks are dropped (:func:`drop_lone_negatives`).
     """
     if not isinstance(context, Mapping) or not isinstance(context.get("result"), list):
         raise BadRequest("interactive context must be an object with a 'result' list")
@@ -197,4 +269,4 @@ def parse_context(context: Any, height: int, width: int, to_name: str | None = N
         if x1 <= x0 or y1 <= y0:
             raise BadRequest(f"interactive prompt {rid!r}: rectangle lies outside the image")
         boxes.append(box)
-    return Prompts(tuple(boxes), tuple(points), ignored)
+    return drop_lone_negatives(Prompts(tuple(boxes), tuple(points), ignored))

@@ -6,7 +6,8 @@ The prompts of one call (parsed by :func:`worker.prompts.parse_context`) become 
 * each rectangle is one object, with the keypoints that lie inside it (and carry its label or
   none) as extra clicks; a rotated rectangle is given to SAM2 as its axis-aligned bounds;
 * the keypoints left over are one object per label (all unlabelled ones together): SAM2's
-  usual multi-click refinement, negative points included;
+  usual multi-click refinement, negative points included; an object of negative points only
+  was dropped when the prompts were parsed (no mask for it);
 * a single click alone is ambiguous: SAM2's three-mask output is used and the mask with the
   best predicted IoU kept.
 
@@ -26,7 +27,7 @@ import numpy as np
 from labelstudio.codecs import brush_result, polygon_results
 from labelstudio.labelconfig import Target
 from sam2unet.promptable import ImageFeatures, PromptableSAM2, PromptObject
-from worker.prompts import Box, Point, Prompts
+from worker.prompts import Box, Prompts, prompt_groups
 
 
 def _box_xyxy(box: Box) -> tuple[float, float, float, float]:
@@ -35,45 +36,20 @@ def _box_xyxy(box: Box) -> tuple[float, float, float, float]:
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def _inside(point: Point, xyxy: tuple[float, float, float, float]) -> bool:
-    x0, y0, x1, y1 = xyxy
-    return x0 <= point.x <= x1 and y0 <= point.y <= y1
-
-
 def prompt_objects(prompts: Prompts) -> list[tuple[PromptObject, str | None]]:
-    """(object, label) pairs for the prompts of one call (see the module docstring)."""
-    taken: set[int] = set()
-    out: list[tuple[PromptObject, str | None]] = []
-    for box in prompts.boxes:
-        xyxy = _box_xyxy(box)
-        mine = []
-        for i, p in enumerate(prompts.points):
-            fits = p.label is None or box.label is None or p.label == box.label
-            if i not in taken and fits and _inside(p, xyxy):
-                taken.add(i)
-                mine.append(p)
-        out.append(
-            (
-                PromptObject(
-                    tuple((p.x, p.y) for p in mine), tuple(int(p.positive) for p in mine), xyxy
-                ),
-                box.label,
-            )
+    """(object, label) pairs for the prompts of one call (see the module docstring and
+    :func:`worker.prompts.prompt_groups`)."""
+    return [
+        (
+            PromptObject(
+                tuple((p.x, p.y) for p in g.points),
+                tuple(int(p.positive) for p in g.points),
+                None if g.box is None else _box_xyxy(g.box),
+            ),
+            g.label,
         )
-    groups: dict[str | None, list[Point]] = {}
-    for i, p in enumerate(prompts.points):
-        if i not in taken:
-            groups.setdefault(p.label, []).append(p)
-    for label, points in groups.items():
-        out.append(
-            (
-                PromptObject(
-                    tuple((p.x, p.y) for p in points), tuple(int(p.positive) for p in points)
-                ),
-                label,
-            )
-        )
-    return out
+        for g in prompt_groups(prompts)
+    ]
 
 
 def _labels_for(label: str | None, target: Target, channels: Sequence[tuple[int, str]]):
