@@ -77,6 +77,8 @@ _AUTHORITY = re.compile(r"[A-Za-z0-9._\-]+(?::[0-9]*)?|\[[0-9A-Fa-f:.]+\](?::[0-
 # control, format (zero-width, bidi), surrogate and separator characters (spaces, line breaks)
 _BAD_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp")
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# scheme, // and the authority up to the first character that ends it for every parser
+_HEAD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\\\s]*")
 
 
 def url_scheme(url: str) -> str:
@@ -130,9 +132,15 @@ def origin(url: str) -> tuple[str, str, int]:
     """
     if not isinstance(url, str):
         raise UnsafeURL("not a URL")
-    for ch in url:
+    # a plain space may stand in the path, query or fragment (requests sends it as %20; with
+    # backslashes refused it cannot move the authority's end): file names hold spaces
+    head = _HEAD.match(url)
+    path_start = head.end() if head else len(url)
+    for i, ch in enumerate(url):
         if ch == "\\":
             raise UnsafeURL("backslash in URL")
+        if ch == " " and i >= path_start and url[-1] != " ":
+            continue
         if unicodedata.category(ch) in _BAD_CATEGORIES:
             raise UnsafeURL(f"whitespace or control character {ch!r} in URL")
     scheme = url_scheme(url)

@@ -366,3 +366,19 @@ def test_label_studio_under_a_path_prefix(servers) -> None:
     assert [(r.path, r.authorization) for r in other.since(mark_other)] == [
         ("/bucket/a.png?X-Amz-Signature=s", None)
     ]
+
+
+def test_a_space_in_the_path_is_sent_encoded_to_the_host_it_names(fetcher, servers) -> None:
+    """File names hold spaces: a literal space after the authority cannot move the host (a
+    backslash is refused everywhere), so it is fetched, sent as %20, with the key only on
+    Label Studio's origin; a space inside the authority is refused."""
+    ls, other = servers
+    for server, key in ((ls, SENT_KEY), (other, None)):
+        mark = server.snapshot()
+        assert fetcher.fetch(f"{server.url}/my photo.png?name=a b") == b"image bytes"
+        (got,) = server.since(mark)
+        assert got.path == "/my%20photo.png?name=a%20b"
+        assert got.authorization == key
+    for url in (f"http://{other.host} :{other.port}/x.png", f"http://{other.host}:{other.port} /x"):
+        with pytest.raises(ImageFetchError, match="host"):
+            fetcher.fetch(url)
