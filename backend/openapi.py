@@ -391,7 +391,10 @@ def openapi_spec() -> dict[str, Any]:
                 )
                 | {
                     "description": "Annotation and task events need no auth; START_TRAINING "
-                    "and unknown actions need basic auth when it is configured."
+                    "and unknown actions need basic auth when it is configured. With "
+                    "SAM2UNET_WEBHOOK_SECRET set, every call needs the header "
+                    "X-Sam2unet-Webhook-Secret (or Authorization: Bearer <secret>, or basic "
+                    "auth). Bodies over SAM2UNET_WEBHOOK_MAX_BYTES (1 MiB) get 413."
                 }
             },
             "/train": {

@@ -56,7 +56,7 @@ def _trainer(args: argparse.Namespace) -> int:
     if args.once is not None:
         report = service.round(args.once, "requested from the command line")
         print(json.dumps({k: report.to_json()[k] for k in ("status", "reason", "candidate")}))
-        return 0 if report.status != "skipped" else 1
+        return 0 if report.status not in ("skipped", "failed") else 1
 
     return _serve_until_signalled(service)
 

@@ -20,7 +20,8 @@ the project, a Redis error, a bug) makes a ``failed`` round with its reason, rec
 other (rounds list, metrics, ``/health``), its events are acknowledged and the round lock freed.
 The project's next round then waits ``SAM2UNET_TRAIN_BACKOFF`` seconds, doubling after each
 failure in a row up to ``SAM2UNET_TRAIN_BACKOFF_MAX``; the trainer logs when a project starts
-failing, when the reason changes and when its rounds work again. An event stream entry the
+failing, when the reason changes and when its rounds work again; events for a project that backs
+off are acknowledged at once, their triggers kept for its retry. An event stream entry the
 trainer cannot read is acknowledged and logged.
 """
 
@@ -183,13 +184,18 @@ class TrainerService:
         if action in CHANGE_ACTIONS:
             changes = _change_count(f)
         st = self.projects.setdefault(project, ProjectState())
-        st.event_ids.append(mid)
-        self._held.add(mid)
         st.last_event = now
         if action == "START_TRAINING":
             st.forced = True
         else:
             st.changes += changes
+        if now < st.retry_at:
+            # the project backs off after failed rounds: its retry carries this trigger, and the
+            # event is not kept pending for what may be an hour
+            log.debug("event %s: project %s backs off; acknowledged", mid, project)
+            return False
+        st.event_ids.append(mid)
+        self._held.add(mid)
         return True
 
     def _take_scheduled(self, event_id: str, target: str) -> bool:
@@ -324,7 +330,7 @@ class TrainerService:
         if report.status != "failed":
             if st.failures:
                 log.info(
-                    "project %s: rounds work again after %d failed round(s)", project, st.failures
+                    "rounds of project %s work again after %d failed round(s)", project, st.failures
                 )
                 self._set_failing(project, None)
             return ProjectState(last_round=now)
