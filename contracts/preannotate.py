@@ -214,8 +214,8 @@ def record(conn: redis.Redis, run_id: str, **increments: int) -> bool:
 
 def maybe_complete(conn: redis.Redis, run_id: str) -> bool:
     """Mark the run completed when every task is accounted for; True for the one call that
-    did. A ``diverse`` run then gets its ordering job (:data:`ORDER_FUNC`), which rewrites the
-    run's prediction scores in the order of the whole run."""
+    did. (A ``diverse`` run's order is computed and applied before its predictions are
+    written, by :data:`ORDER_FUNC`: see :func:`enqueue_order`.)"""
     d = {k.decode(): v.decode() for k, v in conn.hgetall(_key(run_id)).items()}
     if not d or d.get("status") != RUNNING:
         return False
@@ -225,21 +225,27 @@ def maybe_complete(conn: redis.Redis, run_id: str) -> bool:
         return False
     if not conn.hsetnx(_key(run_id), "completed_at", time.time()):
         return False  # another worker's call got there first
-    ordering = d.get("strategy") == "diverse" and int(_num(d, "done")) > 0
-    fields: dict[str, Any] = {"status": COMPLETED, "updated_at": time.time()}
-    if ordering:
-        fields["ordering"] = "pending"
-    conn.hset(_key(run_id), mapping=fields)
+    conn.hset(_key(run_id), mapping={"status": COMPLETED, "updated_at": time.time()})
     conn.delete(ACTIVE_PREFIX + d["project"])
-    if ordering:
-        Queue(QUEUE_BACKGROUND, connection=conn).enqueue(
-            ORDER_FUNC,
-            run_id,
-            job_timeout=ORDER_TIMEOUT,
-            result_ttl=600,
-            failure_ttl=24 * 3600,
-            description=f"pre-annotation {run_id}: diverse ordering",
-        )
+    return True
+
+
+def enqueue_order(conn: redis.Redis, run_id: str) -> bool:
+    """Once every task of a ``diverse`` run is predicted: its ordering job (:data:`ORDER_FUNC`),
+    which ranks the whole run and writes its predictions with the scores of their ranks.
+    Enqueued once per run (the run's ``ordering`` becomes ``pending``); True when this call
+    did."""
+    if not conn.hsetnx(_key(run_id), "ordering", "pending"):
+        return False
+    Queue(QUEUE_BACKGROUND, connection=conn).enqueue(
+        ORDER_FUNC,
+        run_id,
+        job_timeout=ORDER_TIMEOUT,
+        result_ttl=600,
+        failure_ttl=24 * 3600,
+        retry=Retry(max=3, interval=[5, 30, 120]),
+        description=f"pre-annotation {run_id}: diverse ordering",
+    )
     return True
 
 

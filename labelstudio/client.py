@@ -672,6 +672,50 @@ class LabelStudioClient:
                     held.add(task["id"])
         return held
 
+    def tasks_with_prediction_between(
+        self, project: int, version: str, first: int, last: int, page_size: int = 100
+    ) -> set[int]:
+        """Which tasks with ids ``first``..``last`` hold a prediction of exactly ``version``:
+        one query for the id range (a run's page), narrowed by the data manager's model-version
+        filter (substrings: the versions found are compared exactly)."""
+        items = [
+            {
+                "filter": "filter:tasks:id",
+                "operator": "greater_or_equal",
+                "type": "Number",
+                "value": int(first),
+            },
+            {
+                "filter": "filter:tasks:id",
+                "operator": "less_or_equal",
+                "type": "Number",
+                "value": int(last),
+            },
+            {
+                "filter": "filter:tasks:predictions_model_versions",
+                "operator": "contains",
+                "type": "List",
+                "value": [version],
+            },
+        ]
+        query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+        held: set[int] = set()
+        page, seen = 1, 0
+        while True:
+            found, total = self.task_page(project, page, page_size, full=True, query=query)
+            seen += len(found)
+            for task in found:
+                versions = {
+                    p.get("model_version")
+                    for p in task.get("predictions") or []
+                    if isinstance(p, dict)
+                }
+                if version in versions and isinstance(task.get("id"), int):
+                    held.add(task["id"])
+            if not found or len(found) < page_size or seen >= (total or 0):
+                return held
+            page += 1
+
     # --- downloads -------------------------------------------------------------------------
     def download(self, url: str, max_bytes: int, timeout: float) -> bytes:
         """GET a file, e.g. a task image, at most ``max_bytes`` within ``timeout`` seconds.

@@ -273,13 +273,11 @@ def writable(results: list[ItemResult]) -> list[ItemResult]:
 def make_write_back(
     ls_client: Any,
 ) -> Callable[..., int] | None:
-    """A function ``write_back(payload, results, conn=None, batch_size=DEFAULT_BATCH,
-    with_ids=False)`` that
+    """A function ``write_back(payload, results, conn=None, batch_size=DEFAULT_BATCH)`` that
     stores each successful result as a prediction of its task and returns how many are stored;
     None when no Label Studio API is configured. Results of a payload with a project go through
     the bulk import (:class:`PredictionWriter`, scoped by the payload's run or request); without
-    a project, or ``with_ids``, they are written one by one (``POST /api/predictions``, each stored result gets
-    Label Studio's ``prediction_id``)."""
+    a project, they are written one by one (``POST /api/predictions``)."""
     if ls_client is None:
         return None
 
@@ -288,10 +286,9 @@ def make_write_back(
         results: list[ItemResult],
         conn: redis.Redis | None = None,
         batch_size: int = DEFAULT_BATCH,
-        with_ids: bool = False,
     ) -> int:
         todo = writable(results)
-        if payload.project is None or with_ids:
+        if payload.project is None:
             return write_one_by_one(ls_client, todo)
         writer = PredictionWriter(ls_client, conn, batch_size)
         scope = payload.run_id or f"request:{payload.request_id}"

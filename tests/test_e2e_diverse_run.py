@@ -1,11 +1,12 @@
 """With a real Label Studio 1.23.2, a real Redis and a real worker process: a ``preannotate
 --acquisition diverse`` run over a project holding near-duplicate images (two images imported
-three times each, plus distinct ones) rewrites its prediction scores once the run is completed,
-so that the data manager sorted by prediction score ascending lists the k-center order of the
-whole run: no two copies of an image in the first batch, and the same order as
-:func:`sam2unet.acquisition.run_order` over the features the worker stored (which match the
-model's own features of the images). A score that Label Studio refuses to rewrite is logged and
-the other predictions are ordered all the same."""
+three times each, plus distinct ones) ranks the whole run once every task is predicted and then
+writes each prediction once, in bulk, with the score of its rank, so that the data manager
+sorted by prediction score ascending lists the k-center order of the whole run: no two copies of
+an image in the first batch, and the same order as :func:`sam2unet.acquisition.run_order` over
+the features the worker stored (which match the model's own features of the images). A task
+deleted before the ordered write is refused, logged and counted failed, the others are written
+in order; a run whose order cannot be computed is written with its uncertainty scores."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -80,12 +82,12 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(
         assert final["status"] == "completed" and final["acquisition"] == "diverse", final
         assert final["done"] == len(ids) and final["ordering"] == "done", final
         assert final["ordered"] == len(ids)
-        assert "diverse scores 12/12 (0 failed)" in log
+        assert "diverse order written 12/12 (0 failed)" in log
         # a copy on a later page came from the result cache, its feature with it
         assert re.search(r"items \([1-9]\d* cached", log), log[-3000:]
 
         # the order, computed here from what the worker stored
-        tasks, _, u, labelled = stored(redis_conn, final["id"])
+        tasks, u, labelled = stored(redis_conn, final["id"])
         assert tasks == sorted(ids) and not labelled
         feats = features(redis_conn, final["id"], tasks)
         expected = [tasks[i] for i in run_order(u, feats, BATCH)]
@@ -104,6 +106,10 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(
         scores = {t["id"]: t.get("predictions_score") for t in listed}
         print("k-center order:", expected, "data manager:", order, json.dumps(scores))
         assert order == expected
+        # each task holds one prediction of the version, written once with its rank's score
+        for r, t in enumerate(expected):
+            preds = [p for p in ls.predictions(t) if p["model_version"] == version]
+            assert [p["score"] for p in preds] == [pytest.approx((r + 1) / (len(ids) + 1))], t
         first = [group[ids.index(t)] for t in order[:BATCH]]
         assert len(set(first)) == BATCH, first  # no two copies of an image in the first batch
         # the uncertainty order alone would put copies side by side: the rewrite mattered
@@ -111,34 +117,88 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(
         assert any(a == b for a, b in itertools.pairwise(by_u))
 
 
-def test_a_score_that_cannot_be_rewritten_keeps_its_prediction(tmp_path, redis_conn, caplog):
-    from labelstudio.client import LabelStudioClient
-    from worker.run_order import order_run, remember
+def ordering_run(ls, redis_conn, tmp_path, n: int, label: str):
+    """A diverse run of ``n`` new tasks whose predictions wait in its write buffer with their
+    uncertainty scores (0.9, 0.8, ...) and whose features are stored: what its predict jobs
+    leave behind once every task is predicted. Returns (run id, task ids, worker context)."""
+    from contracts.settings import Settings
+    from worker.preannotate import BUFFER_PREFIX
+    from worker.process import make_context
+    from worker.run_order import remember
 
-    rng = np.random.default_rng(5)
+    project = ls.create_project(BRUSH, title=label)
+    ids = ls.import_tasks(project, [{"data": {"image": f"/data/{label}{i}.png"}} for i in range(n)])
+    run_id, _ = runs.start_run(redis_conn, project, acquisition="diverse")
+    redis_conn.delete("rq:queue:background")  # its page job: not run here
+    u = [round(0.9 - 0.1 * i, 3) for i in range(n)]
+    item = {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 8}
+    item |= {
+        "original_height": 8,
+        "value": {"format": "rle", "rle": [0], "brushlabels": ["Circle"]},
+    }
+    redis_conn.hset(
+        BUFFER_PREFIX + run_id,
+        mapping={
+            str(t): zlib.compress(
+                json.dumps(
+                    {"task": t, "result": [item], "score": s, "model_version": "sam2unet-v7"}
+                ).encode()
+            )
+            for t, s in zip(ids, u, strict=True)
+        },
+    )
+    feats = np.random.default_rng(5).normal(size=(n, 16))
+    remember(redis_conn, run_id, zip(ids, u, feats, strict=True))
+    runs.update(
+        redis_conn, run_id, strategy="diverse", total=n, paged=1, predicted=n,
+        model_version="sam2unet-v7",
+    )  # fmt: skip
+    settings = Settings(
+        model_dir=tmp_path / "models", label_studio_url=ls.url, label_studio_api_key=ls.pat
+    )
+    return run_id, ids, make_context(settings, redis_conn)
+
+
+def scores_of(ls, ids: list[int]) -> dict[int, list[float]]:
+    return {t: [p["score"] for p in ls.predictions(t)] for t in ids}
+
+
+def test_a_task_deleted_before_the_ordered_write_is_refused_the_others_are_ordered(
+    tmp_path, redis_conn, caplog
+):
+    from worker.preannotate import order_and_write
+
     with running_label_studio(tmp_path / "ls") as ls:
-        project = ls.create_project(BRUSH, title="diverse ordering failure")
-        ids = ls.import_images(
-            project,
-            [
-                (f"f{i}.png", png_bytes(make_domain_sample(sample_rng(53, i), 64, "easy")[0]))
-                for i in range(3)
-            ],
-        )
-        client = LabelStudioClient(ls.url, ls.pat)
-        preds = [client.create_prediction(t, [], 0.5, "sam2unet-v1")["id"] for t in ids]
-        run_id, _ = runs.start_run(redis_conn, project, acquisition="diverse")
-        feats = rng.normal(size=(3, 16))
-        remember(redis_conn, run_id, zip(ids, preds, [0.9, 0.5, 0.1], feats, strict=True))
-        # the most uncertain task's prediction is gone before the ordering job runs
-        assert ls.api("DELETE", f"/api/predictions/{preds[0]}/").status_code == 204
-        with caplog.at_level("WARNING", logger="worker.run_order"):
-            out = order_run(redis_conn, client, run_id, batch=2, depth=3)
-        assert out == {"ordered": 2, "failed": 1}
-        assert f"task {ids[0]} keeps its uncertainty score" in caplog.text
+        run_id, ids, ctx = ordering_run(ls, redis_conn, tmp_path, 3, "refused")
+        # the most uncertain task is deleted after it was predicted, before the ordered write
+        assert ls.api("DELETE", f"/api/tasks/{ids[0]}/").status_code == 204
+        with caplog.at_level("INFO"):
+            out = order_and_write(ctx, run_id)
+        assert out == {"ordered": 2, "written": 2, "failed": 1}
+        assert f"task {ids[0]}: prediction refused by Label Studio" in caplog.text
         st = runs.status(redis_conn, run_id)
-        assert st["ordering"] == "failed" and st["ordered"] == 2
-        scores = {t: [p["score"] for p in ls.predictions(t)] for t in ids}
-        assert scores[ids[0]] == []  # deleted here, not by the ordering
-        # ranks 1 and 2 of 3 (rank 0 was the deleted one): the others' predictions stay
-        assert sorted(s for t in ids[1:] for s in scores[t]) == pytest.approx([0.5, 0.75])
+        assert st["status"] == "completed" and st["ordering"] == "done" and st["ordered"] == 2
+        # the deleted task kept its rank (0 of 3): the others have ranks 1 and 2, once each
+        scores = scores_of(ls, ids[1:])
+        assert sorted(s for v in scores.values() for s in v) == pytest.approx([0.5, 0.75])
+        assert all(len(v) == 1 for v in scores.values())
+
+
+def test_a_run_without_an_order_is_written_with_its_uncertainty_scores(
+    tmp_path, redis_conn, caplog
+):
+    from worker.preannotate import order_and_write
+    from worker.run_order import PREFIX
+
+    with running_label_studio(tmp_path / "ls") as ls:
+        run_id, ids, ctx = ordering_run(ls, redis_conn, tmp_path, 3, "unordered")
+        redis_conn.delete(PREFIX + run_id + ":features")  # e.g. expired
+        with caplog.at_level("INFO"):
+            out = order_and_write(ctx, run_id)
+        assert out == {"ordered": 0, "written": 3, "failed": 0}
+        assert "no diverse order, predictions keep their uncertainty scores" in caplog.text
+        st = runs.status(redis_conn, run_id)
+        assert st["status"] == "completed" and st["ordering"] == "failed"
+        assert scores_of(ls, ids) == {
+            t: [pytest.approx(s)] for t, s in zip(ids, [0.9, 0.8, 0.7], strict=True)
+        }

@@ -1,16 +1,29 @@
 """The order of a whole ``diverse`` run over the features its workers stored in a real Redis:
 no two identical images in one batch, the most uncertain distinct image first, labelled tasks
-as centres, and the run completing exactly once with its ordering job enqueued."""
+as centres, and a diverse run's predictions held in its write buffer until every task is
+predicted, which enqueues its ordering job exactly once."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from rq import Queue
 
 from contracts import preannotate as runs
 from contracts.jobs import QUEUE_BACKGROUND
+from contracts.settings import Settings
 from sam2unet.acquisition import run_order, select
-from worker.run_order import features, ordering, remember, remember_labelled, stored
+from worker.preannotate import BUFFER_PREFIX, flush
+from worker.run_order import (
+    PREFIX,
+    features,
+    ordering,
+    rank_scores,
+    remember,
+    remember_labelled,
+    stored,
+)
+from worker.runtime import WorkerContext
 
 
 def pool(seed: int = 0, dim: int = 48):
@@ -26,17 +39,18 @@ def pool(seed: int = 0, dim: int = 48):
 def test_a_runs_order_never_puts_two_identical_images_in_one_batch(redis_conn):
     tasks, u, feats = pool()
     run_id = "7-1-abc"
-    assert remember(
-        redis_conn, run_id, ((t, 1000 + t, ui, f) for t, ui, f in zip(tasks, u, feats, strict=True))
-    ) == len(tasks)
-    got_tasks, preds, got_u, labelled = stored(redis_conn, run_id)
-    assert got_tasks == tasks and preds == [1000 + t for t in tasks] and not labelled
+    assert remember(redis_conn, run_id, zip(tasks, u, feats, strict=True)) == len(tasks)
+    got_tasks, got_u, labelled = stored(redis_conn, run_id)
+    assert got_tasks == tasks and not labelled
     np.testing.assert_allclose(got_u, u, atol=1e-6)
     np.testing.assert_array_equal(features(redis_conn, run_id, tasks), feats.astype(np.float32))
 
     k = 4
-    order, pred_order = ordering(redis_conn, run_id, batch=k, depth=len(tasks))
-    assert sorted(order) == tasks and pred_order == [1000 + t for t in order]
+    order = ordering(redis_conn, run_id, batch=k, depth=len(tasks))
+    assert sorted(order) == tasks
+    scores = rank_scores(order)
+    assert sorted(scores, key=scores.__getitem__) == order  # ascending score lists the order
+    assert min(scores.values()) > 0 and max(scores.values()) < 1
     assert order[0] == 1  # the most uncertain distinct image first
     copies = {1, 2, 3}
     for start in range(0, 8, k):  # batches while distinct images remain: one copy at most
@@ -52,11 +66,9 @@ def test_a_runs_order_never_puts_two_identical_images_in_one_batch(redis_conn):
 def test_labelled_tasks_with_known_features_are_centres(redis_conn):
     tasks, u, feats = pool(1)
     run_id = "7-2-def"
-    remember(
-        redis_conn, run_id, ((t, 1000 + t, ui, f) for t, ui, f in zip(tasks, u, feats, strict=True))
-    )
+    remember(redis_conn, run_id, zip(tasks, u, feats, strict=True))
     remember_labelled(redis_conn, run_id, [1])  # the image with two copies is labelled
-    order, _ = ordering(redis_conn, run_id, batch=3, depth=len(tasks))
+    order = ordering(redis_conn, run_id, batch=3, depth=len(tasks))
     assert 1 not in order  # a labelled task is not suggested
     assert set(order[-2:]) == {2, 3}  # its copies add nothing: last
     # with a centre, the first pick is the candidate farthest from it (the 4 x 3 most uncertain
@@ -73,16 +85,32 @@ def test_depth_bounds_the_diverse_part_and_the_rest_follow_uncertainty():
     assert rest == sorted(rest, key=lambda i: -u[i])
 
 
-def test_a_diverse_run_completes_once_and_enqueues_its_ordering(redis_conn):
+def test_a_missing_feature_is_an_error_not_a_wrong_order(redis_conn):
+    tasks, u, feats = pool(4)
+    run_id = "7-3-ghi"
+    remember(redis_conn, run_id, zip(tasks, u, feats, strict=True))
+    redis_conn.hdel(PREFIX + run_id + ":features", "1")
+    with pytest.raises(ValueError, match="no stored feature"):
+        ordering(redis_conn, run_id, batch=3, depth=len(tasks))
+
+
+def test_a_diverse_run_is_held_until_predicted_then_ordered_once(redis_conn):
     run_id, started = runs.start_run(redis_conn, 5, acquisition="diverse")
     assert started
     redis_conn.delete("rq:queue:" + QUEUE_BACKGROUND)  # the first page's job: not run here
-    runs.update(redis_conn, run_id, strategy="diverse", total=2, paged=1)
-    assert not runs.record(redis_conn, run_id, done=1)
-    assert runs.record(redis_conn, run_id, done=1)  # this call completed the run
-    assert not runs.maybe_complete(redis_conn, run_id)  # never twice
+    runs.update(redis_conn, run_id, strategy="diverse", total=3, paged=1)
+    ctx = WorkerContext(Settings(write_batch=1), redis_conn, None, None)  # type: ignore[arg-type]
+    redis_conn.hset(BUFFER_PREFIX + run_id, mapping={"1": b"x", "2": b"y"})
+    runs.record(redis_conn, run_id, predicted=2)
+    # full write batches, but a diverse run writes nothing before its order is applied
+    assert flush(ctx, run_id) == 0 and redis_conn.hlen(BUFFER_PREFIX + run_id) == 2
+    assert runs.status(redis_conn, run_id)["ordering"] is None
+    assert not Queue(QUEUE_BACKGROUND, connection=redis_conn).jobs
+    runs.record(redis_conn, run_id, failed=1)  # every task predicted (or failed)
+    for _ in range(3):  # every later flush: the ordering job is enqueued once
+        assert flush(ctx, run_id) == 0
     st = runs.status(redis_conn, run_id)
-    assert st["status"] == runs.COMPLETED and st["ordering"] == "pending"
+    assert st["status"] == runs.RUNNING and st["ordering"] == "pending"
     jobs = Queue(QUEUE_BACKGROUND, connection=redis_conn).jobs
     assert [(j.func_name, j.args) for j in jobs] == [(runs.ORDER_FUNC, (run_id,))]
 

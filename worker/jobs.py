@@ -57,30 +57,17 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
         ctx.redis, p.reply_key, encode_reply(job_id, results), max(60, rt.settings.result_ttl)
     )
     record_job(ctx.redis, job, times, results)  # after the reply: nobody waits for metrics
-    if p.run_id and p.write_back and not acquired and ctx.ls_client is not None:
+    if p.run_id and p.write_back and ctx.ls_client is not None:
         from worker.preannotate import after_predict
 
-        after_predict(ctx, p.run_id, results)  # through the run's write buffer, in bulk
+        # through the run's write buffer, in bulk; a diverse run's after its order is applied
+        after_predict(ctx, p.run_id, results, acquired)
         return {"items": len(results), "errors": sum(1 for r in results if r.error)}
     written = 0
     if (p.write_back or late) and ctx.write_back is not None:
-        written = ctx.write_back(
-            p, results, ctx.redis, ctx.settings.write_batch, with_ids=bool(acquired)
-        )
+        written = ctx.write_back(p, results, ctx.redis, ctx.settings.write_batch)
     elif p.write_back:
         log.error("request %s: no Label Studio API configured to write results to", p.request_id)
-    if acquired:  # a diverse run: what the order of the whole run needs
-        from worker.run_order import remember
-
-        remember(
-            ctx.redis,
-            p.run_id,
-            (
-                (r.task_id, r.prediction_id, *acquired[r.index])
-                for r in results
-                if r.prediction_id is not None and r.index in acquired
-            ),
-        )
     if p.run_id:
         untrained = sum(1 for r in results if is_untrained(r.model_version))
         from worker.preannotate import record
@@ -104,13 +91,13 @@ def preannotate_page(run_id: str, page: int) -> dict[str, Any]:
 
 
 def preannotate_order(run_id: str) -> dict[str, Any]:
-    """Once a ``diverse`` run is completed: rewrite its prediction scores in the order of the
-    whole run (:mod:`worker.run_order`)."""
-    from worker.run_order import order_run
+    """Once every task of a ``diverse`` run is predicted: rank the whole run, give each of its
+    buffered predictions the score of its rank and write them in bulk
+    (:func:`worker.preannotate.order_and_write`)."""
+    from worker.preannotate import order_and_write
 
     ctx = get_context()
     if ctx.ls_client is None:
-        log.error("pre-annotation %s: no Label Studio API to rewrite scores with", run_id)
+        log.error("pre-annotation %s: no Label Studio API to write predictions to", run_id)
         return {"error": "no Label Studio API"}
-    s = ctx.settings
-    return order_run(ctx.redis, ctx.ls_client, run_id, s.diverse_batch, s.diverse_depth)
+    return order_and_write(ctx, run_id)

@@ -9,6 +9,7 @@ import time
 import zlib
 from typing import Any
 
+import redis
 from rq import Queue
 
 from contracts import preannotate as runs
@@ -77,6 +78,47 @@ def point_project_at_run(ctx: WorkerContext, run_id: str) -> None:
     log.info("pre-annotation %s: project %s now shows %s", run_id, st["project"], version)
 
 
+# A run reads its project's tasks in order of task id, each page the next ``page_size`` tasks
+# after the last id of the page before (a data manager filter ``id > cursor`` ordered by id),
+# with only the fields the run needs: a task deleted or added while the run goes on shifts no
+# other task out of a page, so every task present when the run started is read exactly once.
+# The cursor of each page is kept under the run (CURSOR_PREFIX), so that a retried page job
+# reads the same page.
+CURSOR_PREFIX = "sam2unet:preannotate:cursor:"
+RUN_FIELDS = ("id", "data", "is_labeled", "total_annotations", "cancelled_annotations")
+
+
+def after_id_query(after: int) -> dict[str, Any]:
+    """The data manager query of the tasks after task id ``after``, in order of id."""
+    return {
+        "filters": {
+            "conjunction": "and",
+            "items": [
+                {
+                    "filter": "filter:tasks:id",
+                    "operator": "greater",
+                    "type": "Number",
+                    "value": after,
+                }
+            ],
+        },
+        "ordering": ["tasks:id"],
+    }
+
+
+def _cursor(conn: Any, run_id: str, page: int) -> tuple[int, int] | None:
+    """(the id page ``page`` reads after, tasks read by the pages before it); None when the
+    page before it was never completed."""
+    if page == 1:
+        return 0, 0
+    raw = conn.hgetall(CURSOR_PREFIX + run_id)
+    after = raw.get(f"after:{page}".encode())
+    if after is None:
+        return None
+    before = sum(int(v) for k, v in raw.items() if k.startswith(b"n:") and int(k[2:]) < page)
+    return int(after), before
+
+
 def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
     conn = ctx.redis
     if not runs.is_running(conn, run_id):
@@ -88,10 +130,17 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         return {"error": "no Label Studio API"}
     st = runs.status(conn, run_id)
     project = st["project"]
-    page_size = int(conn.hget(runs.RUN_PREFIX + run_id, "page_size") or 100)
+    page_size = int(conn.hget(runs.RUN_PREFIX + run_id, "page_size") or 1000)
     unlabeled_only = (conn.hget(runs.RUN_PREFIX + run_id, "unlabeled_only") or b"1") == b"1"
     acquisition = (conn.hget(runs.RUN_PREFIX + run_id, "acquisition") or b"").decode()
     acquisition = acquisition or ctx.settings.acquisition
+    cursor = _cursor(conn, run_id, page)
+    if cursor is None:
+        reason = f"page {page} has no cursor: the page before it never completed"
+        log.error("pre-annotation %s: %s", run_id, reason)
+        runs.fail(conn, run_id, reason)
+        return {"error": reason}
+    after, read_before = cursor
     try:
         version = ctx.runtime.ensure_current()
         if not ctx.runtime.decoder_trained and ctx.runtime.info is not None:
@@ -101,41 +150,43 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
             runs.fail(conn, run_id, reason)
             return {"error": reason}
         target = parse_label_config(ctx.ls_client.get_project(project)["label_config"])
-        r = ctx.ls_client.request(
-            "GET",
-            "/api/tasks",
-            params={"project": project, "page": page, "page_size": page_size, "fields": "all"},
-            ok=(200, 404),
+        tasks, remaining = ctx.ls_client.task_page(
+            project, 1, page_size, include=RUN_FIELDS, query=after_id_query(after)
+        )
+        ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
+        # which of the page's tasks hold a prediction of the version already (a run after a
+        # restart does only what is left)
+        held = (
+            ctx.ls_client.tasks_with_prediction_between(project, version, ids[0], ids[-1])
+            if ids
+            else set()
         )
     except AssistError as e:
         if page == 1:
             runs.fail(conn, run_id, e.message)
             return {"error": e.message}
         raise  # a later page: rq retries it
-    body = r.json() if r.status_code == 200 else {"tasks": [], "total": None}
-    tasks = body.get("tasks", []) if isinstance(body, dict) else body
-    total = body.get("total") if isinstance(body, dict) else None
-    fields: dict[str, Any] = {"model_version": version, "pages": page, "strategy": acquisition}
-    if isinstance(total, int):
-        fields["total"] = total
     last = (
-        not tasks
+        not ids
         or len(tasks) < page_size
-        or (isinstance(total, int) and (page - 1) * page_size + len(tasks) >= total)
+        or (isinstance(remaining, int) and len(tasks) >= remaining)
     )
+    fields: dict[str, Any] = {"model_version": version, "pages": page, "strategy": acquisition}
+    if last:
+        fields["total"] = read_before + len(tasks)
+    elif isinstance(remaining, int):
+        fields["total"] = read_before + remaining  # so far: tasks may come and go
     todo, skipped, labelled = [], 0, []
     for i, task in enumerate(tasks):
         if is_labeled(task) and isinstance(task.get("id"), int):
             labelled.append(task["id"])
         url = (task.get("data") or {}).get(target.value_key)
-        if has_prediction_of(task, version) or (unlabeled_only and is_labeled(task)):
+        if task.get("id") in held or (unlabeled_only and is_labeled(task)):
             skipped += 1
         elif not isinstance(url, str) or not url:
             record(ctx, run_id, failed=1)
         else:
             todo.append(PredictItem(index=i, url=url, task_id=task.get("id")))
-    if not isinstance(total, int) and last:
-        fields["total"] = (page - 1) * page_size + len(tasks)
     runs.update(conn, run_id, **fields)
     if acquisition == "diverse":
         from worker.run_order import remember_labelled
@@ -156,15 +207,27 @@ def process_page(ctx: WorkerContext, run_id: str, page: int) -> dict[str, Any]:
         acquisition=acquisition,
     )
     record(ctx, run_id, queued=len(todo), skipped=skipped)
+    cursor_key = CURSOR_PREFIX + run_id
+    with conn.pipeline(transaction=True) as pipe:
+        pipe.hset(cursor_key, f"n:{page}", len(tasks))
+        if not last:
+            pipe.hset(cursor_key, f"after:{page + 1}", ids[-1])
+        pipe.expire(cursor_key, runs.RUN_TTL)
+        pipe.execute()
     if last:
         runs.update(conn, run_id, paged=1)
-        record(ctx, run_id)  # nothing to add: completes the run if every task is accounted for
+        # the run's predict jobs may all be done already: what they left in the write buffer
+        # is written now (or a diverse run's order starts), and the run completes when every
+        # task is accounted for
+        flush(ctx, run_id, wait=0)
     else:
         runs.enqueue_page(conn, run_id, page + 1)
     log.info(
-        "pre-annotation %s page %d: %d task(s), %d queued, %d already predicted by %s",
+        "pre-annotation %s page %d (ids after %d): %d task(s), %d queued, %d already predicted "
+        "by %s",
         run_id,
         page,
+        after,
         len(tasks),
         len(todo),
         skipped,
@@ -185,6 +248,7 @@ BUFFER_PREFIX = "sam2unet:preannotate:buffer:"
 FLUSH_LOCK_PREFIX = "sam2unet:preannotate:flushing:"
 FLUSH_LOCK_TTL = 30  # renewed before each bulk call; a killed writer's lock lapses soon
 BUFFER_TTL = 2 * 24 * 3600
+ORDER_WRITE_WAIT = 600.0  # the ordering job waits this long for another worker's write
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -195,15 +259,27 @@ return 0
 """
 
 
-def after_predict(ctx: WorkerContext, run_id: str, results: list[Any]) -> None:
+def after_predict(
+    ctx: WorkerContext, run_id: str, results: list[Any], acquired: dict | None = None
+) -> None:
     """A run's predict job is done predicting: its results join the run's write buffer, the
     job's tasks are counted, and the buffer is written when full or when the run is
-    predicted."""
+    predicted. ``acquired`` (a ``diverse`` run): each result's (uncertainty, feature), stored
+    for the order of the whole run, which is applied before the run's predictions are
+    written."""
     from contracts.heads import is_untrained
     from labelstudio.writeback import writable
 
     todo = writable(results)
     untrained = sum(1 for r in results if is_untrained(r.model_version))
+    if acquired is not None:
+        from worker.run_order import remember
+
+        remember(
+            ctx.redis,
+            run_id,
+            ((r.task_id, *acquired[r.index]) for r in todo if r.index in acquired),
+        )
     buffer_results(ctx.redis, run_id, todo)
     record(
         ctx,
@@ -228,14 +304,27 @@ def buffer_results(conn: Any, run_id: str, results: list[Any]) -> None:
         pipe.execute()
 
 
+def _held_for_order(conn: Any, run_id: str) -> bool:
+    """Whether the run is a ``diverse`` run whose order is not applied yet: its predictions
+    wait in the buffer until the ordering job gives them the scores of their ranks."""
+    strategy, applied = conn.hmget(runs.RUN_PREFIX + run_id, ["strategy", "order_applied"])
+    return strategy == b"diverse" and applied != b"1"
+
+
 def flush(ctx: WorkerContext, run_id: str, wait: float | None = None) -> int:
     """Write the run's buffered predictions: full batches, or all of them once every task of
     the run is predicted (then waiting up to ``wait`` seconds, default half the job timeout,
-    for another worker's write to finish). Returns how many were written by this call."""
+    for another worker's write to finish). A ``diverse`` run's predictions wait until every
+    task is predicted, which enqueues its ordering job (:func:`order_and_write`) once.
+    Returns how many were written by this call."""
     conn = ctx.redis
     key = BUFFER_PREFIX + run_id
     batch = max(1, ctx.settings.write_batch)
     final = runs.all_predicted(conn, run_id)
+    if _held_for_order(conn, run_id):
+        if final and runs.enqueue_order(conn, run_id):
+            log.info("pre-annotation %s: every task predicted; diverse ordering enqueued", run_id)
+        return 0
     if not final and conn.hlen(key) < batch:
         return 0
     lock = FLUSH_LOCK_PREFIX + run_id
@@ -251,6 +340,8 @@ def flush(ctx: WorkerContext, run_id: str, wait: float | None = None) -> int:
     written = 0
     try:
         while conn.eval(_RENEW, 1, lock, token, FLUSH_LOCK_TTL):
+            # the run may have been predicted meanwhile: then the rest is written too
+            final = final or runs.all_predicted(conn, run_id)
             n, progressed = write_buffered(ctx, run_id, batch, final)
             written += n
             if not progressed:
@@ -259,6 +350,76 @@ def flush(ctx: WorkerContext, run_id: str, wait: float | None = None) -> int:
         conn.eval(_UNLOCK, 1, lock, token)
     record(ctx, run_id)  # completes the run once everything is written or refused
     return written
+
+
+def order_and_write(ctx: WorkerContext, run_id: str) -> dict[str, Any]:
+    """The ordering job of a ``diverse`` run whose every task is predicted: rank the whole run
+    (:func:`worker.run_order.ordering`), give each buffered prediction the score of its rank,
+    then write the buffer in bulk. Without an order (a stored feature missing, Redis refusing),
+    the predictions are written with their uncertainty scores and ``ordering`` is
+    ``failed``."""
+    from worker.run_order import ordering, rank_scores
+
+    conn = ctx.redis
+    s = ctx.settings
+    t0 = time.perf_counter()
+    runs.update(conn, run_id, ordering="running", ordered=0)
+    try:
+        scores = rank_scores(ordering(conn, run_id, s.diverse_batch, s.diverse_depth))
+    except (redis.exceptions.RedisError, ValueError) as e:
+        log.error(
+            "pre-annotation %s: no diverse order, predictions keep their uncertainty scores: %s",
+            run_id,
+            e,
+        )
+        scores = None
+    else:
+        rescored = rescore_buffer(conn, run_id, scores)
+        log.info(
+            "pre-annotation %s: diverse order of %d task(s) computed and applied to %d "
+            "buffered prediction(s) in %.1fs (batches of %d, first %d ranked by diversity)",
+            run_id,
+            len(scores),
+            rescored,
+            time.perf_counter() - t0,
+            s.diverse_batch,
+            min(s.diverse_depth, len(scores)),
+        )
+    runs.update(conn, run_id, order_applied=1)
+    flush(ctx, run_id, wait=ORDER_WRITE_WAIT)
+    st = runs.status(conn, run_id)
+    ordered = st["done"] if scores is not None else 0
+    runs.update(conn, run_id, ordering="done" if scores is not None else "failed", ordered=ordered)
+    log.info(
+        "pre-annotation %s: diverse order written %d/%d (%d failed) in %.1fs",
+        run_id,
+        ordered,
+        len(scores) if scores is not None else 0,
+        st["failed"],
+        time.perf_counter() - t0,
+    )
+    return {"ordered": ordered, "written": st["done"], "failed": st["failed"]}
+
+
+def rescore_buffer(conn: Any, run_id: str, scores: dict[int, float]) -> int:
+    """Give each buffered prediction of the run the score of its rank; how many got one."""
+    key = BUFFER_PREFIX + run_id
+    n = 0
+    chunk: dict[str, bytes] = {}
+    for field, value in conn.hscan_iter(key, count=1000):
+        task = int(field)
+        if task not in scores:
+            continue
+        item = json.loads(zlib.decompress(value))
+        item["score"] = scores[task]
+        chunk[field.decode()] = zlib.compress(json.dumps(item).encode())
+        if len(chunk) >= 1000:
+            conn.hset(key, mapping=chunk)
+            n, chunk = n + len(chunk), {}
+    if chunk:
+        conn.hset(key, mapping=chunk)
+        n += len(chunk)
+    return n
 
 
 def write_buffered(ctx: WorkerContext, run_id: str, batch: int, final: bool) -> tuple[int, bool]:

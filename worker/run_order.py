@@ -1,41 +1,43 @@
-"""The ``diverse`` order of a whole pre-annotation run.
+"""The ``diverse`` order of a whole pre-annotation run, computed before its predictions are
+written.
 
-Each predict job of a ``diverse`` run sees one page of images, so it can only write each
-prediction's uncertainty. It also stores, per task, what the order of the whole run needs: the
-prediction's Label Studio id and uncertainty (12 bytes) in one hash, the pooled trunk feature as
-float16 (2 bytes per channel of the coarsest Hiera stage: 1.5 KiB for tiny/small, 1.75 KiB for
-base-plus, 2.25 KiB for large) in another, both under the run's keys with :data:`TTL`. Once the
-run is completed, one ordering job (:data:`contracts.preannotate.ORDER_FUNC`) ranks the run's
-tasks with :func:`sam2unet.acquisition.run_order` (labelled tasks of the run, whose features are
-known when the run predicted them too, count as centres) and rewrites each prediction's score
-so that rank ``r`` of ``n`` gets ``(r + 1) / (n + 1)``: sorting by prediction score ascending
-then lists batch after batch of uncertain, mutually distant tasks. Only the uncertainties of the
-whole run and the features of its ``depth + 4 x batch`` most uncertain tasks are loaded.
-A score that cannot be rewritten is logged and keeps its uncertainty score; no prediction is
-ever removed.
+Each predict job of a ``diverse`` run sees one page of images. Its predictions wait in the run's
+write buffer (:mod:`worker.preannotate`) and it stores, per task, what the order of the whole run
+needs: the prediction's uncertainty (4 bytes) in one hash, the pooled trunk feature as float16
+(2 bytes per channel of the coarsest Hiera stage: 1.5 KiB for tiny/small, 1.75 KiB for
+base-plus, 2.25 KiB for large) in another, both under the run's keys with :data:`TTL`. Once every
+task of the run is predicted, one ordering job (:data:`contracts.preannotate.ORDER_FUNC`) ranks
+the run's tasks with :func:`sam2unet.acquisition.run_order` (labelled tasks of the run, whose
+features are known when the run predicted them too, count as centres), gives each buffered
+prediction the score of its rank (rank ``r`` of ``n`` gets ``(r + 1) / (n + 1)``: sorting by
+prediction score ascending then lists batch after batch of uncertain, mutually distant tasks),
+and writes the run's predictions through the bulk import, each once. Only the uncertainties of
+the whole run and the features of its ``depth + 4 x batch`` most uncertain tasks are loaded.
+When no order can be computed, the predictions are written with their uncertainty scores and
+the run's ``ordering`` is ``failed``; no prediction is ever lost to the order.
+
+Ordering before writing costs one bulk write per task; the alternative, writing as the run goes
+and replacing the predictions once ordered, costs two bulk writes and a deletion (and Label
+Studio's bulk deletion removes every model version's predictions of a task). bench.scale
+measures both, and the old ``PATCH`` per task.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-import time
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import redis
 
-from contracts import preannotate as runs
-from contracts.errors import AssistError
 from sam2unet.acquisition import CANDIDATES, run_order
 
 log = logging.getLogger(__name__)
 
 PREFIX = "sam2unet:preannotate:diverse:"
 TTL = 7 * 24 * 3600
-_ENTRY = struct.Struct("<qf")  # prediction id, uncertainty
-PROGRESS_EVERY = 200
+_ENTRY = struct.Struct("<f")  # uncertainty
 
 
 def _keys(run_id: str) -> tuple[str, str, str]:
@@ -44,14 +46,14 @@ def _keys(run_id: str) -> tuple[str, str, str]:
 
 
 def remember(
-    conn: redis.Redis, run_id: str, entries: Iterable[tuple[int, int, float, np.ndarray]]
+    conn: redis.Redis, run_id: str, entries: Iterable[tuple[int, float, np.ndarray]]
 ) -> int:
-    """Store (task id, prediction id, uncertainty, feature) of a run's written predictions."""
+    """Store (task id, uncertainty, feature) of a run's predicted tasks."""
     tasks_key, feats_key, _ = _keys(run_id)
     n = 0
     with conn.pipeline(transaction=False) as pipe:
-        for task, pred, u, feature in entries:
-            pipe.hset(tasks_key, str(task), _ENTRY.pack(int(pred), float(u)))
+        for task, u, feature in entries:
+            pipe.hset(tasks_key, str(task), _ENTRY.pack(float(u)))
             pipe.hset(feats_key, str(task), np.asarray(feature, dtype="<f2").tobytes())
             n += 1
         if n:
@@ -71,18 +73,14 @@ def remember_labelled(conn: redis.Redis, run_id: str, tasks: Iterable[int]) -> N
         conn.expire(key, TTL)
 
 
-def stored(conn: redis.Redis, run_id: str) -> tuple[list[int], list[int], np.ndarray, set[int]]:
-    """(task ids, prediction ids, uncertainties, labelled task ids) of a run, by task id."""
+def stored(conn: redis.Redis, run_id: str) -> tuple[list[int], np.ndarray, set[int]]:
+    """(task ids, uncertainties, labelled task ids) of a run, by task id."""
     tasks_key, _, labelled_key = _keys(run_id)
     raw = conn.hgetall(tasks_key)
     tasks = sorted(int(t) for t in raw)
-    preds, u = [], []
-    for t in tasks:
-        p, v = _ENTRY.unpack(raw[str(t).encode()])
-        preds.append(p)
-        u.append(v)
+    u = [_ENTRY.unpack(raw[str(t).encode()])[0] for t in tasks]
     labelled = {int(t) for t in conn.smembers(labelled_key)}
-    return tasks, preds, np.asarray(u, dtype=np.float64), labelled
+    return tasks, np.asarray(u, dtype=np.float64), labelled
 
 
 def features(conn: redis.Redis, run_id: str, tasks: list[int]) -> np.ndarray:
@@ -91,12 +89,15 @@ def features(conn: redis.Redis, run_id: str, tasks: list[int]) -> np.ndarray:
     if not tasks:
         return np.zeros((0, 0), dtype=np.float32)
     raw = conn.hmget(feats_key, [str(t) for t in tasks])
+    if any(b is None for b in raw):
+        missing = sum(1 for b in raw if b is None)
+        raise ValueError(f"{missing} task(s) of the run have no stored feature")
     return np.stack([np.frombuffer(b, dtype="<f2") for b in raw]).astype(np.float32)
 
 
-def ordering(conn: redis.Redis, run_id: str, batch: int, depth: int) -> tuple[list[int], list[int]]:
-    """(task ids, prediction ids) of the run's unlabelled predicted tasks, most useful first."""
-    tasks, preds, u, labelled = stored(conn, run_id)
+def ordering(conn: redis.Redis, run_id: str, batch: int, depth: int) -> list[int]:
+    """The run's unlabelled predicted tasks, most useful first."""
+    tasks, u, labelled = stored(conn, run_id)
     rank = [i for i, t in enumerate(tasks) if t not in labelled]
     centres_of = [i for i, t in enumerate(tasks) if t in labelled]
     u_rank = u[rank]
@@ -110,47 +111,10 @@ def ordering(conn: redis.Redis, run_id: str, batch: int, depth: int) -> tuple[li
     order = [int(head[j]) for j in local] + [
         int(j) for j in np.argsort(-u_rank, kind="stable") if int(j) not in seen
     ]
-    return [tasks[rank[j]] for j in order], [preds[rank[j]] for j in order]
+    return [tasks[rank[j]] for j in order]
 
 
-def order_run(conn: redis.Redis, ls_client: Any, run_id: str, batch: int, depth: int) -> dict:
-    """Rewrite the scores of a completed ``diverse`` run in the order of the whole run."""
-    t0 = time.perf_counter()
-    runs.update(conn, run_id, ordering="running", ordered=0)
-    try:
-        tasks, preds = ordering(conn, run_id, batch, depth)
-    except (redis.exceptions.RedisError, ValueError) as e:
-        log.error("pre-annotation %s: no diverse order: %s", run_id, e)
-        runs.update(conn, run_id, ordering="failed")
-        return {"error": str(e)}
-    n = len(tasks)
-    log.info(
-        "pre-annotation %s: diverse order of %d task(s) computed in %.1fs (batches of %d, "
-        "first %d ranked by diversity)",
-        run_id,
-        n,
-        time.perf_counter() - t0,
-        batch,
-        min(depth, n),
-    )
-    ok = failed = 0
-    for r, (task, pred) in enumerate(zip(tasks, preds, strict=True)):
-        score = round((r + 1) / (n + 1), 9)
-        try:
-            ls_client.update_prediction_score(pred, score)
-            ok += 1
-        except AssistError as e:
-            failed += 1
-            log.warning(
-                "pre-annotation %s: task %s keeps its uncertainty score: %s",
-                run_id,
-                task,
-                e.message,
-            )
-        if (r + 1) % PROGRESS_EVERY == 0 or r + 1 == n:
-            runs.update(conn, run_id, ordered=ok)
-            log.info(
-                "pre-annotation %s: diverse scores %d/%d (%d failed)", run_id, r + 1, n, failed
-            )
-    runs.update(conn, run_id, ordering="done" if not failed else "failed", ordered=ok)
-    return {"ordered": ok, "failed": failed}
+def rank_scores(order: list[int]) -> dict[int, float]:
+    """Task id -> the prediction score of its rank: ``(r + 1) / (n + 1)``, ascending."""
+    n = len(order)
+    return {t: round((r + 1) / (n + 1), 9) for r, t in enumerate(order)}

@@ -1,0 +1,73 @@
+"""A pre-annotation run reads every task present when it started exactly once, through a real
+Label Studio 1.23.2, a real Redis and a real worker process: a task deleted after the first page
+was read does not make the run miss the task after it (pages by offset did: the deletion shifts
+the tasks still to read one place to the left, and one of them falls into the page already
+read)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from contracts import preannotate as runs
+from contracts.jobs import QUEUE_BACKGROUND
+from contracts.settings import Settings
+from labelstudio.client import LabelStudioClient
+from sam2unet.synthetic import make_domain_sample, sample_rng
+from tests.lstudio import running_label_studio
+from tests.services import png_bytes, service_env, workers
+from tests.test_bulk_writes import versions_per_task
+from tests.test_e2e_label_studio import BRUSH
+from worker.preannotate import process_page
+from worker.process import make_context
+
+pytestmark = pytest.mark.e2e
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def ls(tmp_path_factory):
+    with running_label_studio(tmp_path_factory.mktemp("ls")) as ls:
+        yield ls
+
+
+def test_a_task_deleted_mid_run_makes_no_other_task_unread(
+    ls, tmp_path, redis_url, redis_conn, model_dir
+):
+    n = 3 * PAGE + 2
+    project = ls.create_project(BRUSH, title="paging")
+    pngs = [png_bytes(make_domain_sample(sample_rng(71, i), 64, "easy")[0]) for i in range(n)]
+    ids = ls.import_images(project, [(f"p{i}.png", b) for i, b in enumerate(pngs)])
+    env = service_env(
+        redis_url,
+        model_dir,
+        LABEL_STUDIO_URL=ls.url,
+        LABEL_STUDIO_API_KEY=ls.pat,
+        SAM2UNET_WRITE_BATCH="5",
+    )
+    settings = Settings.from_env(
+        {k: v for k, v in env.items() if k.startswith(("SAM2UNET_", "LABEL_STUDIO"))},
+        model_dir=model_dir,
+        redis_url=redis_url,
+    )
+    run_id, _ = runs.start_run(redis_conn, project, page_size=PAGE)
+    # the first page is read here, then a task of it is deleted before the next page is read
+    redis_conn.delete("rq:queue:" + QUEUE_BACKGROUND)
+    ctx = make_context(settings, redis_conn)
+    first = process_page(ctx, run_id, 1)
+    assert first["tasks"] == PAGE, first
+    deleted = ids[1]
+    assert ls.api("DELETE", f"/api/tasks/{deleted}/").status_code == 204
+    with workers(env, redis_conn, 1, tmp_path) as procs:
+        deadline = time.monotonic() + 300
+        while runs.status(redis_conn, run_id)["status"] == "running":
+            assert time.monotonic() < deadline, runs.status(redis_conn, run_id)
+            time.sleep(0.2)
+        logs = "".join(p.log() for p in procs)
+    final = runs.status(redis_conn, run_id)
+    assert final["status"] == "completed", (final, logs[-3000:])
+    counts = versions_per_task(LabelStudioClient(ls.url, ls.pat), project, final["model_version"])
+    # every task but the deleted one holds exactly one prediction of the run's version
+    assert counts == {t: 1 for t in ids if t != deleted}, (counts, final)
+    assert final["done"] == n - 1 and final["failed"] == 1, final
