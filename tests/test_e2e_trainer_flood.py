@@ -233,7 +233,6 @@ def test_a_flood_of_bad_webhooks_then_a_real_round_promotes(
         trainer.client = ls_client
         (back,) = steps(trainer, 600, until=lambda rs: any(x.project == project for x in rs))
     assert back.status == "promoted", back.to_json()
-    assert "after 1 failed round(s)" in back.reason
     assert trainer.registry.current() == back.candidate != before
     assert pending(redis_conn) == 0 and not redis_conn.exists(LOCK_KEY)
     assert f"rounds of project {project} work again after 1 failed round(s)" in caplog.text
