@@ -107,6 +107,15 @@ def _versions(args: argparse.Namespace) -> int:
             for a in train_agents(conn):
                 doing = f" ({a['run_id']})" if a.get("state") == "training" else ""
                 print(f"train agent {a['name']}: {a['state']}{doing} on {','.join(a['devices'])}")
+            from contracts.trainer_state import trainer_summary
+
+            trainer = trainer_summary(conn)
+            last = trainer["last_round"]
+            if last:
+                print(f"last round: project {last['project']} {last['status']}: {last['reason']}")
+            for f in trainer["failing"]:
+                print(f"failing rounds: project {f['project']}, {f['failures']} in a row: "
+                      f"{f['reason']}")  # fmt: skip
     except NotFound as e:
         raise SystemExit(e.message) from None
     return 0

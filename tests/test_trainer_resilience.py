@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 
 from hypothesis import HealthCheck, given, note, settings
@@ -18,6 +20,7 @@ from contracts.metrics import ROUNDS, ROUNDS_KEY, TRAINER_STATUS_KEY
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from launcher.redis_server import free_port
+from tests.services import ROOT, service_env
 from trainer.service import EVENTS_STREAM, GROUP, LOCK_KEY, TrainerService
 
 
@@ -78,6 +81,12 @@ def test_label_studio_down_fails_the_round_and_the_trainer_goes_on(redis_conn, t
     assert versions["trainer"]["last_round"]["status"] == "failed"
     metrics = app.get("/metrics").get_data(as_text=True)
     assert 'sam2unet_training_rounds_total{status="failed"} 2.0' in metrics
+    url = redis_conn.connection_pool.connection_kwargs
+    env = service_env(f"redis://{url['host']}:{url['port']}/{url['db']}", tmp_path)
+    out = subprocess.run([sys.executable, "-m", "cli", "versions"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "failing rounds: project 5, 1 in a row: Label Studio unreachable" in out.stdout
 
 
 def test_failed_rounds_back_off_per_project_and_log_once(redis_conn, tmp_path, caplog):
