@@ -227,6 +227,41 @@ SCHEMAS: dict[str, Any] = {
             "warnings": {"type": "array", "items": {"type": "string"}},
             "scheduled_rounds": _ref("ScheduledRounds"),
             "train_agents": _ref("TrainAgents"),
+            "trainer": _ref("TrainerSummary"),
+        },
+    },
+    "TrainerSummary": {
+        "type": "object",
+        "description": "the trainer's state, its last round and the projects whose rounds fail",
+        "properties": {
+            "state": {"type": "string", "nullable": True},
+            "project": {"type": "integer", "nullable": True},
+            "last_round": {
+                "type": "object",
+                "nullable": True,
+                "properties": {
+                    "status": {"type": "string", "nullable": True},
+                    "reason": {"type": "string", "nullable": True},
+                    "project": {"type": "integer", "nullable": True},
+                    "parent": {"type": "string", "nullable": True},
+                    "candidate": {"type": "string", "nullable": True},
+                    "at": {"nullable": True},
+                },
+            },
+            "failing": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "project": {"type": "integer"},
+                        "failures": {"type": "integer", "nullable": True},
+                        "reason": {"type": "string", "nullable": True},
+                        "since": {"type": "number", "nullable": True},
+                        "next_try": {"type": "number", "nullable": True},
+                    },
+                },
+            },
+            "failing_projects": {"type": "integer"},
         },
     },
     "ScheduledRounds": {

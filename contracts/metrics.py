@@ -131,7 +131,7 @@ FAILED_TASKS = CounterDef(
 )
 ROUNDS = CounterDef(
     "sam2unet_training_rounds",
-    "Training rounds by outcome: promoted, rejected or skipped.",
+    "Training rounds by outcome: promoted, rejected, skipped, failed or superseded.",
     ("status",),
 )
 COUNTERS = (REQUESTS, JOBS, PREDICTIONS, CACHE_HITS, FAILED_TASKS, ROUNDS)
