@@ -105,6 +105,10 @@ class Settings:
     diverse_depth: int = 2000  # ... over the first this many ranks; the rest by uncertainty
     # predictions per call of Label Studio's bulk import (POST /api/projects/<id>/import/predictions)
     write_batch: int = 500
+    # the trainer's sync: an incremental read starts this many seconds before the last sync's
+    # start (writes under way then); a full read of the project every this many seconds
+    sync_margin: float = 300.0
+    sync_full_every: float = 86400.0
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

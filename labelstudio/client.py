@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
+import email.utils
 import http.cookiejar
 import json
 import logging
@@ -715,6 +717,16 @@ class LabelStudioClient:
             if not found or len(found) < page_size or seen >= (total or 0):
                 return held
             page += 1
+
+    def server_time(self) -> datetime.datetime | None:
+        """Label Studio's clock now (the ``Date`` header of its answer, to the second); None
+        when it sends none."""
+        r = self.request("GET", "/api/version")
+        date = r.headers.get("Date")
+        try:
+            return email.utils.parsedate_to_datetime(date) if date else None
+        except (TypeError, ValueError):
+            return None
 
     # --- downloads -------------------------------------------------------------------------
     def download(self, url: str, max_bytes: int, timeout: float) -> bytes:

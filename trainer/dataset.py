@@ -1,10 +1,20 @@
 """The training set of a project, derived from Label Studio (the source of truth).
 
-``sync_project`` re-reads every annotated task through the API and turns each task's latest
-submitted annotation into per-label masks at the image's resolution. The local cache is derived
-data, keyed by (image content hash, annotation id, updated_at): an unchanged annotation is not
-fetched again, a changed one replaces its sample, and a deleted or cancelled one removes it.
-Deleting the cache only costs a re-download.
+:meth:`DatasetCache.sync` turns each annotated task's latest submitted annotation into per-label
+masks at the image's resolution. The local cache is derived data, keyed by (image content hash,
+annotation id, updated_at): an unchanged annotation is not fetched again, a changed one replaces
+its sample, and a deleted or cancelled one removes it. Deleting the cache only costs a
+re-download.
+
+A sync is *incremental* when it can be: Label Studio touches a task's ``updated_at`` when one of
+its annotations is created, updated or deleted, so only the annotated tasks updated since the
+last sync's start (Label Studio's clock, less ``SAM2UNET_SYNC_MARGIN`` seconds for writes that
+were under way) are read with their annotations, plus the tasks whose annotation could not be
+used last time. Deletions are found by reading the ids of the annotated tasks (ids only): a
+sample whose task is gone, or holds no submitted annotation any more, is removed. A *full* read
+(the project's export) is done, with its reason logged, on the first sync, when the labelling
+config changed, when the manifest has no cursor or one it does not trust (later than Label
+Studio's clock now), and every ``SAM2UNET_SYNC_FULL_EVERY`` seconds.
 
 Layout under ``DATA_DIR``::
 
@@ -15,6 +25,7 @@ Layout under ``DATA_DIR``::
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -65,6 +76,9 @@ class Manifest:
     samples: dict[str, Sample]
     synced_at: float = 0.0
     frame: str = DISPLAYED_FRAME
+    cursor: str = ""  # Label Studio's time when the last sync started reading (ISO 8601)
+    full_at: float = 0.0  # when the last full sync was done (this machine's clock)
+    retry: list[int] = field(default_factory=list)  # tasks whose annotation was not usable
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,6 +94,9 @@ class Manifest:
             samples,
             d.get("synced_at", 0.0),
             d.get("frame", "stored"),
+            str(d.get("cursor") or ""),
+            float(d.get("full_at") or 0.0),
+            [int(t) for t in d.get("retry") or []],
         )
 
 
@@ -92,6 +109,9 @@ class SyncReport:
     removed: int
     failed: int
     seconds: float
+    mode: str = "full"  # or "incremental"
+    reason: str = ""  # why a full read
+    read: int = 0  # tasks read with their annotations
 
 
 def latest_submitted(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -108,12 +128,70 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
 
 
-class DatasetCache:
-    """The derived training data of every project, under ``root``."""
+def _annotated(after: int, since: str | None = None) -> dict[str, Any]:
+    """The data manager query of annotated tasks after task id ``after`` (updated after
+    ``since``), in order of id."""
+    items = [
+        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after},
+        {
+            "filter": "filter:tasks:total_annotations",
+            "operator": "greater",
+            "type": "Number",
+            "value": 0,
+        },
+    ]
+    if since is not None:
+        items.append(
+            {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
+             "value": since}
+        )  # fmt: skip
+    return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+
+def read_by_id(
+    client: Any, project: int, since: str | None, page_size: int, **kw: Any
+) -> list[dict[str, Any]]:
+    """The project's annotated tasks (updated after ``since``), read in pages by task id."""
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        tasks, _ = client.task_page(project, 1, page_size, query=_annotated(after, since), **kw)
+        out += tasks
+        ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
+        if len(tasks) < page_size or not ids:
+            return out
+        after = max(ids)
+
+
+def _parse_time(value: str) -> dt.datetime | None:
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class DatasetCache:
+    """The derived training data of every project, under ``root``. ``margin``: seconds an
+    incremental sync reads before the last sync's start; ``full_every``: seconds between full
+    reads (0: every sync is full)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        margin: float = 300.0,
+        full_every: float = 24 * 3600.0,
+        page_size: int = 1000,
+    ) -> None:
         self.root = Path(root)
         self.images_dir = self.root / "images"
+        self.margin = float(margin)
+        self.full_every = float(full_every)
+        self.page_size = int(page_size)
 
     # ---------------------------------------------------------------- storage
     def project_dir(self, project: int) -> Path:
@@ -212,19 +290,47 @@ class DatasetCache:
         os.replace(tmp, d / "sides.json")
 
     # ---------------------------------------------------------------- sync
+    def _full_reason(
+        self, old: Manifest | None, target: dict[str, Any], now: dt.datetime | None, full: bool
+    ) -> str:
+        """Why this sync must read everything; "" when an incremental read is enough."""
+        if full:
+            return "asked for"
+        if old is None:
+            return "first sync (no manifest)"
+        if old.target != target:
+            return "labelling config changed"
+        if self.full_every <= 0 or time.time() - old.full_at >= self.full_every:
+            return f"periodic (every {self.full_every:.0f} s)"
+        cursor = _parse_time(old.cursor)
+        if cursor is None:
+            return "no cursor in the manifest"
+        if now is None:
+            return "Label Studio's clock unknown (no Date header)"
+        if cursor > now + dt.timedelta(seconds=self.margin):
+            return f"cursor {old.cursor} later than Label Studio's clock {_iso(now)}"
+        return ""
+
     def sync(
         self,
         client: Any,
         project: int,
         fetch: Callable[[str, str | None, int | None], bytes],
         target: Target | None = None,
+        full: bool = False,
     ) -> SyncReport:
-        """Bring the project's samples in line with Label Studio's annotations."""
+        """Bring the project's samples in line with Label Studio's annotations: incrementally
+        when it can (see the module doc), or reading everything (``full``, or the reason
+        logged)."""
         t0 = time.monotonic()
+        # Label Studio's clock before anything is read: the next incremental sync's cursor
+        now = client.server_time() if hasattr(client, "server_time") else None
         info = client.get_project(project)
         target = target or parse_label_config(info["label_config"])
         old = self.load_manifest(project)
         labels = list(target.labels)
+        target_json = json.loads(json.dumps(asdict(target)))  # as the manifest holds it
+        reason = self._full_reason(old, target_json, now, full)
         if old is not None and old.labels != labels:
             log.info(
                 "project %s: labels changed %s -> %s; re-deriving masks",
@@ -234,16 +340,43 @@ class DatasetCache:
             )
             old = None
         prev = old.samples if old is not None else {}
-        new: dict[str, Sample] = {}
-        added = updated = failed = 0
         mask_dir = self.project_dir(project) / "masks"
         mask_dir.mkdir(parents=True, exist_ok=True)
-        for task in client.export_project(project):
+        if reason:
+            log.info("project %s: full sync: %s", project, reason)
+            tasks = client.export_project(project)
+            new: dict[str, Sample] = {}
+            annotated = None
+        else:
+            assert old is not None
+            since = _iso(_parse_time(old.cursor) - dt.timedelta(seconds=self.margin))
+            tasks = read_by_id(client, project, since, self.page_size, full=True)
+            if old.retry:  # tasks whose annotation was not usable last time: tried again
+                seen = {t.get("id") for t in tasks}
+                retry = [t for t in old.retry if t not in seen]
+                for start in range(0, len(retry), 100):
+                    chunk = retry[start : start + 100]
+                    query = {"selectedItems": {"all": False, "included": chunk}}
+                    got, _ = client.task_page(project, 1, len(chunk), full=True, query=query)
+                    tasks += got
+            # every annotated task's id: samples of tasks gone or without annotations go
+            annotated = {
+                t["id"]
+                for t in read_by_id(client, project, None, self.page_size, include=("id",))
+                if isinstance(t.get("id"), int)
+            }
+            new = {k: v for k, v in prev.items() if int(k) in annotated}
+        added = updated = failed = 0
+        retry_next: list[int] = []
+        for task in tasks:
             tid = task.get("id")
-            ann = latest_submitted(task.get("annotations") or [])
-            if not isinstance(tid, int) or ann is None:
+            if not isinstance(tid, int):
                 continue
             key = str(tid)
+            ann = latest_submitted(task.get("annotations") or [])
+            if ann is None or (annotated is not None and tid not in annotated):
+                new.pop(key, None)
+                continue
             stamp = str(ann.get("updated_at") or "")
             have = prev.get(key)
             if have is not None and have.annotation == ann.get("id") and have.updated_at == stamp:
@@ -253,6 +386,8 @@ class DatasetCache:
                 sample = self._derive(project, task, ann, target, fetch)
             except (AssistError, AnnotationFormatError) as e:
                 failed += 1
+                retry_next.append(tid)
+                new.pop(key, None)
                 log.warning("project %s task %s: annotation not used: %s", project, tid, e)
                 continue
             new[key] = sample
@@ -261,15 +396,37 @@ class DatasetCache:
             else:
                 updated += 1
         removed = len(set(prev) - set(new))
-        manifest = Manifest(project, labels, asdict(target), new, time.time())
+        cursor = _iso(now) if now is not None else ""
+        manifest = Manifest(
+            project,
+            labels,
+            asdict(target),
+            new,
+            time.time(),
+            cursor=cursor,
+            full_at=time.time() if reason or old is None else old.full_at,
+            retry=sorted(set(retry_next)),
+        )
         self._save_manifest(manifest)
         self._drop_unused_masks(project, manifest)
         report = SyncReport(
-            project, len(new), added, updated, removed, failed, time.monotonic() - t0
+            project,
+            len(new),
+            added,
+            updated,
+            removed,
+            failed,
+            time.monotonic() - t0,
+            mode="full" if reason else "incremental",
+            reason=reason,
+            read=len(tasks),
         )
         log.info(
-            "project %s synced: %d samples (+%d, ~%d, -%d, %d unusable) in %.1fs",
+            "project %s synced (%s, %d task(s) read): %d samples (+%d, ~%d, -%d, %d unusable) "
+            "in %.1fs",
             project,
+            report.mode,
+            report.read,
             report.samples,
             added,
             updated,

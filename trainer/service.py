@@ -110,7 +110,9 @@ class TrainerService:
         self.client = client
         self.fetch = fetch
         self.registry = ModelRegistry(settings.model_dir, connection)
-        self.cache = DatasetCache(settings.dataset_dir)
+        self.cache = DatasetCache(
+            settings.dataset_dir, settings.sync_margin, settings.sync_full_every
+        )
         self.consumer = consumer or settings.trainer_consumer or socket.gethostname()
         self.projects: dict[int, ProjectState] = {}
         self._held: set[str] = set()  # ids of the events the project states hold
