@@ -149,13 +149,30 @@ def reap_abandoned(connection: Any, queue_names: tuple[str, ...] = QUEUES) -> No
         StartedJobRegistry(name, connection=connection).cleanup()
 
 
+# Put a lost job back at the front of its queue, in one step with the checks that it is lost:
+# still "queued" (a worker claims a job by marking it started before anything slow), and
+# neither in its queue nor in its queue's started-job registry (any execution of it).
+_REQUEUE_LOST_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+local prefix = ARGV[1] .. ':'
+for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if member == ARGV[1] or string.sub(member, 1, #prefix) == prefix then return 0 end
+end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 def requeue_lost(connection: Any, jobs: Sequence[Any], seen: set[str]) -> list[str]:
     """Put back at the front of their queue the ``jobs`` that a worker took off their queue and
     died before starting (killed between its pop and rq's bookkeeping: the job is still
-    "queued" but in no queue, and no lease covers it). A live worker marks a job started
-    within milliseconds of taking it, so a job is only requeued when it was seen so on the
-    previous call too (``seen``: those job ids, kept by the caller between calls, one call a
-    second or less often). Returns the ids requeued."""
+    "queued" but in no queue, and no lease covers it). A live worker claims a job (a lease in
+    the started-job registry, the job marked started) within milliseconds of taking it, before
+    any model reload, so a job is only requeued when it was seen so on the previous call too
+    (``seen``: those job ids, kept by the caller between calls, one call a second or less
+    often), and the last check and the requeue are one atomic step: a job claimed in between
+    is never requeued. Returns the ids requeued."""
     from rq import Queue
     from rq.job import JobStatus
 
@@ -171,8 +188,10 @@ def requeue_lost(connection: Any, jobs: Sequence[Any], seen: set[str]) -> list[s
         if job.id not in seen:
             seen.add(job.id)
             continue
-        queue.enqueue_job(job, at_front=True)
         seen.discard(job.id)
+        keys = (job.key, queue.key, queue.started_job_registry.key)
+        if not connection.eval(_REQUEUE_LOST_LUA, 3, *keys, job.id):
+            continue  # claimed (or back in its queue) since it was read
         requeued.append(job.id)
         log.warning(
             "job %s was taken off %s by a worker that stopped before starting it; requeued",

@@ -34,7 +34,9 @@ class AssistWorker(SimpleWorker):
     ``lease`` seconds and the next registry cleanup (run by idle workers every ``lease``
     seconds and by waiting backend requests) retries the job.
 
-    Before each job, the model runtime reloads the registry's current version if it moved.
+    Before each job, the model runtime reloads the registry's current version if it moved;
+    the job is claimed (leased, marked started) before that reload, so that nobody takes it for
+    a lost job while the model loads.
     """
 
     lease: int = 15
@@ -103,17 +105,22 @@ class AssistWorker(SimpleWorker):
             if len(self.queues) == 1:  # rq moved it to the queue's intermediate list
                 queue.intermediate_queue.remove(job.id)
             return
-        if self.runtime is not None:
-            try:
-                self.runtime.begin_job()
-            except Exception:  # keep serving with the model held; the job reports its version
-                log.exception("model reload check failed before job %s", job.id)
+        # Claim the job before anything slow (a model reload takes seconds): in the started-job
+        # registry with a lease, renewed from now on, and marked started. Until then it is
+        # "queued" in no queue, which a waiting request takes for a job lost by a dead worker
+        # and requeues: another worker would run it too.
         execution = self.prepare_execution(job)
         lease = _Lease()
         threading.Thread(
             target=self._renew_lease, args=(job, execution, lease), name="lease", daemon=True
         ).start()
         try:
+            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+            if self.runtime is not None:
+                try:
+                    self.runtime.begin_job()
+                except Exception:  # keep serving with the model held; the job reports its version
+                    log.exception("model reload check failed before job %s", job.id)
             self.perform_job(job, queue, execution)
         finally:
             if self.runtime is not None:
