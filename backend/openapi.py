@@ -100,8 +100,8 @@ SCHEMAS: dict[str, Any] = {
     },
     "AutomaticHeadTrained": {
         "type": "boolean",
-        "description": "whether the U-Net decoder was ever trained; when false, automatic "
-        "predictions are empty results marked '<version>/untrained'",
+        "description": "whether the U-Net decoder was ever trained; when false, /predict "
+        "answers each task with no prediction (an empty list) and prompts are still served",
     },
     "Task": {
         "type": "object",
@@ -147,9 +147,8 @@ SCHEMAS: dict[str, Any] = {
             "model_version": {
                 "type": "string",
                 "description": "the current version; '<version>/failed' for a task without "
-                "a prediction (bad image, deadline); '<version>/untrained' (empty result, "
-                "score 0) for an automatic prediction of a version whose U-Net decoder was "
-                "never trained",
+                "a prediction (bad image, deadline); a version whose U-Net decoder was never trained "
+                "answers an empty list instead of a prediction",
             },
             "error": {
                 "type": "string",
@@ -164,8 +163,19 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "results": {
                 "type": "array",
-                "items": _ref("Prediction"),
-                "description": "exactly one prediction per task, in task order",
+                "items": {
+                    "oneOf": [
+                        _ref("Prediction"),
+                        {
+                            "type": "array",
+                            "maxItems": 0,
+                            "description": "no prediction for this task: the version's "
+                            "automatic head was never trained (Label Studio stores nothing, "
+                            "shows no prediction tab, and asks again when the task is opened)",
+                        },
+                    ]
+                },
+                "description": "exactly one entry per task, in task order",
             }
         },
     },

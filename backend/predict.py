@@ -20,6 +20,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.schemas import PredictRequest
+from contracts.heads import is_untrained
 from contracts.jobs import (
     QUEUE_BATCH,
     QUEUE_INTERACTIVE,
@@ -35,7 +36,7 @@ from contracts.jobs import (
 from contracts.registry import ModelRegistry
 from contracts.routing import rescue_routed, routed_queue
 from contracts.settings import Settings
-from labelstudio.labelconfig import Target, target_to_json
+from labelstudio.labelconfig import Target, map_prompt_labels, target_to_json
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ class PredictService:
             ls_base=ls_base,
             project=req.project,
             model_version=model_version,
-            context=req.context,
+            # "Click: Foreground" prompts a "Foreground" mask (Target.prompt_labels)
+            context=map_prompt_labels(req.context, target),
             request_id=request_id,
         )
         pending: dict[str, list[PredictItem]] = {job.id: list(chunk) for job, chunk in enqueued}
@@ -201,15 +203,21 @@ FAILED_SUFFIX = "/failed"
 
 
 def answer(results: list[ItemResult], model_version: str | None) -> dict[str, Any]:
-    """The /predict response body: exactly one prediction per task, in task order.
+    """The /predict response body: exactly one entry per task, in task order.
 
-    A task without a prediction (bad image, deadline) gets an empty result whose model_version
-    is marked ``<version>/failed``: Label Studio then stores nothing useful under the current
-    version and asks again next time, and a late result written back later is the task's only
-    prediction of the current version. Its ``error`` says why (Label Studio does not store it;
-    the reason is logged as well).
+    * A prediction: ``{"result": [...], "score": s, "model_version": v}``.
+    * A task a version with a never-trained automatic head made no prediction for
+      (:func:`contracts.heads.is_untrained`): an empty list, no prediction at all. Label Studio
+      1.23 reads each entry as the task's list of predictions, stores none, shows no prediction
+      tab, and asks again whenever the task is opened (it asks only for tasks without any
+      prediction), so the first trained version answers it. A stored placeholder would show as
+      an empty tab and stop those requests (docs/day0.md, "An untrained version shows nothing").
+    * A task without a prediction for a failure (bad image, deadline): an empty result whose
+      model_version is marked ``<version>/failed``, so that a late result written back later is
+      the task's only prediction of the current version. Its ``error`` says why (Label Studio
+      does not store it; the reason is logged as well).
     """
-    out = []
+    out: list[Any] = []
     for r in results:
         version = r.model_version or model_version
         if r.error:
@@ -221,6 +229,8 @@ def answer(results: list[ItemResult], model_version: str | None) -> dict[str, An
                     "error": r.error,
                 }
             )
+        elif is_untrained(r.model_version):
+            out.append([])
         else:
             out.append({"result": r.result, "score": r.score, "model_version": version})
     return {"results": out}

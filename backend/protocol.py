@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from typing import Any
 
+import redis
 from flask import Blueprint, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -53,6 +56,33 @@ def _require_auth() -> None:
         check_basic_auth(request.headers.get("Authorization"), s.basic_auth_user, s.basic_auth_pass)
 
 
+HEALTH_WARNINGS_KEY = "sam2unet:backend:health-warnings"
+_local_warnings: list[str] = []  # when Redis cannot be reached
+_local_lock = threading.Lock()
+
+
+def log_health_changes(conn: redis.Redis, warnings: list[str]) -> None:
+    """Log each /health warning when it appears (WARNING) and when it goes (INFO), not on every
+    poll. The last poll's warnings are swapped atomically in Redis (``GETSET``), so that of
+    many threads, processes or backend replicas polled at once exactly one logs a change."""
+    state = json.dumps(sorted(set(warnings)))
+    try:
+        before = conn.getset(HEALTH_WARNINGS_KEY, state)
+    except redis.exceptions.RedisError:
+        with _local_lock:
+            before = json.dumps(_local_warnings)
+            _local_warnings[:] = sorted(set(warnings))
+    try:
+        previous = set(json.loads(before)) if before else set()
+    except (TypeError, ValueError):
+        previous = set()
+    for w in warnings:
+        if w not in previous:
+            log.warning("health: %s", w)
+    for w in sorted(previous - set(warnings)):
+        log.info("health: no longer: %s", w)
+
+
 @bp.get("/")
 @bp.get("/health")
 def health():
@@ -95,8 +125,7 @@ def health():
         "train_agents": train_agents(conn),
         "trainer": trainer_summary(conn),
     }
-    for w in warnings:
-        log.warning("health: %s", w)
+    log_health_changes(conn, warnings)
     return jsonify(body)
 
 

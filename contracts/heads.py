@@ -7,8 +7,9 @@
   crop-and-segment around the U-Net (``"crop"``).
 * **Automatic predictions** (no prompts) come from the U-Net decoder, and only when it was ever
   trained: a version made from an official SAM2 checkpoint or a random trunk has a freshly
-  initialised decoder, whose maps are noise. Such a version answers each task with an empty
-  result marked ``<version>/untrained`` (:func:`untrained_version`) and still serves prompts.
+  initialised decoder, whose maps are noise. Such a version makes no automatic prediction: the
+  worker marks each task's empty result ``<version>/untrained`` (:func:`untrained_version`),
+  the backend answers Label Studio with no prediction for it, and prompts are still served.
   A version made by a training round or from released SAM2-UNet weights is trained.
 
 Torch-free unless a version predates these records and its base file must be inspected.
@@ -75,8 +76,8 @@ def heads_json(info: VersionInfo, registry: ModelRegistry | None = None) -> dict
 def untrained_warning(info: VersionInfo) -> str:
     """The operator-facing line for a version whose automatic head was never trained."""
     return (
-        f"{info.name}: the automatic head (U-Net decoder) was never trained, so automatic "
-        "predictions are empty (marked <version>/untrained); prompts are served. Label tasks "
+        f"{info.name}: the automatic head (U-Net decoder) was never trained, so no automatic "
+        "predictions are made (Label Studio shows none); prompts are served. Label tasks "
         "(click, accept) and let a training round run, or start from a released task model "
         "(`sam2unet-assist download --pretrained NAME`)"
     )

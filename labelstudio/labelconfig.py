@@ -43,6 +43,9 @@ class Target:
         value_key: task data key holding the image URL (``$image`` -> ``"image"``).
         prompt_controls: names of KeyPointLabels / RectangleLabels (or KeyPoint / Rectangle)
             controls bound to the same image, usable as prompts for interactive labelling.
+        prompt_labels: ``(prompt label, segmentation label)`` pairs for the prompt controls'
+            labels that are not segmentation labels themselves but name one
+            (:func:`prompt_label_target`): ``Click: Foreground`` -> ``Foreground``.
     """
 
     from_name: str
@@ -51,6 +54,7 @@ class Target:
     labels: tuple[str, ...]
     value_key: str
     prompt_controls: tuple[str, ...] = ()
+    prompt_labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def result_type(self) -> str:
@@ -123,9 +127,28 @@ def _parse_cached(xml: str, from_name: str | None) -> Target:
     if not labels:
         raise LabelConfigError(f"control {control.name!r} has no labels")
 
-    prompts = tuple(
-        c.name for c in controls if c.tag.lower() in PROMPT_TAGS and list(c.to_name) == [to_name]
-    )
+    prompt_tags = [
+        c for c in controls if c.tag.lower() in PROMPT_TAGS and list(c.to_name) == [to_name]
+    ]
+    prompts = tuple(c.name for c in prompt_tags)
+    mapped: dict[str, str] = {}
+    for c in prompt_tags:
+        for value in c.labels or ():
+            if value in labels or value in mapped:
+                continue
+            named = prompt_label_target(value, labels)
+            if named is None:
+                logger.warning(
+                    "prompt label %r of %r names no label of %r (%s); a mask it prompts gets "
+                    "the labels the model predicts. Name it after one, e.g. 'Click: %s'",
+                    value,
+                    c.name,
+                    control.name,
+                    ", ".join(labels),
+                    labels[0],
+                )
+            else:
+                mapped[value] = named
     target = Target(
         from_name=control.name,
         to_name=to_name,
@@ -133,9 +156,66 @@ def _parse_cached(xml: str, from_name: str | None) -> Target:
         labels=labels,
         value_key=image.value_name,
         prompt_controls=prompts,
+        prompt_labels=tuple(mapped.items()),
     )
     logger.debug("parsed label config: %s", target)
     return target
+
+
+#: What may separate a prompt label's own words from the segmentation label it names.
+PROMPT_LABEL_SEPARATORS = (":", "->", "→")
+
+
+def prompt_label_target(value: str, labels: tuple[str, ...]) -> str | None:
+    """The segmentation label a prompt label names, or None.
+
+    A prompt chip must look different from the brush chip it prompts for, so a prompt label
+    may carry words of its own before the segmentation label, after a separator
+    (:data:`PROMPT_LABEL_SEPARATORS`): ``Click: Foreground``, ``Box: Foreground``,
+    ``box -> Foreground`` all name ``Foreground``. The longest segmentation label that ends
+    the value after a separator wins (labels may themselves hold a colon). A label equal to a
+    segmentation label names itself. (A Label's ``alias`` would do too, but Label Studio 1.23
+    then sends no interactive call for the smart tools: see docs/day0.md.)
+    """
+    if value in labels:
+        return value
+    for label in sorted(labels, key=len, reverse=True):
+        head = value[: len(value) - len(label)]
+        if label and value.endswith(label) and head.rstrip().endswith(PROMPT_LABEL_SEPARATORS):
+            return label
+    return None
+
+
+def map_prompt_labels(context: Any, target: Target) -> Any:
+    """An interactive call's ``context`` with its prompt items' labels replaced by the
+    segmentation labels they name (:attr:`Target.prompt_labels`), so that a ``Click:
+    Foreground`` keypoint prompts a ``Foreground`` mask. Anything else, malformed items
+    included, is passed on unchanged (the worker validates prompts); the input is not
+    modified."""
+    if not target.prompt_labels or not isinstance(context, dict):
+        return context
+    items = context.get("result")
+    if not isinstance(items, list):
+        return context
+    names = dict(target.prompt_labels)
+    out = []
+    for item in items:
+        value = item.get("value") if isinstance(item, dict) else None
+        key = item.get("type") if isinstance(value, dict) else None
+        given = value.get(key) if isinstance(key, str) and key in _PROMPT_VALUE_KEYS else None
+        if isinstance(given, list) and any(isinstance(v, str) and v in names for v in given):
+            mapped = [names.get(v, v) if isinstance(v, str) else v for v in given]
+            value = {**value, key: mapped}
+            if isinstance(value.get("labels"), list):
+                value["labels"] = [
+                    names.get(v, v) if isinstance(v, str) else v for v in value["labels"]
+                ]
+            item = {**item, "value": value}
+        out.append(item)
+    return {**context, "result": out}
+
+
+_PROMPT_VALUE_KEYS = frozenset({"keypointlabels", "rectanglelabels"})
 
 
 def _load(xml: str) -> LabelInterface:
@@ -163,4 +243,5 @@ def target_from_json(d: dict[str, Any]) -> Target:
     d = dict(d)
     d["labels"] = tuple(d.get("labels") or ())
     d["prompt_controls"] = tuple(d.get("prompt_controls") or ())
+    d["prompt_labels"] = tuple(tuple(pair) for pair in d.get("prompt_labels") or ())
     return Target(**d)

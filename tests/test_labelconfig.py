@@ -6,9 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from contracts.errors import BadRequest, LabelConfigError
-from labelstudio.labelconfig import Target, parse_label_config
+from labelstudio.labelconfig import (
+    Target,
+    map_prompt_labels,
+    parse_label_config,
+    prompt_label_target,
+    target_from_json,
+    target_to_json,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 
@@ -214,3 +223,179 @@ def test_target_is_frozen() -> None:
     with pytest.raises(AttributeError):
         target.kind = "polygon"  # type: ignore[misc]
     assert hash(target) == hash(Target("b", "img", "brush", ("cat", "dog"), "image_url"))
+
+
+# --------------------------------------------------------------------------- prompt chips
+
+#: The docs' config: the chips say what they are; the prompts name the brush label they prompt.
+NAMED = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Foreground"/><Label value="Background"/>
+  </BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="Click: Foreground"/><Label value="Click: Background"/>
+  </KeyPointLabels>
+  <RectangleLabels name="rect" toName="image" smart="true">
+    <Label value="Box: Foreground"/><Label value="Box -> Background"/>
+  </RectangleLabels>
+</View>"""
+
+
+def test_prompt_labels_name_the_brush_label_they_prompt() -> None:
+    target = parse_label_config(NAMED)
+    assert target.labels == ("Foreground", "Background")
+    assert dict(target.prompt_labels) == {
+        "Click: Foreground": "Foreground",
+        "Click: Background": "Background",
+        "Box: Foreground": "Foreground",
+        "Box -> Background": "Background",
+    }
+    assert target_from_json(json.loads(json.dumps(target_to_json(target)))) == target
+
+
+@pytest.mark.parametrize(
+    ("value", "labels", "named"),
+    [
+        ("Foreground", ("Foreground",), "Foreground"),
+        ("Click: Foreground", ("Foreground",), "Foreground"),
+        ("Click:Foreground", ("Foreground",), "Foreground"),
+        ("point → cat", ("cat", "dog"), "cat"),
+        ("Click: a: b", ("b", "a: b"), "a: b"),  # the longest label that ends the value
+        ("ClickForeground", ("Foreground",), None),
+        ("Click: Foreground!", ("Foreground",), None),
+        ("Click: Fore", ("Foreground",), None),
+    ],
+)
+def test_prompt_label_target(value: str, labels: tuple[str, ...], named: str | None) -> None:
+    assert prompt_label_target(value, labels) == named
+
+
+def test_a_prompt_label_naming_nothing_is_logged(caplog) -> None:
+    xml = NAMED.replace("Click: Background", "Click here")
+    with caplog.at_level("WARNING", logger="labelstudio.labelconfig"):
+        target = parse_label_config(xml)
+    assert "Click here" not in dict(target.prompt_labels)
+    assert any("'Click here'" in r.getMessage() for r in caplog.records)
+
+
+def test_map_prompt_labels_renames_only_prompt_labels() -> None:
+    target = parse_label_config(NAMED)
+    ctx = {
+        "result": [
+            {
+                "type": "keypointlabels",
+                "value": {
+                    "x": 1,
+                    "y": 2,
+                    "keypointlabels": ["Click: Background"],
+                    "labels": ["Click: Background"],
+                },
+            },
+            {
+                "type": "rectanglelabels",
+                "value": {
+                    "x": 1,
+                    "y": 2,
+                    "width": 3,
+                    "height": 4,
+                    "rectanglelabels": ["Box: Foreground"],
+                },
+            },
+            {"type": "choices", "value": {"choices": ["Click: Foreground"]}},
+            "junk",
+        ],
+        "other": 1,
+    }
+    before = json.loads(json.dumps(ctx))
+    out = map_prompt_labels(ctx, target)
+    assert ctx == before  # not modified
+    assert out["result"][0]["value"]["keypointlabels"] == ["Background"]
+    assert out["result"][0]["value"]["labels"] == ["Background"]
+    assert out["result"][1]["value"]["rectanglelabels"] == ["Foreground"]
+    assert out["result"][2:] == ctx["result"][2:] and out["other"] == 1
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from(
+        [
+            "keypointlabels",
+            "rectanglelabels",
+            "value",
+            "Click: Foreground",
+            "Box -> Background",
+            "x",
+        ]
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                ["type", "value", "keypointlabels", "rectanglelabels", "labels", "result", "x"]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+def _renamed(before: object, after: object, names: dict[str, str]) -> bool:
+    """Whether ``after`` is ``before`` with some strings renamed by ``names``."""
+    if isinstance(before, dict):
+        return (
+            isinstance(after, dict)
+            and before.keys() == after.keys()
+            and all(_renamed(before[k], after[k], names) for k in before)
+        )
+    if isinstance(before, list):
+        return (
+            isinstance(after, list)
+            and len(before) == len(after)
+            and all(_renamed(b, a, names) for b, a in zip(before, after, strict=True))
+        )
+    return after == before or (isinstance(before, str) and after == names.get(before))
+
+
+@given(ctx=_json | st.fixed_dictionaries({"result": st.lists(_json, max_size=5)}))
+def test_map_prompt_labels_never_fails_and_only_renames(ctx: object) -> None:
+    """Any JSON an interactive call may carry: no exception, the input untouched, the output
+    the input with only prompt labels renamed to the segmentation labels they name."""
+    target = parse_label_config(NAMED)
+    before = json.loads(json.dumps(ctx))
+    out = map_prompt_labels(ctx, target)
+    assert ctx == before
+    assert _renamed(before, out, dict(target.prompt_labels))
+
+
+def test_a_named_prompt_gets_the_label_it_names_from_sams_head(tmp_path) -> None:
+    """Through the worker's pipeline with SAM2's head (official-format test checkpoint): a
+    ``Click: Background`` keypoint, as the backend passes it on, brings a ``Background`` mask,
+    not a mask of the first label the model predicts."""
+    from contracts.jobs import PredictItem, PredictPayload
+    from tests.sam2_helpers import write_official
+    from tests.services import png_bytes
+    from tests.test_promptable import image, kp, make_runtime
+    from worker.pipeline import run_predict
+
+    write_official(tmp_path / "base" / "sam2.1_hiera_test.pt", "test")
+    runtime = make_runtime(tmp_path, "test")
+    target = parse_label_config(NAMED)
+    img = image(75, 101, seed=21)
+    data = png_bytes(img)
+    click = kp(40.0, 45.0)
+    click["value"]["keypointlabels"] = ["Click: Background"]
+    click.update(original_width=101, original_height=75)
+    payload = PredictPayload(
+        items=(PredictItem(0, "img.png", 1),),
+        target=target_to_json(target),
+        reply_key=None,
+        context=map_prompt_labels({"result": [click]}, target),  # as the backend enqueues it
+    )
+    (res,) = run_predict(payload, runtime, lambda *_: data, None)
+    assert res.error is None and res.result
+    assert {tuple(item["value"]["brushlabels"]) for item in res.result} == {("Background",)}

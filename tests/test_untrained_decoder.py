@@ -1,6 +1,6 @@
 """The untrained-decoder rule, through the real backend, a real worker process and a real Redis:
-a fresh registry holding only an official SAM2.1 checkpoint makes no automatic masks (an empty
-result per task, marked ``<version>/untrained``) and still serves prompts; one promoted round
+a fresh registry holding only an official SAM2.1 checkpoint makes no automatic masks (no
+prediction for any task: an empty list in its place) and still serves prompts; one promoted round
 of the real trainer code later, automatic masks come back. ``/health``, ``/setup`` and
 ``versions show`` name the prompt head and whether the automatic head was trained."""
 
@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from backend.app import create_app
-from contracts.heads import SAM2_HEAD, untrained_version
+from contracts.heads import SAM2_HEAD
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import rle_to_mask
@@ -83,12 +83,9 @@ def test_untrained_decoder_answers_empty_until_a_promoted_round(
             assert info.base_prompt_decoder is True
             results = r.get_json()["results"]
             assert len(results) == len(tasks)
-            for res in results:
-                assert res == {
-                    "result": [],
-                    "score": 0.0,
-                    "model_version": untrained_version(first),
-                }
+            # no prediction for any task: Label Studio stores none, shows no prediction tab,
+            # and asks again when a task is opened (docs/day0.md)
+            assert results == [[] for _ in tasks]
             assert "was never trained" in worker.log()
 
             health = client.get("/health").get_json()
