@@ -213,7 +213,7 @@ def test_a_job_taken_by_a_worker_that_then_reloads_its_model_runs_once(
     redis_url, model_dir, tmp_path
 ):
     """A worker takes a job and then reloads its model (the pointer moved) before running it;
-    the reload takes 4 s, longer than the 2 s lease. Meanwhile a waiting request checks its
+    the reload takes 8 s, longer than the 2 s lease. Meanwhile a waiting request checks its
     jobs every second (reaping abandoned ones, requeueing lost ones) and another worker is
     idle. The job runs once, on the worker that took it, with the new version."""
     from rq import Queue
@@ -229,7 +229,7 @@ def test_a_job_taken_by_a_worker_that_then_reloads_its_model_runs_once(
     queues = ["races-interactive", "races-batch"]
 
     def start(name: str) -> subprocess.Popen:
-        args = [sys.executable, "-c", RELOADING_WORKER, redis_url, str(models), "4", name]
+        args = [sys.executable, "-c", RELOADING_WORKER, redis_url, str(models), "8", name]
         with open(tmp_path / f"{name}.log", "w") as out:
             return subprocess.Popen([*args, *queues], cwd=ROOT, stdout=out, stderr=out)
 
