@@ -256,6 +256,20 @@ SCHEMAS: dict[str, Any] = {
                     "parent": {"type": "string", "nullable": True},
                     "candidate": {"type": "string", "nullable": True},
                     "at": {"nullable": True},
+                    "prompt_masks": {
+                        "type": "object",
+                        "nullable": True,
+                        "description": "annotations holding smart keypoints/rectangles but no "
+                        "mask: derived (samples trained on masks derived from them with SAM2's "
+                        "head), derived_now (this round's sync), skipped (not used), enabled "
+                        "(SAM2UNET_DERIVE_PROMPT_MASKS)",
+                        "properties": {
+                            "derived": {"type": "integer"},
+                            "derived_now": {"type": "integer"},
+                            "skipped": {"type": "integer"},
+                            "enabled": {"type": "boolean"},
+                        },
+                    },
                 },
             },
             "failing": {

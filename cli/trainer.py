@@ -113,6 +113,10 @@ def _versions(args: argparse.Namespace) -> int:
             last = trainer["last_round"]
             if last:
                 print(f"last round: project {last['project']} {last['status']}: {last['reason']}")
+                counts = last.get("prompt_masks") or {}
+                if counts.get("derived") or counts.get("skipped"):
+                    print(f"  annotations with smart prompts but no mask: {counts.get('derived', 0)} "
+                          f"trained on derived masks, {counts.get('skipped', 0)} not used")  # fmt: skip
             for f in trainer["failing"]:
                 print(f"failing rounds: project {f['project']}, {f['failures']} in a row: "
                       f"{f['reason']}")  # fmt: skip

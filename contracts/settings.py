@@ -109,6 +109,10 @@ class Settings:
     # start (writes under way then); a full read of the project every this many seconds
     sync_margin: float = 300.0
     sync_full_every: float = 86400.0
+    # annotations holding smart keypoints/rectangles but no mask of their label (submitted
+    # before the suggestion was accepted): masks derived from them with SAM2's head (true), or
+    # the annotations skipped and counted (false)
+    derive_prompt_masks: bool = True
 
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -31,7 +31,9 @@ def _text(v: Any) -> str:
 
 def trainer_summary(conn: redis.Redis) -> dict[str, Any]:
     """``{"state", "project", "last_round", "failing"}``; ``last_round`` is None before the
-    first round. Empty values when Redis cannot be read."""
+    first round; its ``prompt_masks`` counts the annotations holding smart keypoints/rectangles
+    but no mask (``derived``: samples trained on masks derived from them, ``skipped``: not
+    used). Empty values when Redis cannot be read."""
     out: dict[str, Any] = {"state": None, "project": None, "last_round": None, "failing": []}
     try:
         with conn.pipeline(transaction=False) as pipe:
@@ -49,7 +51,7 @@ def trainer_summary(conn: redis.Redis) -> dict[str, Any]:
     if last is not None:
         try:
             r = json.loads(last)
-            keys = ("status", "reason", "project", "parent", "candidate", "at")
+            keys = ("status", "reason", "project", "parent", "candidate", "at", "prompt_masks")
             out["last_round"] = {k: r.get(k) for k in keys}
         except (ValueError, AttributeError):
             log.warning("unreadable last round in %s", ROUNDS_KEY)

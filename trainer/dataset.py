@@ -42,7 +42,9 @@ import numpy as np
 from contracts.errors import AnnotationFormatError, AssistError
 from labelstudio.codecs import results_to_masks
 from labelstudio.labelconfig import Target, parse_label_config
+from labelstudio.prompts import annotation_prompts, mask_labels, parse_context, prompt_labels
 from sam2unet.transforms import decode_image, turned_on_screen
+from trainer.prompt_masks import PromptMasks, PromptsWithoutMask
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ class Sample:
     labels_present: list[str] = field(default_factory=list)
     # 1 - Dice between the pre-annotation the annotator started from and the final label
     correction: dict[str, Any] | None = None
+    # masks derived from the annotation's smart keypoints/rectangles (it held none of those
+    # labels): {"version": the version whose SAM2 head answered them, "labels": [...]}
+    derived: dict[str, Any] | None = None
 
 
 @dataclass
@@ -112,6 +117,11 @@ class SyncReport:
     mode: str = "full"  # or "incremental"
     reason: str = ""  # why a full read
     read: int = 0  # tasks read with their annotations
+    # annotations holding smart keypoints/rectangles but no mask of their label: "derived",
+    # samples whose masks were derived from them ("derived_now": this sync); "skipped", those
+    # not used (the setting off, no SAM2 head, or prompts that give no mask); "enabled", the
+    # setting (SAM2UNET_DERIVE_PROMPT_MASKS)
+    prompts: dict[str, Any] = field(default_factory=dict)
 
 
 def latest_submitted(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -186,12 +196,18 @@ class DatasetCache:
         margin: float = 300.0,
         full_every: float = 24 * 3600.0,
         page_size: int = 1000,
+        prompt_masks: PromptMasks | None = None,
+        derive_prompt_masks: bool = True,
     ) -> None:
         self.root = Path(root)
         self.images_dir = self.root / "images"
         self.margin = float(margin)
         self.full_every = float(full_every)
         self.page_size = int(page_size)
+        #: answers annotations' prompts (see :mod:`trainer.prompt_masks`); None: none derived
+        self.prompt_masks = prompt_masks
+        self.derive_prompt_masks = bool(derive_prompt_masks)
+        self._tally: dict[str, int] = {"derived_now": 0, "skipped": 0}
 
     # ---------------------------------------------------------------- storage
     def project_dir(self, project: int) -> Path:
@@ -323,6 +339,7 @@ class DatasetCache:
         when it can (see the module doc), or reading everything (``full``, or the reason
         logged)."""
         t0 = time.monotonic()
+        self._tally = {"derived_now": 0, "skipped": 0}
         # Label Studio's clock before anything is read: the next incremental sync's cursor
         now = client.server_time() if hasattr(client, "server_time") else None
         info = client.get_project(project)
@@ -379,7 +396,12 @@ class DatasetCache:
                 continue
             stamp = str(ann.get("updated_at") or "")
             have = prev.get(key)
-            if have is not None and have.annotation == ann.get("id") and have.updated_at == stamp:
+            if (
+                have is not None
+                and have.annotation == ann.get("id")
+                and have.updated_at == stamp
+                and not self._prompts_changed(have, ann, target)
+            ):
                 new[key] = have
                 continue
             try:
@@ -420,6 +442,7 @@ class DatasetCache:
             mode="full" if reason else "incremental",
             reason=reason,
             read=len(tasks),
+            prompts=self._prompt_report(project, new),
         )
         log.info(
             "project %s synced (%s, %d task(s) read): %d samples (+%d, ~%d, -%d, %d unusable) "
@@ -436,6 +459,74 @@ class DatasetCache:
         )
         return report
 
+    def _prompt_report(self, project: int, samples: dict[str, Sample]) -> dict[str, Any]:
+        """The sync's count of annotations holding prompts but no mask (see SyncReport), with a
+        log line when some were not used."""
+        out = {
+            "derived": sum(1 for s in samples.values() if s.derived),
+            "derived_now": self._tally["derived_now"],
+            "skipped": self._tally["skipped"],
+            "enabled": self.derive_prompt_masks,
+        }
+        if self.prompt_masks is not None:
+            self.prompt_masks.release()
+        if out["skipped"]:
+            log.warning(
+                "project %s: %d annotation(s) hold smart keypoints/rectangles but no mask of "
+                "their label and are not used for training (%s); submit after accepting the "
+                "suggestion (✓)",
+                project,
+                out["skipped"],
+                "SAM2UNET_DERIVE_PROMPT_MASKS=false"
+                if not self.derive_prompt_masks
+                else "no mask could be derived from their prompts",
+            )
+        return out
+
+    def _prompts_changed(self, have: Sample, ann: dict[str, Any], target: Target) -> bool:
+        """Whether an unchanged annotation's sample must be derived again for its prompts: its
+        masks were derived and the setting is now off, or it was made with no mask at all from
+        an annotation that holds prompts (before masks were derived from them)."""
+        if have.derived:
+            return not self.derive_prompt_masks
+        return not have.labels_present and bool(annotation_prompts(ann.get("result") or [], target))
+
+    def _prompts_to_derive(
+        self, task: dict[str, Any], ann: dict[str, Any], target: Target
+    ) -> tuple[list[Any], set[str], str | None]:
+        """(the annotation's prompt items, the labels they prompt that it holds no mask of,
+        the version whose SAM2 head answers them). Raises :class:`PromptsWithoutMask` (counted)
+        for an annotation that such labels make unusable without deriving them: the setting is
+        off, or its prompts are negative clicks only. Reads no image."""
+        results = ann.get("result") or []
+        items = annotation_prompts(results, target)
+        if not items:
+            return [], set(), None
+        derive = self.derive_prompt_masks and self.prompt_masks is not None
+        version = self.prompt_masks.version_for(task, ann) if derive else None
+        if derive:
+            channels = self.prompt_masks.channels(version, target)
+        else:
+            channels = list(enumerate(target.labels))
+        wanted = prompt_labels(items, target, channels) - mask_labels(results, target)
+        if not wanted:
+            return items, set(), version
+        if not derive:
+            self._tally["skipped"] += 1
+            raise PromptsWithoutMask(
+                f"it holds smart keypoints/rectangles but no mask of {sorted(wanted)} "
+                "(SAM2UNET_DERIVE_PROMPT_MASKS=false, or nothing to derive masks with)"
+            )
+        # percentages: the objects left do not depend on the image's size
+        parsed = parse_context({"result": items}, 1000, 1000, target.to_name)
+        if not parsed.boxes and not parsed.points:
+            self._tally["skipped"] += 1
+            raise PromptsWithoutMask(
+                f"it holds no mask of {sorted(wanted)} and its prompts are negative clicks "
+                "only: no mask to derive"
+            )
+        return items, wanted, version
+
     def _derive(
         self,
         project: int,
@@ -447,11 +538,41 @@ class DatasetCache:
         url = (task.get("data") or {}).get(target.value_key)
         if not isinstance(url, str) or not url:
             raise AnnotationFormatError(f"task data has no image under {target.value_key!r}")
+        items, wanted, version = self._prompts_to_derive(task, ann, target)
         data = fetch(url, None, task.get("id"))
         digest = self._store_image(data)
         rgb = decode_image(data)
         h, w = rgb.shape[:2]
         by_label = results_to_masks(ann.get("result") or [], target, h, w)
+        derived = None
+        if wanted:
+            assert self.prompt_masks is not None and version is not None
+            try:
+                found = self.prompt_masks.masks(rgb, items, target, version, wanted)
+            except PromptsWithoutMask:
+                self._tally["skipped"] += 1
+                raise
+            if not found and not by_label:
+                self._tally["skipped"] += 1
+                raise PromptsWithoutMask(
+                    f"it holds no mask of {sorted(wanted)} and SAM2's head of {version} gives "
+                    "none from its prompts"
+                )
+            if found:
+                by_label.update(found)
+                derived = {"version": version, "labels": sorted(found)}
+                self._tally["derived_now"] += 1
+            log.info(
+                "project %s task %s: annotation %s holds smart keypoints/rectangles but no mask "
+                "of %s: masks of %s derived from them with SAM2's head of %s%s",
+                project,
+                task.get("id"),
+                ann.get("id"),
+                sorted(wanted),
+                sorted(found) or "no label",
+                version,
+                f" ({sorted(wanted - set(found))}: empty answer)" if wanted - set(found) else "",
+            )
         masks = np.zeros((len(target.labels), h, w), dtype=np.uint8)
         for k, label in enumerate(target.labels):
             if label in by_label:
@@ -468,6 +589,7 @@ class DatasetCache:
             height=h,
             width=w,
             labels_present=[lab for lab in target.labels if lab in by_label],
+            derived=derived,
         )
         sample.correction = correction_of(task, ann, target, masks > 0)
         return sample

@@ -52,6 +52,10 @@ class RoundReport:
     history: list[dict[str, Any]] = field(default_factory=list)
     decision: dict[str, Any] = field(default_factory=dict)
     sides: dict[int, str] = field(default_factory=dict)
+    #: annotations holding smart keypoints/rectangles but no mask, from the round's sync
+    #: (:attr:`trainer.dataset.SyncReport.prompts`): ``derived`` samples trained on masks
+    #: derived from them, ``skipped`` annotations not used
+    prompt_masks: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +73,7 @@ def run_round(
     should_stop: Callable[[], bool] | None = None,
     sides: dict[int, str] | None = None,
     cluster: Callable[[RoundPlan], Any] | None = None,
+    prompt_masks: dict[str, Any] | None = None,
 ) -> RoundReport:
     """Train a candidate from the current version on ``samples`` ((task id, H x W x 3 image,
     K x H x W mask) with channels in ``labels`` order) and promote it if it is not worse.
@@ -76,6 +81,9 @@ def run_round(
     ``cluster``: when the round spans several machines (``SAM2UNET_TRAIN_NODES`` > 1), called
     with the round's :class:`RoundPlan` before training; it tells the other machines (see
     :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.Cluster` to launch.
+
+    ``prompt_masks``: the sync's count of annotations holding prompts but no mask
+    (:attr:`trainer.dataset.SyncReport.prompts`), carried into the report and its log line.
     """
     from sam2unet.checkpoints import relabel
     from sam2unet.distributed import parse_devices
@@ -86,6 +94,8 @@ def run_round(
     parent = start.version
     metric = settings.promote_metric
     report = RoundReport("skipped", "", project, parent, metric=metric)
+    report.prompt_masks = dict(prompt_masks or {})
+    prompts_note = _prompts_note(report.prompt_masks)
     if parent is None:
         report.reason = "no current version"
         return report
@@ -96,7 +106,7 @@ def run_round(
     report.train_size, report.val_size = len(train_ids), len(val_ids)
     if len(samples) < max(2, settings.train_min_samples) or not val_ids or not train_ids:
         report.reason = f"{len(samples)} annotated task(s): too few for a round"
-        log.info("round skipped for project %s: %s", project, report.reason)
+        log.info("round skipped for project %s: %s%s", project, report.reason, prompts_note)
         return report
 
     by_id = {int(t): (img, m) for t, img, m in samples}
@@ -206,14 +216,27 @@ def run_round(
         )
     report.seconds = time.monotonic() - t0
     log.info(
-        "round for project %s: %s %s (%s) in %.1fs",
+        "round for project %s: %s %s (%s) in %.1fs%s",
         project,
         report.status,
         info.name,
         report.reason,
         report.seconds,
+        prompts_note,
     )
     return report
+
+
+def _prompts_note(counts: dict[str, Any]) -> str:
+    """``; 2 sample(s) with masks derived from prompts, 1 annotation(s) ...`` or ""."""
+    parts = []
+    if counts.get("derived"):
+        parts.append(f"{counts['derived']} sample(s) with masks derived from smart prompts")
+    if counts.get("skipped"):
+        parts.append(
+            f"{counts['skipped']} annotation(s) holding smart prompts but no mask not used"
+        )
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def machine_plan(settings: Settings) -> Any:

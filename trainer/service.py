@@ -51,6 +51,7 @@ from sam2unet.exceptions import ConfigError
 from trainer.cluster import ClusterDataError, RoundPublisher, report_progress
 from trainer.dataset import DatasetCache, correction_rates
 from trainer.plots import write_versions_png
+from trainer.prompt_masks import PromptMasks
 from trainer.round import RoundReport, run_round
 from trainer.schedule import SCHEDULED_ACTION, ScheduleRunner
 
@@ -111,7 +112,11 @@ class TrainerService:
         self.fetch = fetch
         self.registry = ModelRegistry(settings.model_dir, connection)
         self.cache = DatasetCache(
-            settings.dataset_dir, settings.sync_margin, settings.sync_full_every
+            settings.dataset_dir,
+            settings.sync_margin,
+            settings.sync_full_every,
+            prompt_masks=PromptMasks(self.registry, settings),
+            derive_prompt_masks=settings.derive_prompt_masks,
         )
         self.consumer = consumer or settings.trainer_consumer or socket.gethostname()
         self.projects: dict[int, ProjectState] = {}
@@ -492,6 +497,7 @@ class TrainerService:
                 should_stop=self.stop_event.is_set,
                 sides=sides,
                 cluster=self.publisher,
+                prompt_masks=self.last_sync.prompts if self.last_sync is not None else None,
             )
         except (DistributedRunError, ClusterDataError) as e:
             why = self.publisher.explain(e) if self.publisher is not None else str(e)

@@ -22,7 +22,7 @@ SAM2-UNet takes no prompts, so an interactive call's context (Label Studio's ``p
   image's shorter side, at least ``MIN_FALLBACK_PX``): the model runs on that crop and the crop's
   component containing the point, or failing that the one nearest to it, is added.
 * **Channels**: the output keeps the model's K channels. A prompt whose label names a channel
-  (``channels``, as from :func:`worker.pipeline.label_channels`) acts on that channel only; a
+  (``channels``, as from :func:`labelstudio.prompts.label_channels`) acts on that channel only; a
   prompt without a label, or with a label no channel has, acts on every channel. Channels that
   no prompt acts on are zeroed. Removed areas are zero, kept areas keep the model's
   probabilities, so the result encodes like any prediction.

@@ -29,6 +29,7 @@ from contracts.heads import untrained_version
 from contracts.jobs import ItemResult, PredictPayload
 from labelstudio.codecs import brush_result, polygon_results, prediction_score
 from labelstudio.labelconfig import Target, target_from_json
+from labelstudio.prompts import label_channels
 from sam2unet.acquisition import sort_score
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
@@ -38,7 +39,6 @@ from worker.prompts import parse_context
 log = logging.getLogger(__name__)
 
 CACHE_PREFIX = "sam2unet:cache:"
-GENERIC_LABEL = "object"
 
 
 @dataclass
@@ -51,18 +51,6 @@ class StageTimes:
     encode: float = 0.0
     cache_hits: int = 0
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def label_channels(model_labels: tuple[str, ...], target: Target) -> list[tuple[int, str]]:
-    """Which model channel feeds which label of the project.
-
-    A one-channel model with the generic label predicts the project's first label; otherwise
-    channels are matched by label name, and project labels the model does not know get no
-    prediction until a training round adds their channel.
-    """
-    if tuple(model_labels) == (GENERIC_LABEL,) and GENERIC_LABEL not in target.labels:
-        return [(0, target.labels[0])]
-    return [(k, name) for k, name in enumerate(model_labels) if name in target.labels]
 
 
 def encode_results(

@@ -1,7 +1,7 @@
 """Interactive prompts answered by SAM2's own prompt encoder and mask decoder
 (:mod:`sam2unet.promptable`), when the current version's base checkpoint carries them.
 
-The prompts of one call (parsed by :func:`worker.prompts.parse_context`) become objects:
+The prompts of one call (parsed by :func:`labelstudio.prompts.parse_context`) become objects:
 
 * each rectangle is one object, with the keypoints that lie inside it (and carry its label or
   none) as extra clicks; a rotated rectangle is given to SAM2 as its axis-aligned bounds;
@@ -26,36 +26,10 @@ import numpy as np
 
 from labelstudio.codecs import brush_result, polygon_results
 from labelstudio.labelconfig import Target
-from sam2unet.promptable import ImageFeatures, PromptableSAM2, PromptObject
-from worker.prompts import Box, Prompts, prompt_groups
+from labelstudio.prompts import Prompts, labels_for, prompt_objects, sam2_masks
+from sam2unet.promptable import ImageFeatures, PromptableSAM2
 
-
-def _box_xyxy(box: Box) -> tuple[float, float, float, float]:
-    xs = [c[0] for c in box.corners]
-    ys = [c[1] for c in box.corners]
-    return min(xs), min(ys), max(xs), max(ys)
-
-
-def prompt_objects(prompts: Prompts) -> list[tuple[PromptObject, str | None]]:
-    """(object, label) pairs for the prompts of one call (see the module docstring and
-    :func:`worker.prompts.prompt_groups`)."""
-    return [
-        (
-            PromptObject(
-                tuple((p.x, p.y) for p in g.points),
-                tuple(int(p.positive) for p in g.points),
-                None if g.box is None else _box_xyxy(g.box),
-            ),
-            g.label,
-        )
-        for g in prompt_groups(prompts)
-    ]
-
-
-def _labels_for(label: str | None, target: Target, channels: Sequence[tuple[int, str]]):
-    if label is not None and label in target.labels:
-        return [label]
-    return [name for _, name in channels] or list(target.labels[:1])
+__all__ = ["answer_prompts", "prompt_objects"]
 
 
 def answer_prompts(
@@ -66,23 +40,22 @@ def answer_prompts(
     channels: Sequence[tuple[int, str]],
 ) -> tuple[list[dict[str, Any]], float, str]:
     """(Label Studio result items, prediction score, a short description for logging)."""
-    objects = prompt_objects(prompts)
-    answers = promptable.predict(features, [o for o, _ in objects])
+    answers = sam2_masks(promptable, features, prompts)
     results: list[dict[str, Any]] = []
-    for (_, label), answer in zip(objects, answers, strict=True):
+    for label, answer in answers:
         if not answer.mask.any():
             continue
-        for name in _labels_for(label, target, channels):
+        for name in labels_for(label, target, channels):
             if target.kind == "brush":
                 results.append(brush_result(answer.mask, target, name, answer.score))
             else:
                 results.extend(polygon_results(answer.mask, target, name, answer.score))
-    scores = [a.score for a in answers]
+    scores = [a.score for _, a in answers]
     n_pos = sum(p.positive for p in prompts.points)
     info = (
-        f"SAM2 head: {len(objects)} object(s) from {len(prompts.boxes)} box(es), points "
+        f"SAM2 head: {len(answers)} object(s) from {len(prompts.boxes)} box(es), points "
         f"+{n_pos}/-{len(prompts.points) - n_pos}, predicted IoU "
         + ", ".join(f"{s:.3f}" for s in scores)
-        + f", {sum(int(a.mask.sum()) for a in answers)} foreground px"
+        + f", {sum(int(a.mask.sum()) for _, a in answers)} foreground px"
     )
     return results, float(np.mean(scores)) if scores else 0.0, info
