@@ -27,6 +27,29 @@ from worker.runtime import ModelRuntime, WorkerContext, install_context
 log = logging.getLogger(__name__)
 
 
+class RqMaintenanceFilter(logging.Filter):
+    """rq's maintenance lines (``cleaning registries for queue``, ``cleaning group
+    registries``: one per queue every maintenance interval) demoted to DEBUG: shown only when
+    the ``rq.worker`` logger is at DEBUG. Other rq lines keep their level."""
+
+    MESSAGES = ("cleaning registries", "cleaning group registries")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not isinstance(record.msg, str):
+            return True
+        if not any(m in record.msg for m in self.MESSAGES):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_rq_maintenance() -> None:
+    """Install :class:`RqMaintenanceFilter` on rq's worker logger (once)."""
+    logger = logging.getLogger("rq.worker")
+    if not any(isinstance(f, RqMaintenanceFilter) for f in logger.filters):
+        logger.addFilter(RqMaintenanceFilter())
+
+
 class AssistWorker(SimpleWorker):
     """SimpleWorker with a lease: while a job runs, a thread renews the job's entry in the
     started-job registry three times within ``lease - 1`` seconds with a TTL of ``lease``
@@ -44,6 +67,10 @@ class AssistWorker(SimpleWorker):
     stopping: bool = False  # a stop was requested (SIGTERM/SIGINT)
     _last_beat: float = float("-inf")  # monotonic time of the last heartbeat of our own
     _due: RQScheduler | None = None
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        quiet_rq_maintenance()
 
     def request_stop(self, signum, frame) -> None:
         self.stopping = True
