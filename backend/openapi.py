@@ -333,7 +333,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["project"],
         "properties": {
             "project": _ref("Project"),
-            "page_size": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+            "page_size": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 1000},
             "unlabeled_only": {"type": "boolean", "default": True},
         },
     },

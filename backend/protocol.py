@@ -297,7 +297,7 @@ def preannotate_start():
     project = parse_project_id(body.get("project"))
     if project is None:
         raise BadRequest("/preannotate: 'project' (a Label Studio project id) is required")
-    page_size = body.get("page_size", 100)
+    page_size = body.get("page_size", 1000)
     if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= 1000:
         raise BadRequest("/preannotate: 'page_size' must be an integer in 1..1000")
     unlabeled_only = body.get("unlabeled_only", True)

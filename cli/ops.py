@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cancel", metavar="RUN", help="cancel a run")
     p.add_argument("--list", action="store_true", help="list recent runs")
     p.add_argument("--no-follow", action="store_true", help="start the run and return at once")
-    p.add_argument("--page-size", type=int, default=100)
+    p.add_argument("--page-size", type=int, default=1000)
     p.add_argument(
         "--acquisition",
         choices=["random", "confidence", "tta", "diverse"],

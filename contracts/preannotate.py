@@ -56,7 +56,7 @@ def start_run(
     conn: redis.Redis,
     project: int,
     *,
-    page_size: int = 100,
+    page_size: int = 1000,
     reason: str = "requested",
     job_timeout: int = 300,
     unlabeled_only: bool = True,
