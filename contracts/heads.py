@@ -17,12 +17,19 @@ Torch-free unless a version predates these records and its base file must be ins
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contracts.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
 
 if TYPE_CHECKING:
     from contracts.registry import ModelRegistry, VersionInfo
+
+log = logging.getLogger(__name__)
 
 SAM2_HEAD = "sam2"
 CROP_HEAD = "crop"
@@ -81,3 +88,84 @@ def untrained_warning(info: VersionInfo) -> str:
         "(click, accept) and let a training round run, or start from a released task model "
         "(`sam2unet-assist download --pretrained NAME`)"
     )
+
+
+# --------------------------------------------------------------------------- trunk identity
+
+
+def trunk_digest(state: Mapping[str, Any]) -> str:
+    """sha256 of a Hiera trunk's tensors (bare keys): each key, dtype, shape and bytes, in key
+    order. Equal for the same weights however they were stored (an official checkpoint, the
+    authors' released SAM2-UNet weights, a version's embedded trunk)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _byte_dtype() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+def official_trunk_digest(
+    path: str | os.PathLike[str],
+    _cache: dict[tuple[str, int, int], str | None] = {},  # noqa: B006
+) -> str | None:
+    """:func:`trunk_digest` of an official SAM2/SAM2.1 checkpoint's trunk, or None for any
+    other file (or one that cannot be read). Cached per (path, size, mtime) for the life of the
+    process; the file is memory-mapped, so only the trunk's tensors are read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _cache:
+        import torch
+
+        from sam2unet.checkpoints import detect_format, trunk_state_from_sam2
+
+        digest = None
+        try:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # not a zip-format file: mmap needs one
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            if detect_format(obj) == "sam2":
+                digest = trunk_digest(trunk_state_from_sam2(obj))
+        except Exception as e:  # torch raises many types for a file that is no checkpoint
+            log.debug("%s is not an official SAM2 checkpoint: %s", path, e)
+        _cache[key] = digest
+    return _cache[key]
+
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def matching_official(
+    trunk_state: Mapping[str, Any], search_dirs: Iterable[str | os.PathLike[str]]
+) -> Path | None:
+    """The official SAM2/SAM2.1 checkpoint in ``search_dirs`` whose trunk equals
+    ``trunk_state`` (by :func:`trunk_digest`) and that holds SAM2's prompt encoder and mask
+    decoder, or None. Files are tried in name order; each file's digest is computed once."""
+    from sam2unet.checkpoints import has_prompt_decoder
+
+    wanted: str | None = None
+    for d in search_dirs:
+        folder = Path(d)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix not in CHECKPOINT_SUFFIXES or not path.is_file():
+                continue
+            digest = official_trunk_digest(path)
+            if digest is None:
+                continue
+            if wanted is None:
+                wanted = trunk_digest(trunk_state)
+            if digest == wanted and has_prompt_decoder(path):
+                return path
+    return None

@@ -14,7 +14,7 @@ import numpy as np
 import redis
 
 from contracts.bootstrap import ensure_current_version
-from contracts.heads import decoder_trained
+from contracts.heads import decoder_trained, matching_official
 from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
 
@@ -107,11 +107,11 @@ class ModelRuntime:
         # written) tensors on its device rather than a second copy of them in host memory
         if loaded.base is not None:
             self._trunk_cache = {loaded.base.sha256: trunk_state_of(predictor.model)}
-        promptable = self._promptable(loaded, predictor)
+        promptable, head_sha = self._promptable(loaded, predictor)
         old = self.version
         self.predictor, self.version, self.info = predictor, name, info
         self.promptable = promptable
-        self.base_sha = loaded.base.sha256 if loaded.base is not None else None
+        self.base_sha = head_sha
         self.labels = tuple(loaded.config.labels)
         self.decoder_trained = decoder_trained(info)
         self.loads += 1
@@ -153,31 +153,58 @@ class ModelRuntime:
         and mask decoder) or "crop" (crop-and-segment around the automatic model)."""
         return "sam2" if self.promptable is not None else "crop"
 
-    def _promptable(self, loaded: Any, predictor: Any) -> Any:
-        """SAM2's promptable head on ``predictor``'s trunk, or None (with a log line why)."""
-        from sam2unet.checkpoints import find_base
+    def _promptable(self, loaded: Any, predictor: Any) -> tuple[Any, str | None]:
+        """SAM2's promptable head on ``predictor``'s trunk and the sha256 of the checkpoint it
+        came from (the embedding cache's key), or (None, None) with a log line why.
+
+        The head comes from the version's base checkpoint; a version without one, or whose base
+        holds no head (one made from the authors' released SAM2-UNet weights), takes the head
+        of an official checkpoint in ``MODEL_DIR/base`` whose trunk is the model's own
+        (:func:`contracts.heads.matching_official`)."""
+        from sam2unet.checkpoints import find_base, sha256_file, trunk_state_of
         from sam2unet.exceptions import CheckpointError
         from sam2unet.promptable import PromptableSAM2, load_prompt_head
 
-        if loaded.base is None:
-            log.info("prompts are answered by crop-and-segment: the model has no base checkpoint")
-            return None
-        sha = loaded.base.sha256
-        if sha not in self._heads:
+        dirs = [self.registry.base_dir, self.registry.model_dir]
+        path, why = None, "the model has no base checkpoint"
+        if loaded.base is not None:
             try:
-                path = find_base(loaded.base, [self.registry.base_dir, self.registry.model_dir])
-                head = load_prompt_head(path, loaded.config.size)
+                path = find_base(loaded.base, dirs)
+                sha = loaded.base.sha256
             except CheckpointError as e:
-                log.info(
-                    "prompts are answered by crop-and-segment: base %s: %s", loaded.base.name, e
-                )
-                head = None
-            self._heads = {sha: head}  # only the current base's
-        head = self._heads[sha]
-        if head is None:
-            return None
-        log.info("prompts are answered by SAM2's own head of %s", loaded.base.name)
-        return PromptableSAM2(predictor.model.encoder, head, bf16=self.settings.bf16)
+                why = f"base {loaded.base.name}: {e}"
+            if path is not None and sha not in self._heads:
+                try:
+                    self._heads = {sha: load_prompt_head(path, loaded.config.size)}
+                except CheckpointError as e:
+                    why = f"base {loaded.base.name}: {e}"
+                    self._heads = {sha: None}
+            if path is not None and self._heads.get(sha) is not None:
+                log.info("prompts are answered by SAM2's own head of %s", loaded.base.name)
+                return PromptableSAM2(
+                    predictor.model.encoder, self._heads[sha], self.settings.bf16
+                ), sha
+        match = matching_official(trunk_state_of(predictor.model), dirs)
+        if match is None:
+            log.info(
+                "prompts are answered by crop-and-segment: %s, and no official SAM2 checkpoint "
+                "in %s has the model's trunk",
+                why,
+                self.registry.base_dir,
+            )
+            return None, None
+        sha = sha256_file(match)
+        if sha not in self._heads or self._heads[sha] is None:
+            try:
+                self._heads = {sha: load_prompt_head(match, loaded.config.size)}
+            except CheckpointError as e:
+                log.info("prompts are answered by crop-and-segment: %s: %s", match.name, e)
+                return None, None
+        log.info(
+            "prompts are answered by SAM2's own head of %s (the model's trunk is that checkpoint's)",
+            match.name,
+        )
+        return PromptableSAM2(predictor.model.encoder, self._heads[sha], self.settings.bf16), sha
 
     def image_features(self, image: np.ndarray, digest: str) -> tuple[Any, bool]:
         """SAM2 features of ``image`` (content sha256 ``digest``) from the embedding cache, or
