@@ -24,6 +24,7 @@ from tests.lstudio import running_label_studio
 from tests.sam2_helpers import write_official
 from tests.services import png_bytes, service_env
 from tests.test_promptable import LABEL_CONFIG, TARGET, image, kp, make_runtime, predict, rect
+from tests.test_untrained_decoder import versions_cli
 from trainer.service import TrainerService
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +51,9 @@ def trainer(env: dict[str, str], conn: redis.Redis, ls, **extra: str) -> Trainer
     return TrainerService(settings, conn, client, fetch, consumer=f"t-{time.time_ns()}")
 
 
-def test_a_round_over_prompt_only_annotations_trains_on_derived_masks(tmp_path, redis_url):
+def test_a_round_over_prompt_only_annotations_trains_on_derived_masks(
+    tmp_path, redis_url, monkeypatch, capsys
+):
     conn = redis.Redis.from_url(redis_url)
     model_dir = tmp_path / "models"
     write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
@@ -105,6 +108,9 @@ def test_a_round_over_prompt_only_annotations_trains_on_derived_masks(tmp_path, 
         assert last["sync"]["prompts"]["derived"] == N
         health = create_app(Settings.from_env(env), conn).test_client().get("/health").get_json()
         assert health["trainer"]["last_round"]["prompt_masks"]["derived"] == N
+        assert f"smart prompts but no mask: {N} trained on derived masks, 0 not used" in (
+            versions_cli(env, monkeypatch, capsys)
+        )
 
         # the setting off: the same annotations are skipped, and counted
         off = trainer(env, conn, ls, SAM2UNET_DERIVE_PROMPT_MASKS="false")
@@ -116,4 +122,7 @@ def test_a_round_over_prompt_only_annotations_trains_on_derived_masks(tmp_path, 
         assert off.cache.samples(project) == []
         health = create_app(Settings.from_env(env), conn).test_client().get("/health").get_json()
         assert health["trainer"]["last_round"]["prompt_masks"]["skipped"] == N
+        assert f"smart prompts but no mask: 0 trained on derived masks, {N} not used" in (
+            versions_cli(env, monkeypatch, capsys)
+        )
     conn.close()
