@@ -247,6 +247,23 @@ def test_a_version_answering_by_crop_derives_nothing(tmp_path, model_dir, redis_
     assert "crop-and-segment" in caplog.text
 
 
+def test_without_any_version_masks_are_used_and_prompts_only_skipped(tmp_path, redis_conn, caplog):
+    """No model version yet: an annotation with its mask beside the prompts is used as it is;
+    one with prompts only is skipped, with the reason."""
+    brush = np.zeros((H, W), bool)
+    brush[5:20, 10:30] = True
+    tasks = [
+        task(1, [brush_result(brush, TARGET, "Foreground", 1.0), kp(40.0, 45.0)]),
+        task(2, [dict(i) for i in PROMPT_ONLY[1]]),
+    ]
+    caplog.set_level(logging.INFO)
+    svc = service(tmp_path, tmp_path / "empty-models", redis_conn, tasks)
+    _, samples, _ = svc.training_set(1)
+    assert [t for t, _, _ in samples] == [1] and np.array_equal(samples[0][2][0] > 0, brush)
+    assert svc.last_sync.prompts["skipped"] == 1
+    assert "no model version to answer its prompts" in caplog.text
+
+
 # --------------------------------------------------------------------------- properties
 
 LABELS = ["Foreground", "Background", "Other", None]

@@ -503,19 +503,22 @@ class DatasetCache:
         if not items:
             return [], set(), None
         derive = self.derive_prompt_masks and self.prompt_masks is not None
-        version = self.prompt_masks.version_for(task, ann) if derive else None
+        version, why = None, "SAM2UNET_DERIVE_PROMPT_MASKS=false, or nothing to derive masks with"
+        channels = list(enumerate(target.labels))
         if derive:
-            channels = self.prompt_masks.channels(version, target)
-        else:
-            channels = list(enumerate(target.labels))
+            assert self.prompt_masks is not None
+            try:
+                version = self.prompt_masks.version_for(task, ann)
+                channels = self.prompt_masks.channels(version, target)
+            except PromptsWithoutMask as e:
+                version, why = None, e.message
         wanted = prompt_labels(items, target, channels) - mask_labels(results, target)
         if not wanted:
             return items, set(), version
-        if not derive:
+        if version is None:
             self._tally["skipped"] += 1
             raise PromptsWithoutMask(
-                f"it holds smart keypoints/rectangles but no mask of {sorted(wanted)} "
-                "(SAM2UNET_DERIVE_PROMPT_MASKS=false, or nothing to derive masks with)"
+                f"it holds smart keypoints/rectangles but no mask of {sorted(wanted)} ({why})"
             )
         # percentages: the objects left do not depend on the image's size
         parsed = parse_context({"result": items}, 1000, 1000, target.to_name)
