@@ -16,4 +16,14 @@ if python -m pip show torchvision >/dev/null 2>&1; then
   echo "error: torchvision is installed in .venv; it is not needed and pulls a CUDA torch" >&2
   exit 1
 fi
+# Chromium from the distribution's packages for the browser test (tests/test_browser_day0.py,
+# driven by Playwright with executable_path; Playwright's own browser download is not used)
+if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+  :
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+else
+  echo "note: no Chromium and no way to install it here (needs root and apt-get):" \
+    "the browser test will be skipped; install the 'chromium' package or set SAM2UNET_CHROMIUM" >&2
+fi
 python -c "import torch, sam2unet; print('sam2unet-assist ready: torch', torch.__version__)"

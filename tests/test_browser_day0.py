@@ -215,7 +215,7 @@ def test_click_negative_box_accept_submit(day0):
     inter.clicked()
     page.mouse.click(*box.at(0.55, 0.45))
     first = inter.wait(page, 1)
-    page.get_by_text(PENDING).wait_for()
+    page.get_by_text(PENDING).wait_for(timeout=20_000)
     shots("04-smart-keypoint-suggestion")
     (kp,) = first["context"]
     assert kp["type"] == "keypointlabels" and kp["is_positive"] is True
