@@ -247,6 +247,22 @@ def test_a_version_answering_by_crop_derives_nothing(tmp_path, model_dir, redis_
     assert "crop-and-segment" in caplog.text
 
 
+def test_a_task_model_with_an_official_trunk_derives_the_workers_mask(tmp_path, redis_conn):
+    """A version made from released SAM2-UNet weights whose trunk is an official checkpoint's:
+    the worker answers its prompts with that checkpoint's head, and so does the trainer."""
+    from tests.test_task_model_prompts import _released_version
+
+    model_dir = tmp_path / "models"
+    write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    rt = _released_version(model_dir, model_dir / "base" / "sam2.1_hiera_test.pt")
+    assert rt.prompt_head == "sam2"
+    want = worker_masks(rt, 2, PROMPT_ONLY[2])
+    svc = service(tmp_path, model_dir, redis_conn, [task(2, [dict(i) for i in PROMPT_ONLY[2]])])
+    _, samples, _ = svc.training_set(1)
+    assert np.array_equal(samples[0][2] > 0, want) and want[0].any()
+    assert svc.cache.load_manifest(1).samples["2"].derived["version"] == rt.version
+
+
 def test_without_any_version_masks_are_used_and_prompts_only_skipped(tmp_path, redis_conn, caplog):
     """No model version yet: an annotation with its mask beside the prompts is used as it is;
     one with prompts only is skipped, with the reason."""

@@ -11,9 +11,10 @@ same weights and prompts give the same mask.
 The version that served them: the model version of the prediction the annotation started from
 (the annotation's ``prediction``, or its ``parent_prediction`` among the task's predictions)
 when it is one of ours and still in the registry, else the current version. Its prompts are
-answered by SAM2's head when its base is an official SAM2 checkpoint holding one
-(:func:`contracts.heads.prompt_head_for`); a version answering by crop-and-segment gives no
-derived mask (the annotation is not used, and counted).
+answered by SAM2's head as the worker chooses it: its base checkpoint's, else that of an
+official checkpoint whose trunk is the model's (:func:`contracts.heads.matching_official`); a
+version answering by crop-and-segment gives no derived mask (the annotation is not used, and
+counted).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from contracts.errors import AnnotationFormatError, NotFound
-from contracts.heads import SAM2_HEAD, prompt_head_for
+from contracts.heads import SAM2_HEAD, matching_official, prompt_head_for
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.labelconfig import Target
@@ -71,13 +72,13 @@ def served_version(task: Mapping[str, Any], ann: Mapping[str, Any]) -> str | Non
 class PromptMasks:
     """SAM2's masks for an annotation's prompts, per model version (see the module doc).
 
-    Holds the promptable head of one base at a time (the trunk of the version loaded from the
+    Holds the promptable head of one version at a time (the trunk of the version loaded from the
     registry, SAM2's prompt encoder and mask decoder from the base checkpoint)."""
 
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
-        self._held: tuple[str, Any] | None = None  # (base sha256, PromptableSAM2)
+        self._held: tuple[str, Any] | None = None  # (version, PromptableSAM2)
 
     def version_for(self, task: Mapping[str, Any], ann: Mapping[str, Any]) -> str:
         """The version whose head answers ``ann``'s prompts (see the module doc)."""
@@ -103,34 +104,53 @@ class PromptMasks:
         self._held = None
 
     def _promptable(self, version: str) -> Any:
-        from sam2unet.checkpoints import find_base
+        """SAM2's promptable head for ``version``, chosen as the worker chooses it: its base
+        checkpoint's head, else that of an official checkpoint in ``MODEL_DIR/base`` whose
+        trunk is the model's (:func:`contracts.heads.matching_official`)."""
+        from sam2unet.checkpoints import find_base, has_prompt_decoder, sha256_file, trunk_state_of
         from sam2unet.exceptions import CheckpointError
         from sam2unet.predictor import pick_device
         from sam2unet.promptable import PromptableSAM2, load_prompt_head
 
-        info = self.registry.get(version)
-        if prompt_head_for(info, self.registry) != SAM2_HEAD:
-            raise PromptsWithoutMask(
-                f"version {version} answers prompts by crop-and-segment (no SAM2 head in its "
-                "base checkpoint): no mask is derived from them"
-            )
-        sha = str((info.base or {}).get("sha256") or "")
-        if self._held is not None and self._held[0] == sha:
+        if self._held is not None and self._held[0] == version:
             return self._held[1]
-        self._held = None  # one base's head and trunk in memory at a time
+        self._held = None  # one version's head and trunk in memory at a time
         t0 = time.perf_counter()
+        dirs = [self.registry.base_dir, self.registry.model_dir]
         try:
             loaded = self.registry.load(version)
-            path = find_base(loaded.base, [self.registry.base_dir, self.registry.model_dir])
+        except CheckpointError as e:
+            raise PromptsWithoutMask(f"version {version} cannot be loaded: {e}") from e
+        path = None
+        if (
+            loaded.base is not None
+            and prompt_head_for(self.registry.get(version), self.registry) == SAM2_HEAD
+        ):
+            try:
+                path = find_base(loaded.base, dirs)
+            except CheckpointError:
+                path = None
+        if path is None or not has_prompt_decoder(path):
+            path = matching_official(trunk_state_of(loaded.model), dirs)
+        if path is None:
+            raise PromptsWithoutMask(
+                f"version {version} answers prompts by crop-and-segment (no SAM2 head in its "
+                "base checkpoint, and no official checkpoint has its trunk): no mask is derived "
+                "from them"
+            )
+        try:
             head = load_prompt_head(path, loaded.config.size)
         except CheckpointError as e:
             raise PromptsWithoutMask(f"SAM2's head of {version} cannot be loaded: {e}") from e
         trunk = loaded.model.encoder.to(pick_device(self.settings.device)).eval()
         promptable = PromptableSAM2(trunk, head, bf16=self.settings.bf16)
-        self._held = (sha, promptable)
+        self._held = (version, promptable)
         log.info(
-            "SAM2's head of %s loaded in %.2fs to derive masks from annotations' prompts",
+            "SAM2's head of %s (%s, sha256 %s...) loaded in %.2fs to derive masks from "
+            "annotations' prompts",
             version,
+            path.name,
+            sha256_file(path)[:12],
             time.perf_counter() - t0,
         )
         return promptable
