@@ -34,7 +34,7 @@ from contracts.jobs import (
     requeue_lost,
 )
 from contracts.registry import ModelRegistry
-from contracts.routing import rescue_routed, routed_queue
+from contracts.routing import prewarm, rescue_routed, routed_queue
 from contracts.settings import Settings
 from labelstudio.labelconfig import Target, map_prompt_labels, target_to_json
 
@@ -101,11 +101,17 @@ class PredictService:
             items.append(PredictItem(index=i, url=url, task_id=task_id))
 
         interactive = req.context is not None
+        # a call with prompts; Label Studio also sends interactive calls without any (after a
+        # Submit, as the next task loads): those are answered by the automatic model
+        prompted = interactive and bool((req.context or {}).get("result"))
         queue = self.queues[QUEUE_INTERACTIVE if interactive else QUEUE_BATCH]
-        if interactive and len(items) == 1:  # to the worker holding the image's features
+        if prompted and len(items) == 1:  # to the worker holding the image's features
             routed = routed_queue(self.redis, ls_base, items[0].url)
             if routed is not None:
                 queue = Queue(routed, connection=self.redis)
+        if not prompted and len(items) == 1 and self.settings.prewarm:
+            # an annotator opened this task: its first click can find the features computed
+            self._prewarm(items[0], ls_base)
         reply_key = new_reply_key()
         request_id = secrets.token_hex(6)  # the same in every job's worker log lines
         enqueued = enqueue_predict(
@@ -146,6 +152,12 @@ class PredictService:
         # retried job expires with the list's TTL)
         ordered = [results[i] for i in range(len(req.tasks))]
         return PredictOutcome(ordered, time.monotonic() - t0, late, request_id)
+
+    def _prewarm(self, item: PredictItem, ls_base: str | None) -> None:
+        try:
+            prewarm(self.redis, ls_base, item.url, item.task_id, self.settings)
+        except redis.exceptions.RedisError as e:  # the answer does not depend on it
+            log.warning("task %s: could not enqueue the prewarm of its image: %s", item.task_id, e)
 
     def _wait(
         self,

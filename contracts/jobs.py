@@ -23,9 +23,13 @@ PAYLOAD_VERSION = 1
 QUEUE_INTERACTIVE = "sam2unet-interactive"  # drained first by every worker
 QUEUE_BATCH = "sam2unet-batch"  # /predict requests from Label Studio
 QUEUE_BACKGROUND = "sam2unet-background"  # project-wide pre-annotation, active learning
-QUEUES = (QUEUE_INTERACTIVE, QUEUE_BATCH, QUEUE_BACKGROUND)
+#: image features computed ahead of an annotator's first click (contracts/routing.py): last
+QUEUE_PREWARM = "sam2unet-prewarm"
+QUEUES = (QUEUE_INTERACTIVE, QUEUE_BATCH, QUEUE_BACKGROUND, QUEUE_PREWARM)
 
 PREDICT_FUNC = "worker.jobs.predict"
+PREWARM_FUNC = "worker.jobs.prewarm"
+PREWARM_TTL = 120  # seconds a prewarm job may wait in its queue before it is dropped
 REPLY_PREFIX = "sam2unet:reply:"
 LATE_PREFIX = "sam2unet:late:"  # set when the waiting request gave up: results go to Label Studio
 
@@ -234,3 +238,20 @@ def enqueue_predict(
         chunks.append(chunk)
     jobs = queue.enqueue_many(datas) if datas else []
     return list(zip(jobs, chunks, strict=True))
+
+
+def enqueue_prewarm(
+    queue: Any, url: str, ls_base: str | None, task_id: int | None, settings: Any
+) -> Any:
+    """Enqueue a prewarm job: compute the SAM2 features of the image at ``url`` on a worker,
+    at the lowest priority (``queue``: the shared prewarm queue or a worker's own). Dropped
+    unrun after :data:`PREWARM_TTL` seconds in the queue; its result is not kept."""
+    return queue.enqueue(
+        PREWARM_FUNC,
+        {"url": url, "ls_base": ls_base, "task_id": task_id, "v": PAYLOAD_VERSION},
+        job_timeout=settings.job_timeout,
+        ttl=PREWARM_TTL,
+        result_ttl=0,
+        failure_ttl=3600,
+        description=f"prewarm the image features of task {task_id}",
+    )

@@ -8,6 +8,12 @@ that worker's queue when the worker is registered with rq (:func:`routed_queue`)
 the shared interactive queue. A route is only a hint: the worker's cache is keyed by the
 image's content, so a changed image is embedded again.
 
+Prewarming (:func:`prewarm`) follows the same routes: when an annotator opens a task, its image's
+features are computed at the lowest priority on the worker that will get its clicks: the
+worker holding the image's route when it is alive (its own prewarm queue,
+``sam2unet-prewarm:<worker name>``), otherwise any worker (the shared prewarm queue); the worker
+that takes it records the route before computing, so the first click follows it there.
+
 A routed job never waits on a worker that cannot take it: :func:`rescue_routed` (run every
 second by a waiting request, and by idle workers' maintenance) moves to the shared interactive
 queue every job of a worker queue whose worker is gone, and every job that has waited there
@@ -24,19 +30,26 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from contracts.jobs import QUEUE_INTERACTIVE
+from contracts.jobs import QUEUE_INTERACTIVE, QUEUE_PREWARM, enqueue_prewarm
 
 log = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "sam2unet:embed-route:"
 WORKER_QUEUE_PREFIX = QUEUE_INTERACTIVE + ":"
 ROUTE_TTL = 30 * 60  # seconds a route is kept after the image's last prompt
+PREWARM_QUEUE_PREFIX = QUEUE_PREWARM + ":"
+PREWARM_PENDING_PREFIX = "sam2unet:prewarm-pending:"
 ROUTE_GRACE = 2.0  # seconds a routed job may wait for its worker before any worker takes it
 
 
 def worker_queue(worker_name: str) -> str:
     """The interactive queue of one worker."""
     return WORKER_QUEUE_PREFIX + worker_name
+
+
+def worker_prewarm_queue(worker_name: str) -> str:
+    """The prewarm queue of one worker (served after every other queue)."""
+    return PREWARM_QUEUE_PREFIX + worker_name
 
 
 def route_key(ls_base: str | None, url: str) -> str:
@@ -51,6 +64,38 @@ def remember_route(
     connection.set(route_key(ls_base, url), worker_name, ex=int(ttl))
 
 
+def routed_worker(connection: Any, ls_base: str | None, url: str) -> str | None:
+    """The name of the live worker holding the image's route, or None."""
+    raw = connection.get(route_key(ls_base, url))
+    if raw is None:
+        return None
+    name = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return name if _worker_alive(connection, name) else None
+
+
+def prewarm(
+    connection: Any, ls_base: str | None, url: str, task_id: int | None, settings: Any
+) -> Any:
+    """Enqueue the computation of the image's SAM2 features on the worker that will get its
+    clicks (see the module docstring); None when a prewarm of the image is already pending
+    (one per image per :data:`contracts.jobs.PREWARM_TTL`)."""
+    from rq import Queue
+
+    from contracts.jobs import PREWARM_TTL
+
+    pending = PREWARM_PENDING_PREFIX + route_key(ls_base, url)[len(ROUTE_PREFIX) :]
+    if not connection.set(pending, 1, nx=True, ex=PREWARM_TTL):
+        return None
+    worker = routed_worker(connection, ls_base, url)
+    name = worker_prewarm_queue(worker) if worker is not None else QUEUE_PREWARM
+    return enqueue_prewarm(Queue(name, connection=connection), url, ls_base, task_id, settings)
+
+
+def prewarm_done(connection: Any, ls_base: str | None, url: str) -> None:
+    """Clear the image's pending-prewarm mark (its features are computed or cached)."""
+    connection.delete(PREWARM_PENDING_PREFIX + route_key(ls_base, url)[len(ROUTE_PREFIX) :])
+
+
 def _worker_alive(connection: Any, worker_name: str) -> bool:
     from rq.worker import Worker
 
@@ -59,13 +104,8 @@ def _worker_alive(connection: Any, worker_name: str) -> bool:
 
 def routed_queue(connection: Any, ls_base: str | None, url: str) -> str | None:
     """The queue of the live worker holding the image's features, or None."""
-    raw = connection.get(route_key(ls_base, url))
-    if raw is None:
-        return None
-    name = raw.decode() if isinstance(raw, bytes) else str(raw)
-    if not _worker_alive(connection, name):
-        return None
-    return worker_queue(name)
+    name = routed_worker(connection, ls_base, url)
+    return None if name is None else worker_queue(name)
 
 
 def rescue_routed(connection: Any, grace: float = ROUTE_GRACE) -> list[str]:

@@ -65,6 +65,8 @@ class Settings:
     cache_ttl: int = 7 * 24 * 3600  # result cache per (image hash, model version)
     threshold: float = 0.5
     embedding_cache_mb: int = 256  # SAM2 image features kept per worker for later prompts
+    # compute an image's SAM2 features when its task is opened, before the first click
+    prewarm: bool = True
     # image fetching
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 64_000_000

@@ -82,6 +82,55 @@ def predict(payload: dict[str, Any]) -> dict[str, Any]:
     return {"items": len(results), "errors": sum(1 for r in results if r.error)}
 
 
+def prewarm(payload: dict[str, Any]) -> dict[str, Any]:
+    """Compute the SAM2 features of one task's image ahead of its first click (see
+    :func:`contracts.routing.prewarm`), when the held version answers prompts with SAM2's head.
+    The image's route names this worker before the computation starts, so a click arriving
+    meanwhile comes here and waits for these features instead of computing them again."""
+    import hashlib
+    import time
+
+    from contracts.errors import AssistError
+    from contracts.routing import prewarm_done, remember_route
+    from sam2unet.exceptions import ImageError
+    from sam2unet.transforms import decode_image
+
+    ctx = get_context()
+    rt = ctx.runtime
+    url, ls_base, task_id = payload.get("url"), payload.get("ls_base"), payload.get("task_id")
+    if not isinstance(url, str) or not url:
+        log.warning("prewarm job without an image URL: skipped")
+        return {"prewarmed": False, "reason": "no image URL"}
+    try:
+        rt.ensure_current(in_job=True)
+        if rt.prompt_head != "sam2":
+            return {"prewarmed": False, "reason": "prompts are answered by crop-and-segment"}
+        t0 = time.perf_counter()
+        data = ctx.fetch(url, ls_base, task_id)
+        digest = hashlib.sha256(data).hexdigest()
+        if rt.worker_name:
+            remember_route(ctx.redis, ls_base, url, rt.worker_name)
+        if rt.cached_features(digest) is not None:
+            return {"prewarmed": False, "reason": "cached"}
+        rgb = decode_image(data, max_pixels=rt.settings.max_image_pixels)
+        _, cached = rt.image_features(rgb, digest)
+        log.info(
+            "task %s: image features prewarmed in %.2fs%s",
+            task_id,
+            time.perf_counter() - t0,
+            " (computed meanwhile by a click)" if cached else "",
+        )
+        return {"prewarmed": not cached}
+    except (AssistError, ImageError) as e:
+        log.info("task %s: no prewarm: %s", task_id, e)
+        return {"prewarmed": False, "reason": str(e)}
+    finally:
+        try:
+            prewarm_done(ctx.redis, ls_base, url)
+        except Exception as e:  # Redis unreachable: the mark expires by itself
+            log.warning("could not clear the prewarm mark of task %s: %s", task_id, e)
+
+
 def preannotate_page(run_id: str, page: int) -> dict[str, Any]:
     """Read one page of a pre-annotation run's project and enqueue predictions for the tasks
     that have none of the current model version; then enqueue the next page."""

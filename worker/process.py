@@ -17,10 +17,11 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.scheduler import RQScheduler
+from rq.timeouts import TimerDeathPenalty
 
-from contracts.jobs import QUEUES
+from contracts.jobs import QUEUE_PREWARM, QUEUES
 from contracts.registry import ModelRegistry
-from contracts.routing import rescue_routed, worker_queue
+from contracts.routing import rescue_routed, worker_prewarm_queue, worker_queue
 from contracts.settings import Settings, apply_torch_threads
 from worker.runtime import ModelRuntime, WorkerContext, install_context
 
@@ -168,6 +169,74 @@ class AssistWorker(SimpleWorker):
                     log.warning("could not renew the lease of job %s: %s", job.id, e)
 
 
+class PromptLaneWorker(AssistWorker):
+    """The worker's prompt lane: a second rq worker in a thread of the same process, on the
+    worker's own interactive queue only (clicks routed here because this process holds their
+    image's SAM2 features: the prompt encoder and mask decoder, tens of milliseconds). It runs
+    them while the main loop runs something slow (another image's encode, a prewarm, a batch
+    prediction), so that a click on a cached image never waits behind another image's encode.
+
+    It shares the process's model runtime without reloading it (the main loop reloads between
+    its jobs); job timeouts use a timer thread instead of SIGALRM, and it installs no signal
+    handlers (the main loop's stop ends it)."""
+
+    death_penalty_class = TimerDeathPenalty
+
+    def _install_signal_handlers(self) -> None:
+        pass
+
+    def stop_lane(self) -> None:
+        self.stopping = True
+        self._stop_requested = True
+
+
+def lane_name(worker_name: str) -> str:
+    return f"{worker_name}~prompts"
+
+
+def start_prompt_lane(
+    settings: Settings, connection: redis.Redis, worker_name: str
+) -> tuple[threading.Thread, list[PromptLaneWorker]]:
+    """Start the prompt lane of worker ``worker_name`` (see :class:`PromptLaneWorker`) in a
+    daemon thread; returns the thread and a one-item list holding its current rq worker."""
+    holder: list[PromptLaneWorker] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            lane = PromptLaneWorker(
+                [Queue(worker_queue(worker_name), connection=connection)],
+                connection=connection,
+                name=lane_name(worker_name),
+                maintenance_interval=max(1, settings.job_lease),
+                worker_ttl=settings.job_lease + 15,
+            )
+            lane.lease = settings.job_lease
+            holder[:] = [lane]
+            try:
+                lane.work(with_scheduler=False, logging_level=settings.log_level)
+            except redis.exceptions.RedisError as e:
+                log.error("prompt lane of %s lost its Redis connection: %s", worker_name, e)
+            except Exception:  # the lane must never take the worker down
+                log.exception("prompt lane of %s failed", worker_name)
+            if lane.stopping or stop.is_set():
+                return
+            time.sleep(1.0)
+            with contextlib.suppress(redis.exceptions.RedisError):
+                lane.register_death()
+
+    thread = threading.Thread(target=serve, name="prompt-lane", daemon=True)
+    thread.stop = stop  # type: ignore[attr-defined]
+    thread.start()
+    return thread, holder
+
+
+def stop_prompt_lane(thread: threading.Thread, holder: list[PromptLaneWorker]) -> None:
+    thread.stop.set()  # type: ignore[attr-defined]
+    for lane in holder:
+        lane.stop_lane()
+
+
 MIN_LEASE = 2  # seconds
 HEARTBEAT_MIN_INTERVAL = 1.0  # seconds; the worker key lives worker_ttl + 60 s after a beat
 
@@ -231,8 +300,11 @@ def run_worker(
     importlib.import_module("worker.jobs")
     name = name or f"sam2unet-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     context.runtime.worker_name = name
-    # its own queue first: prompts on images whose SAM2 features it holds (common/routing.py)
-    queues = (worker_queue(name), *queues)
+    # its own queue first: prompts on images whose SAM2 features it holds (contracts/routing.py);
+    # prewarms last, its own before the shared ones
+    prewarms = (worker_prewarm_queue(name), QUEUE_PREWARM) if QUEUE_PREWARM in queues else ()
+    queues = (worker_queue(name), *(q for q in queues if q != QUEUE_PREWARM), *prewarms)
+    lane = None if burst else start_prompt_lane(settings, connection, name)
     log.info(
         "worker ready with model version %s (prompts: %s head)",
         version,
@@ -254,6 +326,8 @@ def run_worker(
         except redis.exceptions.RedisError as e:  # rq's teardown could not reach Redis either
             log.error("worker %s lost its Redis connection: %s", name, e)
         if burst or worker.stopping:
+            if lane is not None:
+                stop_prompt_lane(*lane)
             return
         # rq's loop quits on a Redis error in the middle of a job (or a Redis timeout): wait
         # for Redis and work again under the same name; the interrupted job is retried once

@@ -49,6 +49,9 @@ class ModelRuntime:
 
         self.embeddings = EmbeddingCache(settings.embedding_cache_mb * 2**20)
         self.worker_name: str | None = None  # set by the worker process: routes prompts here
+        self._inflight: dict[tuple[str, str], _InFlight] = {}  # features being computed
+        self._inflight_lock = threading.Lock()
+        self.embed_waits = 0  # calls that waited for another thread's computation
 
     def begin_job(self) -> str:
         """Called by the worker right before each job: the pointer is read once here, and the
@@ -206,16 +209,47 @@ class ModelRuntime:
         )
         return PromptableSAM2(predictor.model.encoder, self._heads[sha], self.settings.bf16), sha
 
+    def cached_features(self, digest: str) -> Any:
+        """The image's SAM2 features when the embedding cache holds them (no computation,
+        no wait), else None."""
+        if self.promptable is None or self.base_sha is None:
+            return None
+        return self.embeddings.get(digest, self.base_sha)
+
     def image_features(self, image: np.ndarray, digest: str) -> tuple[Any, bool]:
         """SAM2 features of ``image`` (content sha256 ``digest``) from the embedding cache, or
-        computed and cached; (features, whether they came from the cache)."""
+        computed and cached; (features, whether they were not computed by this call).
+
+        One computation per image at a time: a call for an image whose features another
+        thread of this process is computing (a prewarm, a first click) waits for them."""
         assert self.promptable is not None and self.base_sha is not None
-        found = self.embeddings.get(digest, self.base_sha)
-        if found is not None:
-            return found, True
-        features = self.promptable.embed(image)
-        self.embeddings.put(digest, self.base_sha, features)
-        return features, False
+        key = (digest, self.base_sha)
+        while True:
+            found = self.embeddings.get(*key)
+            if found is not None:
+                return found, True
+            with self._inflight_lock:
+                flight = self._inflight.get(key)
+                mine = flight is None
+                if mine:
+                    flight = self._inflight[key] = _InFlight()
+            assert flight is not None
+            if not mine:
+                flight.done.wait()
+                self.embed_waits += 1
+                if flight.features is not None:
+                    return flight.features, True
+                continue  # its computation failed: try again
+            try:
+                features = self.promptable.embed(image)
+                flight.features = features
+                self.embeddings.put(*key, features)
+            finally:
+                with self._inflight_lock:
+                    self._inflight.pop(key, None)
+                flight.done.set()
+                release_freed_memory()
+            return features, False
 
     def predict(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Per image, K x H x W probabilities at the image's size (K = number of labels)."""
@@ -233,6 +267,41 @@ class ModelRuntime:
         return acquire(
             self.predictor, images, strategy, threshold=self.settings.threshold, keys=keys
         )
+
+
+class _InFlight:
+    """One image's features being computed: set ``done`` once finished (``features`` None:
+    the computation failed)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.features: Any = None
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``): an image encode's
+    activations (hundreds of MiB at SAM2's 1024 input) are freed to the allocator, which
+    otherwise keeps them in the process's resident memory. A no-op without glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_trim: Any = False
+
+
+def _malloc_trim() -> Any:
+    global _trim
+    if _trim is False:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            _trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _trim = None
+    return _trim
 
 
 RELOAD_RETRY_FIRST = 1.0  # seconds before the first retry of a version that failed to load

@@ -1,0 +1,226 @@
+"""Prewarming an image's SAM2 features when an annotator opens its task, the prompt lane that
+lets cache hits overtake encodes, and one computation per image at a time.
+
+Label Studio 1.23 tells the backend that a task was opened by a ``/predict`` for that one task
+(when it has no prediction of the project's model version) and, with Auto-Annotation on, by
+interactive calls whose context holds no prompt (``{"result": []}``, after each Submit as the
+next task loads; these come whether or not the task has a prediction)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Queue, Worker
+
+from contracts.registry import ModelRegistry
+from contracts.routing import remember_route, route_key
+from contracts.settings import Settings
+from tests.sam2_helpers import write_official
+from tests.services import png_bytes, service_env, workers
+from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, predict, rect
+
+
+@pytest.fixture(scope="module")
+def official_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sam2-prewarm")
+    write_official(d / "base" / "sam2.1_hiera_test.pt", "test")
+    make_runtime(d, "test")  # the registry's first version, on the official base
+    return d
+
+
+class GatedFiles:
+    """Task images on loopback; a path holding ``slow`` is answered once ``gate`` is set."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.gate = threading.Event()
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                owner.requests.append(self.path)
+                if "slow" in self.path:
+                    owner.gate.wait(60)
+                data = owner.files.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add(self, name: str, data: bytes) -> str:
+        self.files[name] = data
+        return f"{self.url}/{name}"
+
+    def close(self) -> None:
+        self.gate.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _body(url: str, context=None) -> dict:
+    return {
+        "tasks": [{"id": 1, "data": {"image": url}}],
+        "label_config": LABEL_CONFIG,
+        "params": {"context": context},
+    }
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_prewarm_goes_to_the_routed_worker_once_while_pending(redis_conn):
+    from contracts.jobs import QUEUE_PREWARM
+    from contracts.routing import prewarm, worker_prewarm_queue
+
+    settings = Settings()
+    shared = Queue(QUEUE_PREWARM, connection=redis_conn)
+    job = prewarm(redis_conn, None, "http://x/a.png", 3, settings)
+    assert job is not None and shared.job_ids == [job.id]
+    assert job.args[0] == {"url": "http://x/a.png", "ls_base": None, "task_id": 3, "v": 1}
+    assert prewarm(redis_conn, None, "http://x/a.png", 3, settings) is None  # pending
+    # an image whose route names a live worker: that worker's own prewarm queue
+    Worker([shared], connection=redis_conn, name="holder").register_birth()
+    remember_route(redis_conn, None, "http://x/b.png", "holder")
+    job = prewarm(redis_conn, None, "http://x/b.png", 4, settings)
+    assert Queue(worker_prewarm_queue("holder"), connection=redis_conn).job_ids == [job.id]
+    # a route to a worker that is gone: the shared queue
+    remember_route(redis_conn, None, "http://x/c.png", "gone")
+    job = prewarm(redis_conn, None, "http://x/c.png", 5, settings)
+    assert shared.job_ids[-1] == job.id
+
+
+# --------------------------------------------------------------------------- one computation
+
+
+def test_a_click_during_a_prewarm_waits_for_its_features(official_dir):
+    """The prewarm's encode is held; a click on the same image arrives meanwhile: the trunk
+    runs once, and the click's answer is that of the prewarmed features."""
+    rt = make_runtime(official_dir, "test")
+    img = image(45, 67, seed=7)
+    digest = hashlib.sha256(png_bytes(img)).hexdigest()
+    embed, started, release = rt.promptable.embed, threading.Event(), threading.Event()
+
+    def held(x):
+        started.set()
+        release.wait(30)
+        return embed(x)
+
+    rt.promptable.embed = held
+    runs = rt.promptable.trunk_runs
+    with ThreadPoolExecutor(2) as pool:
+        warm = pool.submit(rt.image_features, img, digest)
+        assert started.wait(30)
+        click = pool.submit(predict, rt, img, {"result": [kp(40.0, 45.0)]})
+        time.sleep(0.3)  # the click is waiting, not computing
+        assert not click.done()
+        release.set()
+        (_, hit), res = warm.result(30), click.result(30)
+    assert hit is False and res.result
+    assert rt.promptable.trunk_runs == runs + 1, "the features were computed twice"
+
+
+# --------------------------------------------------------------------------- real workers
+
+
+def test_opening_a_task_prewarms_its_image_on_a_worker(redis_server, official_dir, tmp_path):
+    """A one-task /predict (the task has no prediction of the version) and an interactive call
+    without prompts (after a Submit) each prewarm their image on a worker; the first click on
+    it then runs on that worker from the cache. With SAM2UNET_PREWARM=off nothing is queued."""
+    from backend.app import create_app
+    from contracts.jobs import QUEUE_PREWARM
+
+    url = f"redis://127.0.0.1:{redis_server.port}/12"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    ModelRegistry(official_dir, conn).current()
+    files = GatedFiles()
+    env = service_env(url, official_dir)
+    client = create_app(Settings.from_env(env), conn).test_client()
+    opened = files.add("opened.png", png_bytes(image(45, 67, seed=1)))
+    submitted = files.add("next.png", png_bytes(image(45, 67, seed=2)))
+    try:
+        with workers(env, conn, 1, tmp_path) as (proc,):
+            assert client.post("/predict", json=_body(opened)).status_code == 200
+            r = client.post("/predict", json=_body(submitted, {"result": []}))
+            assert r.status_code == 200
+            _wait_for(lambda: proc.log().count("image features prewarmed") == 2)
+            for ref in (opened, submitted):
+                assert conn.get(route_key(None, ref)).decode() == proc.name
+                r = client.post("/predict", json=_body(ref, {"result": [kp(40.0, 45.0)]}))
+                assert r.get_json()["results"][0]["result"]
+            assert proc.log().count("image features from the cache") == 2
+            assert proc.log().count("image features computed") == 0
+        off = create_app(Settings.from_env({**env, "SAM2UNET_PREWARM": "off"}), conn)
+        conn.flushdb()
+        ModelRegistry(official_dir, conn).current()
+        with workers(env, conn, 1, tmp_path):
+            r = off.test_client().post("/predict", json=_body(opened))
+            assert r.status_code == 200
+        assert not any(q.name.startswith(QUEUE_PREWARM) and q.count for q in Queue.all(conn))
+        assert not conn.keys("sam2unet:prewarm-pending:*")
+    finally:
+        files.close()
+        conn.close()
+
+
+def test_a_cache_hit_overtakes_another_images_encode(redis_server, official_dir, tmp_path):
+    """One worker: annotator A's first click on an image is held in its fetch (standing in
+    for a slow encode); annotator B's click on an image whose features the worker holds is
+    answered meanwhile, by the worker's prompt lane, and A's answer comes once released."""
+    from backend.app import create_app
+
+    url = f"redis://127.0.0.1:{redis_server.port}/13"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    ModelRegistry(official_dir, conn).current()
+    files = GatedFiles()
+    env = service_env(url, official_dir, SAM2UNET_PREWARM="off")
+    app = create_app(Settings.from_env(env), conn)
+    cached = files.add("cached.png", png_bytes(image(45, 67, seed=3)))
+    slow = files.add("slow.png", png_bytes(image(45, 67, seed=4)))
+    click = {"result": [kp(40.0, 45.0)]}
+    box = {"result": [rect(20.0, 20.0, 60.0, 60.0), kp(40.0, 45.0)]}
+    try:
+        with workers(env, conn, 1, tmp_path) as (proc,), ThreadPoolExecutor(2) as pool:
+            client = app.test_client()
+            assert client.post("/predict", json=_body(cached, click)).status_code == 200
+            first = pool.submit(app.test_client().post, "/predict", json=_body(slow, click))
+            _wait_for(lambda: "/slow.png" in files.requests)
+            t0 = time.monotonic()
+            hit = client.post("/predict", json=_body(cached, box))
+            waited = time.monotonic() - t0
+            assert waited < 5.0, f"the cache hit waited {waited:.1f}s"
+            assert not first.done(), "the encode was not held"
+            assert hit.get_json()["results"][0]["result"], hit.get_json()
+            files.gate.set()
+            assert first.result(60).get_json()["results"][0]["result"]
+        assert "image features from the cache" in proc.log()
+    finally:
+        files.close()
+        conn.close()
