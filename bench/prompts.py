@@ -160,3 +160,179 @@ def run_prompts(
         target=FIRST_VS_SECOND_TARGET,
     )
     return out
+
+
+# --------------------------------------------------------------------------- through the backend
+
+
+def _click(x: float = 45.0, y: float = 40.0) -> dict[str, Any]:
+    return {
+        "result": [
+            {
+                "type": "keypointlabels",
+                "from_name": "kp",
+                "to_name": "image",
+                "is_positive": True,
+                "value": {"x": x, "y": y, "keypointlabels": ["Foreground"]},
+            }
+        ]
+    }
+
+
+BACKEND_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<BrushLabels name="tag" toName="image"><Label value="Foreground"/></BrushLabels>'
+    '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Foreground"/>'
+    "</KeyPointLabels></View>"
+)
+
+
+def run_backend_prompts(
+    size: str,
+    images: int,
+    hw: tuple[int, int],
+    cache_mb: int,
+    threads: int,
+    tmp: Path,
+    annotators: int = 4,
+    clicks: int = 4,
+    worker_counts: tuple[int, ...] = (1, 2),
+    lanes: tuple[bool, ...] = (False, True),
+) -> dict[str, Any]:
+    """Clicks through the backend (its Flask app in this process, real Redis, real
+    ``sam2unet-assist worker`` processes, images from loopback): per click the time from the
+    request to the answer. ``cold``: the first click on an image nobody opened; ``prewarmed``:
+    the first click after the task was opened (a one-task /predict) and its prewarm finished;
+    ``hit``: a later click. Then ``annotators`` simulated annotators at once, each opening
+    ``clicks``-click images one after another (prewarm off: each first click is an encode), on
+    1 and 2 workers, with the prompt lane off and on. And each worker's resident memory."""
+    import redis as redis_lib
+
+    from backend.app import create_app
+    from bench.measure import summary
+    from bench.stack import PRODUCTION_WORKER, BenchWorker, FileServer, worker_env, write_images
+    from contracts.bootstrap import ensure_current_version
+    from contracts.registry import ModelRegistry
+    from contracts.routing import PREWARM_PENDING_PREFIX, ROUTE_PREFIX
+    from contracts.settings import Settings
+    from launcher.redis_server import EmbeddedRedis
+    from sam2unet.promptable import write_random_sam2_checkpoint
+
+    model_dir = tmp / f"backend-prompts-{size}"
+    write_random_sam2_checkpoint(model_dir / "base" / f"sam2.1_hiera_{size}.pt", size)
+    ensure_current_version(
+        ModelRegistry(model_dir, None), Settings(model_size=size, model_dir=model_dir)
+    )
+    total = images * 3 + annotators * clicks * 8
+    paths = write_images(tmp / f"prompt-images-{size}", total, hw[0], hw[1], seed=5, fmt="png")
+    files = FileServer(paths[0].parent)
+    urls = iter(files.url_of(p) for p in paths)
+    out: dict[str, Any] = {"size": size, "image_hw": list(hw), "cache_mb": cache_mb}
+    logs = tmp / "prompt-logs"
+    logs.mkdir(exist_ok=True)
+
+    def body(url: str, context: Any) -> dict[str, Any]:
+        return {
+            "tasks": [{"id": 1, "data": {"image": url}}],
+            "label_config": BACKEND_CONFIG,
+            "params": {"context": context},
+        }
+
+    with EmbeddedRedis() as server:
+        conn = redis_lib.Redis.from_url(server.url)
+
+        def stack(workers: int, lane: bool, prewarm: bool):
+            conn.flushdb()
+            ModelRegistry(model_dir, conn).current()
+            env = worker_env(server.url, model_dir, size, 352, 1, threads, "cpu")
+            env.update(
+                SAM2UNET_EMBEDDING_CACHE_MB=str(cache_mb),
+                SAM2UNET_PROMPT_LANE="1" if lane else "0",
+                SAM2UNET_PREWARM="1" if prewarm else "0",
+                LOG_LEVEL="WARNING",
+            )
+            procs = [
+                BenchWorker(env, f"pw{i}-{os.getpid()}", logs, module=PRODUCTION_WORKER)
+                for i in range(workers)
+            ]
+            for p in procs:
+                p.wait_ready(conn)
+            app = create_app(Settings.from_env(env), conn)
+            return procs, app
+
+        def timed(client, url: str, context: Any) -> float:
+            t0 = time.perf_counter()
+            r = client.post("/predict", json=body(url, context))
+            dt = time.perf_counter() - t0
+            res = r.get_json()["results"][0]
+            assert r.status_code == 200 and res["result"], res
+            return dt
+
+        # one annotator: cold, prewarmed and cache-hit clicks
+        procs, app = stack(1, True, True)
+        client = app.test_client()
+        mem = [procs[0].memory_mb()]
+        cold, warm, hit = [], [], []
+        try:
+            timed(client, next(urls), _click())  # warm-up
+            for _ in range(images):
+                url = next(urls)
+                cold.append(timed(client, url, _click()))
+                hit.append(timed(client, url, _click(55.0, 50.0)))
+                url = next(urls)
+                client.post("/predict", json=body(url, None))  # the task is opened
+                key = ROUTE_PREFIX
+                deadline = time.monotonic() + 600
+                while conn.keys(PREWARM_PENDING_PREFIX + "*") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert conn.keys(key + "*")
+                warm.append(timed(client, url, _click()))
+                hit.append(timed(client, url, _click(55.0, 50.0)))
+            mem.append(procs[0].memory_mb())
+        finally:
+            for p in procs:
+                p.stop()
+        out["one_annotator_ms"] = {
+            "cold": summary(cold, 1000.0),
+            "prewarmed": summary(warm, 1000.0),
+            "hit": summary(hit, 1000.0),
+        }
+        out["worker_rss_mb"] = {"loaded": mem[0], "after": mem[1]}
+
+        # several annotators at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        def annotator(app, n_images: int) -> tuple[list[float], list[float]]:
+            c = app.test_client()
+            firsts, hits = [], []
+            for _ in range(n_images):
+                url = next(urls)
+                firsts.append(timed(c, url, _click()))
+                for k in range(clicks - 1):
+                    time.sleep(0.2)  # the annotator looks at the answer
+                    hits.append(timed(c, url, _click(50.0 + k, 45.0)))
+            return firsts, hits
+
+        many: dict[str, Any] = {}
+        for workers in worker_counts:
+            for lane in lanes:
+                procs, app = stack(workers, lane, False)
+                try:
+                    timed(app.test_client(), next(urls), _click())  # warm-up
+                    with ThreadPoolExecutor(annotators) as pool:
+                        done = [
+                            f.result()
+                            for f in [pool.submit(annotator, app, 2) for _ in range(annotators)]
+                        ]
+                finally:
+                    for p in procs:
+                        p.stop()
+                many[f"{workers} worker(s), lane {'on' if lane else 'off'}"] = {
+                    "first_ms": summary([x for f, _ in done for x in f], 1000.0),
+                    "hit_ms": summary([x for _, h in done for x in h], 1000.0),
+                }
+        out["annotators"] = annotators
+        out["several_annotators_ms"] = many
+        conn.close()
+    files.close()
+    return out

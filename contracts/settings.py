@@ -67,6 +67,8 @@ class Settings:
     embedding_cache_mb: int = 256  # SAM2 image features kept per worker for later prompts
     # compute an image's SAM2 features when its task is opened, before the first click
     prewarm: bool = True
+    # a thread per worker answering clicks on images whose features it holds during encodes
+    prompt_lane: bool = True
     # image fetching
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 64_000_000

@@ -304,7 +304,9 @@ def run_worker(
     # prewarms last, its own before the shared ones
     prewarms = (worker_prewarm_queue(name), QUEUE_PREWARM) if QUEUE_PREWARM in queues else ()
     queues = (worker_queue(name), *(q for q in queues if q != QUEUE_PREWARM), *prewarms)
-    lane = None if burst else start_prompt_lane(settings, connection, name)
+    lane = (
+        None if burst or not settings.prompt_lane else start_prompt_lane(settings, connection, name)
+    )
     log.info(
         "worker ready with model version %s (prompts: %s head)",
         version,
