@@ -169,3 +169,30 @@ def matching_official(
             if digest == wanted and has_prompt_decoder(path):
                 return path
     return None
+
+
+def head_checkpoint(
+    loaded: Any, search_dirs: list[str | os.PathLike[str]]
+) -> tuple[Path | None, str]:
+    """The checkpoint whose SAM2 prompt head answers the prompts of ``loaded`` (a
+    :class:`sam2unet.checkpoints.LoadedModel`), as workers and the trainer both choose it: the
+    version's base checkpoint when that holds a head, else an official checkpoint in
+    ``search_dirs`` whose trunk is the model's own (a version made from the authors' released
+    weights). ``(None, why)`` when prompts go to crop-and-segment."""
+    from sam2unet.checkpoints import find_base, has_prompt_decoder, trunk_state_of
+    from sam2unet.exceptions import CheckpointError
+
+    why = "the model has no base checkpoint"
+    if loaded.base is not None:
+        try:
+            path = find_base(loaded.base, search_dirs)
+        except CheckpointError as e:
+            why = f"base {loaded.base.name}: {e}"
+        else:
+            if has_prompt_decoder(path):
+                return path, ""
+            why = f"base {loaded.base.name} holds no SAM2 prompt head"
+    match = matching_official(trunk_state_of(loaded.model), search_dirs)
+    if match is None:
+        return None, f"{why}, and no official SAM2 checkpoint there has the model's trunk"
+    return match, ""

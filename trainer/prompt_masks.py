@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from contracts.errors import AnnotationFormatError, NotFound
-from contracts.heads import SAM2_HEAD, matching_official, prompt_head_for
+from contracts.heads import head_checkpoint
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.labelconfig import Target
@@ -107,7 +107,7 @@ class PromptMasks:
         """SAM2's promptable head for ``version``, chosen as the worker chooses it: its base
         checkpoint's head, else that of an official checkpoint in ``MODEL_DIR/base`` whose
         trunk is the model's (:func:`contracts.heads.matching_official`)."""
-        from sam2unet.checkpoints import find_base, has_prompt_decoder, sha256_file, trunk_state_of
+        from sam2unet.checkpoints import sha256_file
         from sam2unet.exceptions import CheckpointError
         from sam2unet.predictor import pick_device
         from sam2unet.promptable import PromptableSAM2, load_prompt_head
@@ -116,27 +116,15 @@ class PromptMasks:
             return self._held[1]
         self._held = None  # one version's head and trunk in memory at a time
         t0 = time.perf_counter()
-        dirs = [self.registry.base_dir, self.registry.model_dir]
         try:
             loaded = self.registry.load(version)
         except CheckpointError as e:
             raise PromptsWithoutMask(f"version {version} cannot be loaded: {e}") from e
-        path = None
-        if (
-            loaded.base is not None
-            and prompt_head_for(self.registry.get(version), self.registry) == SAM2_HEAD
-        ):
-            try:
-                path = find_base(loaded.base, dirs)
-            except CheckpointError:
-                path = None
-        if path is None or not has_prompt_decoder(path):
-            path = matching_official(trunk_state_of(loaded.model), dirs)
+        path, why = head_checkpoint(loaded, [self.registry.base_dir, self.registry.model_dir])
         if path is None:
             raise PromptsWithoutMask(
-                f"version {version} answers prompts by crop-and-segment (no SAM2 head in its "
-                "base checkpoint, and no official checkpoint has its trunk): no mask is derived "
-                "from them"
+                f"version {version} answers prompts by crop-and-segment ({why}): no mask is "
+                "derived from them"
             )
         try:
             head = load_prompt_head(path, loaded.config.size)

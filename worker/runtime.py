@@ -14,7 +14,7 @@ import numpy as np
 import redis
 
 from contracts.bootstrap import ensure_current_version
-from contracts.heads import decoder_trained, matching_official
+from contracts.heads import decoder_trained, head_checkpoint
 from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
 
@@ -158,55 +158,28 @@ class ModelRuntime:
 
     def _promptable(self, loaded: Any, predictor: Any) -> tuple[Any, str | None]:
         """SAM2's promptable head on ``predictor``'s trunk and the sha256 of the checkpoint it
-        came from (the embedding cache's key), or (None, None) with a log line why.
-
-        The head comes from the version's base checkpoint; a version without one, or whose base
-        holds no head (one made from the authors' released SAM2-UNet weights), takes the head
-        of an official checkpoint in ``MODEL_DIR/base`` whose trunk is the model's own
-        (:func:`contracts.heads.matching_official`)."""
-        from sam2unet.checkpoints import find_base, sha256_file, trunk_state_of
+        came from (the embedding cache's key), or (None, None) with a log line why. Which
+        checkpoint: :func:`contracts.heads.head_checkpoint`."""
+        from sam2unet.checkpoints import sha256_file
         from sam2unet.exceptions import CheckpointError
         from sam2unet.promptable import PromptableSAM2, load_prompt_head
 
         dirs = [self.registry.base_dir, self.registry.model_dir]
-        path, why = None, "the model has no base checkpoint"
-        if loaded.base is not None:
-            try:
-                path = find_base(loaded.base, dirs)
-                sha = loaded.base.sha256
-            except CheckpointError as e:
-                why = f"base {loaded.base.name}: {e}"
-            if path is not None and sha not in self._heads:
-                try:
-                    self._heads = {sha: load_prompt_head(path, loaded.config.size)}
-                except CheckpointError as e:
-                    why = f"base {loaded.base.name}: {e}"
-                    self._heads = {sha: None}
-            if path is not None and self._heads.get(sha) is not None:
-                log.info("prompts are answered by SAM2's own head of %s", loaded.base.name)
-                return PromptableSAM2(
-                    predictor.model.encoder, self._heads[sha], self.settings.bf16
-                ), sha
-        match = matching_official(trunk_state_of(predictor.model), dirs)
-        if match is None:
+        path, why = head_checkpoint(loaded, dirs)
+        if path is None:
             log.info(
-                "prompts are answered by crop-and-segment: %s, and no official SAM2 checkpoint "
-                "in %s has the model's trunk",
-                why,
-                self.registry.base_dir,
+                "prompts are answered by crop-and-segment: %s (%s)", why, self.registry.base_dir
             )
             return None, None
-        sha = sha256_file(match)
-        if sha not in self._heads or self._heads[sha] is None:
+        sha = sha256_file(path)
+        if self._heads.get(sha) is None:
             try:
-                self._heads = {sha: load_prompt_head(match, loaded.config.size)}
+                self._heads = {sha: load_prompt_head(path, loaded.config.size)}
             except CheckpointError as e:
-                log.info("prompts are answered by crop-and-segment: %s: %s", match.name, e)
+                log.info("prompts are answered by crop-and-segment: %s: %s", path.name, e)
+                self._heads = {}
                 return None, None
-        log.info(
-            "prompts are answered by SAM2's own head of %s (the model's trunk is that checkpoint's)",
-            match.name,
-        )
+        log.info("prompts are answered by SAM2's own head of %s", path.name)
         return PromptableSAM2(predictor.model.encoder, self._heads[sha], self.settings.bf16), sha
 
     def cached_features(self, digest: str) -> Any:
