@@ -63,6 +63,7 @@ BRUSH = """<View><Image name="image" value="$image"/><BrushLabels name="tag" toN
 <Label value="Circle" background="#FF0000"/></BrushLabels></View>"""
 RUN_FIELDS = ("id", "data", "is_labeled", "total_annotations", "cancelled_annotations")
 
+
 def _annotation() -> list[dict]:
     from labelstudio.codecs import brush_result
     from labelstudio.labelconfig import parse_label_config
@@ -356,6 +357,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for key, label in (
         ("e2e_w1_tasks_per_s", "pre-annotation, 1 worker"),
         ("e2e_w2_tasks_per_s", "pre-annotation, 2 workers"),
+        ("e2e_auto_w1_tasks_per_s", "pre-annotation, 1 worker, calls sized from the run"),
         ("bulk_500_per_s", "bulk writes (500 a call)"),
         ("bulk_2000_per_s", "bulk writes (2000 a call)"),
         ("one_by_one_per_s", "writes one by one (old)"),
@@ -397,7 +399,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--tasks", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--tasks", type=int, nargs="*", default=[1000, 10000], help="none: --plot only")
     ap.add_argument("--batch", type=int, nargs="+", default=[500, 2000], help="per bulk call")
     ap.add_argument("--one-by-one", type=int, default=300, help="tasks on the old write path")
     ap.add_argument("--order-max", type=int, default=1000, help="order only up to this size")
