@@ -35,14 +35,6 @@ def is_labeled(task: dict[str, Any]) -> bool:
     return isinstance(total, int) and isinstance(cancelled, int) and total - cancelled > 0
 
 
-def has_prediction_of(task: dict[str, Any], version: str) -> bool:
-    """Whether Label Studio already holds a prediction of ``version`` for the task."""
-    for p in task.get("predictions") or []:
-        if isinstance(p, dict) and p.get("model_version") == version:
-            return True
-    return False
-
-
 def record(ctx: WorkerContext, run_id: str, **counts: int) -> None:
     """Add to a run's counters (:func:`contracts.preannotate.record`); the call that completes
     the run also points its project at the run's version (:func:`point_project_at_run`)."""
