@@ -18,12 +18,20 @@ def write_official(path: Path, size: str, sam21: bool = True, seed: int = 0):
 
 
 def reference_predictor(model, size: str):
-    """sam2's own SAM2ImagePredictor on ``model``, its torchvision transforms from the stub."""
-    if str(STUB) not in sys.path:
-        sys.path.insert(0, str(STUB))
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    """sam2's own SAM2ImagePredictor on ``model``, its torchvision transforms from the stub.
 
-    predictor = SAM2ImagePredictor(model)
+    The stub is importable only while the predictor is built: sam2's transforms keep what they
+    took from it, and later tests (the image check among them) see torchvision absent, as it is.
+    """
+    sys.path.insert(0, str(STUB))
+    try:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        predictor = SAM2ImagePredictor(model)
+    finally:
+        sys.path.remove(str(STUB))
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
     s = head_image_size(size)
     # the predictor hard-codes the feature sizes of a 1024 input
     predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
