@@ -23,6 +23,7 @@ from contracts.metrics import (
     HistogramDef,
     record_request,
 )
+from contracts.routing import worker_count
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -93,7 +94,7 @@ class RedisCollector:
 
     def _live(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
-        from rq import Queue, Worker
+        from rq import Queue
         from rq.registry import FailedJobRegistry
 
         from contracts.errors import NotFound
@@ -113,7 +114,7 @@ class RedisCollector:
         yield depth
         yield failed
         yield GaugeMetricFamily(
-            "sam2unet_workers", "Live prediction workers.", value=Worker.count(connection=self.conn)
+            "sam2unet_workers", "Live prediction workers.", value=worker_count(self.conn)
         )
         if self.registry is not None:
             info = GaugeMetricFamily(

@@ -26,6 +26,7 @@ from contracts.errors import BadRequest, NotFound, Unauthorized
 from contracts.heads import decoder_trained, heads_json, untrained_warning
 from contracts.jobs import QUEUES
 from contracts.metrics import record_answer
+from contracts.routing import worker_count
 from contracts.schedule import scheduled_rounds
 from contracts.trainer_state import trainer_summary
 from labelstudio.labelconfig import parse_label_config
@@ -87,7 +88,7 @@ def log_health_changes(conn: redis.Redis, warnings: list[str]) -> None:
 @bp.get("/health")
 def health():
     """Liveness for Label Studio (any 2xx JSON means connected) and for operators."""
-    from rq import Queue, Worker
+    from rq import Queue
 
     ext = _ext()
     conn = ext["redis"]
@@ -110,7 +111,7 @@ def health():
     if info is not None and not decoder_trained(info):
         warnings.append(untrained_warning(info))
     depth = {q: Queue(q, connection=conn).count for q in QUEUES}
-    workers = Worker.count(connection=conn)
+    workers = worker_count(conn)
     if workers == 0:
         warnings.append("no worker is running: predictions will wait until one starts")
     body = {

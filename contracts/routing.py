@@ -39,12 +39,25 @@ WORKER_QUEUE_PREFIX = QUEUE_INTERACTIVE + ":"
 ROUTE_TTL = 30 * 60  # seconds a route is kept after the image's last prompt
 PREWARM_QUEUE_PREFIX = QUEUE_PREWARM + ":"
 PREWARM_PENDING_PREFIX = "sam2unet:prewarm-pending:"
+LANE_SUFFIX = "~prompts"
 ROUTE_GRACE = 2.0  # seconds a routed job may wait for its worker before any worker takes it
 
 
 def worker_queue(worker_name: str) -> str:
     """The interactive queue of one worker."""
     return WORKER_QUEUE_PREFIX + worker_name
+
+
+def lane_name(worker_name: str) -> str:
+    """The rq name of a worker's prompt lane: a thread of that worker process, not a worker."""
+    return worker_name + LANE_SUFFIX
+
+
+def worker_count(connection: Any) -> int:
+    """Live prediction workers (worker processes; their prompt lanes are not counted)."""
+    from rq.worker import Worker
+
+    return sum(1 for key in Worker.all_keys(connection=connection) if not key.endswith(LANE_SUFFIX))
 
 
 def worker_prewarm_queue(worker_name: str) -> str:

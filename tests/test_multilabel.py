@@ -458,9 +458,15 @@ def test_an_added_label_gets_a_fresh_channel_and_the_others_keep_theirs(project,
         assert torch.equal(conv.weight[:3], w) and torch.equal(conv.bias[:3], b)
         assert not any(torch.equal(conv.weight[3], w[j]) for j in range(3))
     # after the next round: the kept labels did not lose quality, the new one learned
+    # (16 held-out images and a random trunk: one label's IoU moves by several points from a
+    # round to the next with the library versions' numerics, so the kept labels together must
+    # hold, and none may fall far)
     before, after = project["after"], added["kept_after"]
+    mean_before = sum(before[label] for label in LABELS) / len(LABELS)
+    mean_after = sum(after[label] for label in LABELS) / len(LABELS)
+    assert mean_after >= mean_before - 0.02, (before, after)
     for label in LABELS:
-        assert after[label] >= before[label] - 0.05, (label, before[label], after[label])
+        assert after[label] >= before[label] - 0.1, (label, before[label], after[label])
     auc_before, auc_after = added["auc"]
     assert auc_after > auc_before + 0.1  # it tells circles from the other shapes
     assert added["new_after"][ADDED] > added["new_before"][ADDED] + 0.2

@@ -21,7 +21,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from contracts.jobs import QUEUE_PREWARM, QUEUES
 from contracts.registry import ModelRegistry
-from contracts.routing import rescue_routed, worker_prewarm_queue, worker_queue
+from contracts.routing import lane_name, rescue_routed, worker_prewarm_queue, worker_queue
 from contracts.settings import Settings, apply_torch_threads
 from worker.runtime import ModelRuntime, WorkerContext, install_context
 
@@ -188,10 +188,6 @@ class PromptLaneWorker(AssistWorker):
     def stop_lane(self) -> None:
         self.stopping = True
         self._stop_requested = True
-
-
-def lane_name(worker_name: str) -> str:
-    return f"{worker_name}~prompts"
 
 
 def start_prompt_lane(
