@@ -351,9 +351,13 @@ class LabelStudio:
         url: str,
         basic_auth: tuple[str, str] | None = None,
         title: str = "ml backend",
+        interactive: bool = False,
     ) -> dict[str, Any]:
-        """Register an ML backend with a project; returns Label Studio's ML backend object."""
+        """Register an ML backend with a project (``interactive``: the smart tools call it);
+        returns Label Studio's ML backend object."""
         body: dict[str, Any] = {"url": url, "project": project, "title": title}
+        if interactive:
+            body["is_interactive"] = True
         if basic_auth:
             body.update(
                 auth_method="BASIC_AUTH",

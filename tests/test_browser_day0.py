@@ -105,19 +105,7 @@ def day0(tmp_path_factory, redis_server):
             tasks = ls.import_images(
                 project, [(f"disc{i}.png", png_bytes(img)) for i, img in enumerate(images)]
             )
-            ls.api(
-                "POST",
-                "/api/ml",
-                json={
-                    "url": f"http://127.0.0.1:{port}",
-                    "project": project,
-                    "title": "sam2unet-assist",
-                    "is_interactive": True,
-                    "auth_method": "BASIC_AUTH",
-                    "basic_auth_user": AUTH[0],
-                    "basic_auth_pass": AUTH[1],
-                },
-            )
+            ls.add_ml_backend(project, f"http://127.0.0.1:{port}", AUTH, "sam2unet-assist", True)
             sign_up(browser, ls.url, EMAIL, PASSWORD)
             page = browser.new_context(viewport=VIEWPORT).new_page()
             page.set_default_timeout(60_000)

@@ -201,19 +201,9 @@ def test_a_phone_photo_through_label_studio(tmp_path, redis_url, model_dir):
             worker.wait_log("worker ready", timeout=120)
             project = ls.create_project(LABEL_CONFIG, title="phone photos")
             photo, twin = ls.import_images(project, [("phone.jpg", tagged), ("shown.png", plain)])
-            ml = ls.api(
-                "POST",
-                "/api/ml",
-                json={
-                    "url": f"http://127.0.0.1:{port}",
-                    "project": project,
-                    "title": "sam2unet-assist",
-                    "is_interactive": True,
-                    "auth_method": "BASIC_AUTH",
-                    "basic_auth_user": AUTH[0],
-                    "basic_auth_pass": AUTH[1],
-                },
-            ).json()
+            ml = ls.add_ml_backend(
+                project, f"http://127.0.0.1:{port}", AUTH, "sam2unet-assist", True
+            )
 
             # predictions, as Label Studio retrieves and stores them
             ls.retrieve_predictions(project)

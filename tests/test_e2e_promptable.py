@@ -48,19 +48,9 @@ def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_ser
             assert health.json()["prompt_head"] == "sam2"
             project = ls.create_project(LABEL_CONFIG, title="smart tools")
             (task,) = ls.import_images(project, [("smart.png", png_bytes(img))])
-            ml = ls.api(
-                "POST",
-                "/api/ml",
-                json={
-                    "url": f"http://127.0.0.1:{port}",
-                    "project": project,
-                    "title": "sam2unet-assist",
-                    "is_interactive": True,
-                    "auth_method": "BASIC_AUTH",
-                    "basic_auth_user": AUTH[0],
-                    "basic_auth_pass": AUTH[1],
-                },
-            ).json()
+            ml = ls.add_ml_backend(
+                project, f"http://127.0.0.1:{port}", AUTH, "sam2unet-assist", True
+            )
 
             def interactive(items: list[dict]) -> dict:
                 for it in items:  # as the editor sends them
