@@ -236,6 +236,18 @@ def read_limited(response: requests.Response, max_bytes: int, deadline: float, w
     return b"".join(chunks)
 
 
+def holding_version(tasks: list[dict[str, Any]], version: str) -> set[int]:
+    """Ids of the tasks (as the task list returns them) that hold a prediction of exactly
+    ``version`` (the data manager's version filter matches substrings)."""
+    return {
+        t["id"]
+        for t in tasks
+        if isinstance(t.get("id"), int)
+        and version
+        in {p.get("model_version") for p in t.get("predictions") or [] if isinstance(p, dict)}
+    }
+
+
 class LabelStudioClient:
     """A Label Studio API client.
 
@@ -664,14 +676,7 @@ class LabelStudioClient:
                 "selectedItems": {"all": False, "included": chunk},
             }
             found, _ = self.task_page(project, 1, len(chunk), full=True, query=query)
-            for task in found:
-                versions = {
-                    p.get("model_version")
-                    for p in task.get("predictions") or []
-                    if isinstance(p, dict)
-                }
-                if version in versions and isinstance(task.get("id"), int):
-                    held.add(task["id"])
+            held |= holding_version(found, version)
         return held
 
     def tasks_with_prediction_between(
@@ -706,14 +711,7 @@ class LabelStudioClient:
         while True:
             found, total = self.task_page(project, page, page_size, full=True, query=query)
             seen += len(found)
-            for task in found:
-                versions = {
-                    p.get("model_version")
-                    for p in task.get("predictions") or []
-                    if isinstance(p, dict)
-                }
-                if version in versions and isinstance(task.get("id"), int):
-                    held.add(task["id"])
+            held |= holding_version(found, version)
             if not found or len(found) < page_size or seen >= (total or 0):
                 return held
             page += 1
