@@ -124,16 +124,11 @@ def official_trunk_digest(
         return None
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _cache:
-        import torch
-
-        from sam2unet.checkpoints import detect_format, trunk_state_from_sam2
+        from sam2unet.checkpoints import detect_format, load_mapped, trunk_state_from_sam2
 
         digest = None
         try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # not a zip-format file: mmap needs one
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_mapped(path)
             if detect_format(obj) == "sam2":
                 digest = trunk_digest(trunk_state_from_sam2(obj))
         except Exception as e:  # torch raises many types for a file that is no checkpoint

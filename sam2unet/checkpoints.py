@@ -49,6 +49,15 @@ def _torch_load(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
+def load_mapped(path: str | os.PathLike[str]) -> Any:
+    """A checkpoint memory-mapped (only the tensors used are read), or loaded whole when it is
+    not a zip-format file (mmap needs one); CheckpointError when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many types; the plain load says what is wrong
+        return _torch_load(path)
+
+
 def infer_size(trunk_state: Mapping[str, torch.Tensor]) -> str:
     """The size whose Hiera settings match a trunk state dict (embed dim and block count)."""
     if "pos_embed" not in trunk_state:
@@ -126,12 +135,9 @@ def has_prompt_decoder(
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _cache:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not a zip-format checkpoint (mmap needs one), or unreadable
-            try:
-                obj = _torch_load(path)
-            except CheckpointError:
-                obj = None
+            obj = load_mapped(path)
+        except CheckpointError:
+            obj = None
         model = obj.get("model") if isinstance(obj, dict) else None
         keys = [k for k in model if isinstance(k, str)] if isinstance(model, dict) else []
         found = all(any(k.startswith(p) for k in keys) for p in PROMPT_DECODER_PREFIXES)
