@@ -17,6 +17,19 @@ from contracts import preannotate as runs
 from contracts.registry import ModelRegistry
 from tests.services import ROOT, round_settings
 
+
+def own_registry(model_dir, tmp_path, redis_url):
+    """A copy of the session's registry for one test: (its folder, Redis, the registry, the
+    current version, the older one)."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models)
+    conn = redis.Redis.from_url(redis_url)
+    registry = ModelRegistry(models, conn)
+    current = registry.current()
+    (older,) = [v.name for v in registry.versions() if v.name != current]
+    return models, conn, registry, current, older
+
+
 # --------------------------------------------------------------------------- rollback in a round
 
 
@@ -29,12 +42,7 @@ def test_a_rollback_during_a_round_is_not_undone_by_its_promotion(redis_url, mod
     from sam2unet.synthetic import generate
     from trainer.round import run_round
 
-    models = tmp_path / "models"
-    shutil.copytree(model_dir, models)
-    conn = redis.Redis.from_url(redis_url)
-    registry = ModelRegistry(models, conn)
-    parent = registry.current()
-    (older,) = [v.name for v in registry.versions() if v.name != parent]
+    models, conn, registry, parent, older = own_registry(model_dir, tmp_path, redis_url)
     # any candidate passes the gate: what is tested is the pointer, not the decision
     settings = round_settings(models, promote_tolerance=1.0)
     samples = [(i + 1, img, m) for i, (img, m) in enumerate(generate(8, 64, seed=3))]
@@ -131,12 +139,7 @@ def test_a_version_that_failed_to_load_once_is_loaded_when_the_error_clears(
     from contracts.settings import Settings
     from worker.runtime import ModelRuntime
 
-    models = tmp_path / "models"
-    shutil.copytree(model_dir, models)
-    conn = redis.Redis.from_url(redis_url)
-    registry = ModelRegistry(models, conn)
-    held = registry.current()
-    (older,) = [v.name for v in registry.versions() if v.name != held]
+    models, _, registry, held, older = own_registry(model_dir, tmp_path, redis_url)
     runtime = ModelRuntime(
         Settings(model_size="test", image_size=64, model_dir=models, device="cpu"), registry
     )
@@ -221,11 +224,7 @@ def test_a_job_taken_by_a_worker_that_then_reloads_its_model_runs_once(
 
     from contracts.jobs import reap_abandoned, requeue_lost
 
-    models = tmp_path / "models"
-    shutil.copytree(model_dir, models)
-    conn = redis.Redis.from_url(redis_url)
-    registry = ModelRegistry(models, conn)
-    (older,) = [v.name for v in registry.versions() if v.name != registry.current()]
+    models, conn, registry, _, older = own_registry(model_dir, tmp_path, redis_url)
     queues = ["races-interactive", "races-batch"]
 
     def start(name: str) -> subprocess.Popen:
