@@ -20,6 +20,8 @@ import redis
 from PIL import Image
 from rq import Worker
 
+from launcher.redis_server import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -103,6 +105,28 @@ def backend_process(env: dict[str, str], port: int, log_dir: Path) -> ServicePro
         "backend",
         log_dir,
     )
+
+
+@contextmanager
+def connected_stack(
+    ls, redis_url: str, model_dir: Path, auth: tuple[str, str], log_dir: Path, worker_name: str,
+    ready_timeout: float = 120.0,
+) -> Iterator[tuple[str, ServiceProcess, ServiceProcess]]:  # fmt: skip
+    """A backend and one worker talking to the running Label Studio ``ls``, both ready: yields
+    (the backend's URL, the backend, the worker); both stopped on the way out."""
+    port = free_port()
+    env = label_studio_env(redis_url, model_dir, ls, auth)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    backend = backend_process(env, port, log_dir)
+    worker = ServiceProcess(["worker", "--name", worker_name], env, "worker", log_dir)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        backend.wait_http(f"{url}/health")
+        worker.wait_log("worker ready", timeout=ready_timeout)
+        yield url, backend, worker
+    finally:
+        worker.stop()
+        backend.stop()
 
 
 def worker_process(env: dict[str, str], name: str, log_dir: Path) -> ServiceProcess:

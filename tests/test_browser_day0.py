@@ -30,7 +30,6 @@ import requests
 
 from contracts.registry import ModelRegistry
 from labelstudio.codecs import rle_to_mask
-from launcher.redis_server import free_port
 from tests.browser import (
     VIEWPORT,
     Interactive,
@@ -47,7 +46,10 @@ from tests.browser import (
 )
 from tests.lstudio import running_label_studio
 from tests.sam2_helpers import reference_predictor, write_official
-from tests.services import ServiceProcess, backend_process, label_studio_env, png_bytes
+from tests.services import (
+    connected_stack,
+    png_bytes,
+)
 from tests.test_promptable import image, make_runtime, reference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -89,23 +91,22 @@ def day0(tmp_path_factory, redis_server):
     conn = redis.Redis.from_url(redis_url)
     conn.flushdb()
     images = [image(H, W, seed=s) for s in (21, 22, 23)]
-    with running_label_studio(tmp / "ls") as ls:
-        port = free_port()
-        env = label_studio_env(redis_url, model_dir, ls, AUTH)
-        logs = tmp / "logs"
-        logs.mkdir()
-        backend = backend_process(env, port, logs)
-        worker = ServiceProcess(["worker", "--name", "day0"], env, "worker", logs)
+    with (
+        running_label_studio(tmp / "ls") as ls,
+        connected_stack(ls, redis_url, model_dir, AUTH, tmp / "logs", "day0", 180) as (
+            url,
+            backend,
+            worker,
+        ),
+    ):
         pw = sync_playwright().start()
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            backend.wait_http(f"http://127.0.0.1:{port}/health")
-            worker.wait_log("worker ready", timeout=180)
             project = ls.create_project(LABEL_CONFIG, title="day0")
             tasks = ls.import_images(
                 project, [(f"disc{i}.png", png_bytes(img)) for i, img in enumerate(images)]
             )
-            ls.add_ml_backend(project, f"http://127.0.0.1:{port}", AUTH, "sam2unet-assist", True)
+            ls.add_ml_backend(project, url, AUTH, "sam2unet-assist", True)
             sign_up(browser, ls.url, EMAIL, PASSWORD)
             page = browser.new_context(viewport=VIEWPORT).new_page()
             page.set_default_timeout(60_000)
@@ -128,9 +129,7 @@ def day0(tmp_path_factory, redis_server):
         finally:
             browser.close()
             pw.stop()
-            worker.stop()
-            backend.stop()
-            conn.close()
+    conn.close()
 
 
 def _masks(answer: dict) -> list[np.ndarray]:

@@ -21,14 +21,13 @@ from labelstudio.client import LabelStudioClient
 from labelstudio.codecs import brush_result, rle_to_mask
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.labelconfig import parse_label_config
-from launcher.redis_server import EmbeddedRedis, free_port
+from launcher.redis_server import EmbeddedRedis
 from sam2unet.transforms import decode_image
 from tests.lstudio import running_label_studio
 from tests.sam2_helpers import write_official
 from tests.services import (
     LabelStudioLikeFiles,
-    ServiceProcess,
-    backend_process,
+    connected_stack,
     label_studio_env,
     png_bytes,
     service_env,
@@ -189,50 +188,41 @@ def test_a_phone_photo_through_label_studio(tmp_path, redis_url, model_dir):
     tagged, plain, shown = tagged_and_plain(6, seed=3)
     h, w = shown.shape[:2]
     assert (h, w) == (83, 57)  # taller than wide on screen, wider than tall as stored
-    with running_label_studio(tmp_path / "ls") as ls:
-        port = free_port()
-        env = label_studio_env(redis_url, model_dir, ls, AUTH)
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        backend = backend_process(env, port, logs)
-        worker = ServiceProcess(["worker", "--name", "exif-worker"], env, "worker", logs)
-        try:
-            backend.wait_http(f"http://127.0.0.1:{port}/health")
-            worker.wait_log("worker ready", timeout=120)
-            project = ls.create_project(LABEL_CONFIG, title="phone photos")
-            photo, twin = ls.import_images(project, [("phone.jpg", tagged), ("shown.png", plain)])
-            ml = ls.add_ml_backend(
-                project, f"http://127.0.0.1:{port}", AUTH, "sam2unet-assist", True
+    with (
+        running_label_studio(tmp_path / "ls") as ls,
+        connected_stack(ls, redis_url, model_dir, AUTH, tmp_path / "logs", "exif-worker") as stack,
+    ):
+        url = stack[0]
+        env = label_studio_env(redis_url, model_dir, ls, AUTH)  # the services' settings
+        project = ls.create_project(LABEL_CONFIG, title="phone photos")
+        photo, twin = ls.import_images(project, [("phone.jpg", tagged), ("shown.png", plain)])
+        ml = ls.add_ml_backend(project, url, AUTH, "sam2unet-assist", True)
+
+        # predictions, as Label Studio retrieves and stores them
+        ls.retrieve_predictions(project)
+        stored = {}
+        for tid in (photo, twin):
+            deadline = time.monotonic() + 120
+            while not (preds := ls.predictions(tid)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert preds, f"no prediction for task {tid}"
+            stored[tid] = preds[-1]
+        same_answer(stored[photo], stored[twin], shown, "Label Studio's stored prediction")
+
+        # a smart keypoint on the disc, sent the way Label Studio's editor sends it
+        answers = {}
+        for tid in (photo, twin):
+            r = ls.api(
+                "POST",
+                f"/api/ml/{ml['id']}/interactive-annotating",
+                json={
+                    "task": tid,
+                    "context": {"result": [prompt_on_the_disc("keypoint", shown)]},
+                },
             )
-
-            # predictions, as Label Studio retrieves and stores them
-            ls.retrieve_predictions(project)
-            stored = {}
-            for tid in (photo, twin):
-                deadline = time.monotonic() + 120
-                while not (preds := ls.predictions(tid)) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                assert preds, f"no prediction for task {tid}"
-                stored[tid] = preds[-1]
-            same_answer(stored[photo], stored[twin], shown, "Label Studio's stored prediction")
-
-            # a smart keypoint on the disc, sent the way Label Studio's editor sends it
-            answers = {}
-            for tid in (photo, twin):
-                r = ls.api(
-                    "POST",
-                    f"/api/ml/{ml['id']}/interactive-annotating",
-                    json={
-                        "task": tid,
-                        "context": {"result": [prompt_on_the_disc("keypoint", shown)]},
-                    },
-                )
-                assert r.status_code == 200, r.text
-                answers[tid] = r.json()["data"]
-            same_answer(answers[photo], answers[twin], shown, "interactive keypoint")
-        finally:
-            worker.stop()
-            backend.stop()
+            assert r.status_code == 200, r.text
+            answers[tid] = r.json()["data"]
+        same_answer(answers[photo], answers[twin], shown, "interactive keypoint")
 
         # the annotator paints the disc as Label Studio shows it
         _, predicted = masks_of(stored[photo])

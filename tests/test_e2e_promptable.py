@@ -12,10 +12,12 @@ import redis
 import requests
 
 from labelstudio.codecs import rle_to_mask
-from launcher.redis_server import free_port
 from tests.lstudio import running_label_studio
 from tests.sam2_helpers import reference_predictor, write_official
-from tests.services import ServiceProcess, backend_process, label_studio_env, png_bytes
+from tests.services import (
+    connected_stack,
+    png_bytes,
+)
 from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, rect, reference
 
 pytestmark = pytest.mark.e2e
@@ -33,54 +35,47 @@ def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_ser
     img = image(h, w, seed=21)
     ref = reference_predictor(sam2_model, "test")
     ref.set_image(img)
-    with running_label_studio(tmp_path / "ls") as ls:
-        port = free_port()
-        env = label_studio_env(redis_url, model_dir, ls, AUTH)
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        backend = backend_process(env, port, logs)
-        worker = ServiceProcess(["worker", "--name", "e2e-prompts"], env, "worker", logs)
-        try:
-            backend.wait_http(f"http://127.0.0.1:{port}/health")
-            worker.wait_log("worker ready", timeout=120)
-            assert "prompts: sam2 head" in worker.log()
-            health = requests.get(f"http://127.0.0.1:{port}/health", auth=AUTH, timeout=5)
-            assert health.json()["prompt_head"] == "sam2"
-            project = ls.create_project(LABEL_CONFIG, title="smart tools")
-            (task,) = ls.import_images(project, [("smart.png", png_bytes(img))])
-            ml = ls.add_ml_backend(
-                project, f"http://127.0.0.1:{port}", AUTH, "sam2unet-assist", True
+    with (
+        running_label_studio(tmp_path / "ls") as ls,
+        connected_stack(ls, redis_url, model_dir, AUTH, tmp_path / "logs", "e2e-prompts") as (
+            url,
+            _,
+            worker,
+        ),
+    ):
+        assert "prompts: sam2 head" in worker.log()
+        health = requests.get(f"{url}/health", auth=AUTH, timeout=5)
+        assert health.json()["prompt_head"] == "sam2"
+        project = ls.create_project(LABEL_CONFIG, title="smart tools")
+        (task,) = ls.import_images(project, [("smart.png", png_bytes(img))])
+        ml = ls.add_ml_backend(project, url, AUTH, "sam2unet-assist", True)
+
+        def interactive(items: list[dict]) -> dict:
+            for it in items:  # as the editor sends them
+                it.update(original_width=w, original_height=h, image_rotation=0)
+            r = ls.api(
+                "POST",
+                f"/api/ml/{ml['id']}/interactive-annotating",
+                json={"task": task, "context": {"result": items}},
             )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert "errors" not in body, body
+            return body["data"]
 
-            def interactive(items: list[dict]) -> dict:
-                for it in items:  # as the editor sends them
-                    it.update(original_width=w, original_height=h, image_rotation=0)
-                r = ls.api(
-                    "POST",
-                    f"/api/ml/{ml['id']}/interactive-annotating",
-                    json={"task": task, "context": {"result": items}},
-                )
-                assert r.status_code == 200, r.text
-                body = r.json()
-                assert "errors" not in body, body
-                return body["data"]
-
-            for objects in ([([kp(40.0, 45.0)], None)], [([], rect(30.0, 20.0, 45.5, 50.25))]):
-                points, box = objects[0]
-                data = interactive([*([box] if box else []), *points])
-                assert data["model_version"] == version
-                ((logits, iou),) = reference(ref, objects, h, w)
-                (item,) = data["result"]
-                assert item["type"] == "brushlabels" and item["from_name"] == "tag"
-                assert item["value"]["brushlabels"] == ["Foreground"]
-                mask = rle_to_mask(item["value"]["rle"], h, w)
-                assert np.array_equal(mask, logits > 0)
-                assert item["score"] == pytest.approx(iou, abs=1e-5)
-            assert worker.log().count("image features computed") == 1
-            assert worker.log().count("image features from the cache") == 1
-            # the interactive answers were not stored as predictions
-            assert not ls.predictions(task)
-        finally:
-            worker.stop()
-            backend.stop()
-            conn.close()
+        for objects in ([([kp(40.0, 45.0)], None)], [([], rect(30.0, 20.0, 45.5, 50.25))]):
+            points, box = objects[0]
+            data = interactive([*([box] if box else []), *points])
+            assert data["model_version"] == version
+            ((logits, iou),) = reference(ref, objects, h, w)
+            (item,) = data["result"]
+            assert item["type"] == "brushlabels" and item["from_name"] == "tag"
+            assert item["value"]["brushlabels"] == ["Foreground"]
+            mask = rle_to_mask(item["value"]["rle"], h, w)
+            assert np.array_equal(mask, logits > 0)
+            assert item["score"] == pytest.approx(iou, abs=1e-5)
+        assert worker.log().count("image features computed") == 1
+        assert worker.log().count("image features from the cache") == 1
+        # the interactive answers were not stored as predictions
+        assert not ls.predictions(task)
+    conn.close()
