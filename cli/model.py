@@ -117,10 +117,10 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sam2unet import distributed
     from sam2unet.checkpoints import load_delta
     from sam2unet.config import ModelConfig
     from sam2unet.data import FolderSource, train_val_datasets
+    from sam2unet.distributed import collectives, launcher
     from sam2unet.exceptions import Sam2UnetError
     from sam2unet.parallel_training import train_parallel
     from sam2unet.training import TrainConfig, initial_model, resume_config, train
@@ -146,10 +146,10 @@ def _train(args: argparse.Namespace) -> int:
     }
     try:
         plan = None
-        if distributed.torchrun_env():
-            settings["device"] = str(distributed.joined_from_torchrun())
+        if launcher.torchrun_env():
+            settings["device"] = str(launcher.joined_from_torchrun())
         else:
-            plan = distributed.parse_devices(args.devices)
+            plan = launcher.parse_devices(args.devices)
         if args.resume:
             loaded = load_delta(args.resume, [Path(args.sam2).parent] if args.sam2 else [])
             if loaded.train_state is None:
@@ -181,8 +181,8 @@ def _train(args: argparse.Namespace) -> int:
             result = train(loaded, train_data, val_data, config, args.out, resume_state)
     except Sam2UnetError as e:
         return _fail(str(e))
-    main = distributed.is_main()
-    distributed.leave()
+    main = collectives.is_main()
+    launcher.leave()
     if not main:
         return 0
     last = result.history[-1] if result.history else None

@@ -1,5 +1,5 @@
 """Training in several processes on this machine: :func:`sam2unet.training.train` on every rank
-of a data-parallel run started by :func:`sam2unet.distributed.launch`."""
+of a data-parallel run started by :func:`sam2unet.distributed.launcher.launch`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from sam2unet import distributed as ddp
 from sam2unet.checkpoints import LoadedModel
 from sam2unet.data import SegmentationDataset
+from sam2unet.distributed import collectives, launcher
 from sam2unet.exceptions import ConfigError
 from sam2unet.training import EpochRecord, TrainConfig, TrainEvent, TrainResult, train
 
@@ -54,7 +54,7 @@ def as_parallel_result(result: TrainResult) -> ParallelResult:
 
 def _train_rank(
     device: torch.device,
-    relay: ddp.Relay,
+    relay: launcher.Relay,
     loaded: LoadedModel,
     train_data: SegmentationDataset,
     val_data: SegmentationDataset | None,
@@ -75,11 +75,11 @@ def _train_rank(
         relay.progress,
         relay.should_stop,
     )
-    return as_parallel_result(result) if ddp.is_main() else None
+    return as_parallel_result(result) if collectives.is_main() else None
 
 
 def train_parallel(
-    plan: ddp.DevicePlan,
+    plan: launcher.DevicePlan,
     loaded: LoadedModel,
     train_data: SegmentationDataset,
     val_data: SegmentationDataset | None,
@@ -91,13 +91,13 @@ def train_parallel(
     threads: int = 0,
 ) -> ParallelResult:
     """:func:`train` in ``plan.nprocs`` processes on this machine (see
-    :func:`sam2unet.distributed.launch`); ``progress`` and ``should_stop`` are called here.
-    Raises :class:`~sam2unet.distributed.DistributedRunError` when a process fails or dies."""
+    :func:`sam2unet.distributed.launcher.launch`); ``progress`` and ``should_stop`` are called here.
+    Raises :class:`~sam2unet.distributed.launcher.DistributedRunError` when a process fails or dies."""
     if config.batch_size % plan.nprocs:
         raise ConfigError(
             f"batch size {config.batch_size} does not divide among {plan.nprocs} training processes"
         )
-    return ddp.launch(
+    return launcher.launch(
         _train_rank,
         (loaded, train_data, val_data, config, out_dir, resume_state),
         plan,

@@ -27,10 +27,10 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from sam2unet import distributed as ddp
 from sam2unet.checkpoints import LoadedModel, build_from_sam2, load_any, random_model, save_delta
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
+from sam2unet.distributed import collectives, ddp
 from sam2unet.exceptions import ConfigError
 from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
 from sam2unet.modeling.loss import BCEMode, deep_supervision_loss
@@ -269,7 +269,7 @@ def train(
         )
     if len(train_data) == 0:
         raise ConfigError("the training set is empty")
-    rank, world = ddp.rank_and_world() if ddp.is_active() else (0, 1)
+    rank, world = collectives.rank_and_world() if collectives.is_active() else (0, 1)
     main = rank == 0
     if config.batch_size % world:
         raise ConfigError(
@@ -359,7 +359,7 @@ def train(
                     TrainEvent("step", epoch + 1, config.epochs, step + 1, len(loader), value, lr)
                 )
         scheduler.step()
-        total, seen = ddp.sum_across([total, seen])
+        total, seen = collectives.sum_across([total, seen])
         record = EpochRecord(epoch + 1, total / seen, lr, 0.0)
         if val_data is not None:
             record.val = validate(model, mconfig, val_data, device, config.val_batch_size, use_bf16)
@@ -416,7 +416,7 @@ def train(
                     record,
                 )
             )
-        if epoch + 1 < config.epochs and ddp.all_agree(
+        if epoch + 1 < config.epochs and collectives.all_agree(
             should_stop is not None and bool(should_stop())
         ):
             if main:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sam2unet import distributed as ddp
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
+from sam2unet.distributed import collectives
 from sam2unet.metrics import MetricSuite, dice, iou, to_uint8_map
 from sam2unet.modeling.sam2unet import SAM2UNet
 from sam2unet.predictor import Predictor
@@ -42,7 +42,7 @@ def validate(
     was_training = model.training
     predictor = Predictor(model, config, device=device, batch_size=batch_size, bf16=bf16)
     labels = dataset.labels
-    rank, world = ddp.rank_and_world() if ddp.is_active() else (0, 1)
+    rank, world = collectives.rank_and_world() if collectives.is_active() else (0, 1)
     suites = [MetricSuite() for _ in labels]
     bin_scores: list[list[tuple[float, float]]] = [[] for _ in labels]
 
@@ -81,14 +81,14 @@ def validate(
     finally:
         model.train(was_training)
     if world > 1:
-        gathered = ddp.gather_to_main(shard)
+        gathered = collectives.gather_to_main(shard)
         if gathered is not None:
             for _, maps, gts, bins in sorted((r for part in gathered for r in part), key=_first):
                 score(maps, gts, bins)
             out = _summarise(suites, bin_scores, labels)
         else:
             out = None
-        return ddp.broadcast_from_main(out)
+        return collectives.broadcast_from_main(out)
     return _summarise(suites, bin_scores, labels)
 
 

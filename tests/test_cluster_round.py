@@ -29,7 +29,7 @@ from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from launcher.redis_server import free_port
-from sam2unet.distributed import parse_endpoint
+from sam2unet.distributed.launcher import parse_endpoint
 from sam2unet.exceptions import ConfigError
 from sam2unet.synthetic import generate
 from tests.lstudio import running_label_studio

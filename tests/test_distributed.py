@@ -28,11 +28,12 @@ import torch
 
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
-from sam2unet import distributed
 from sam2unet.checkpoints import random_model
 from sam2unet.config import ModelConfig
 from sam2unet.data import ArraySource, SegmentationDataset
-from sam2unet.distributed import DevicePlan, parse_devices
+from sam2unet.distributed import collectives, launcher
+from sam2unet.distributed.ddp import sync_batchnorm, wrap_ddp
+from sam2unet.distributed.launcher import DevicePlan, parse_devices
 from sam2unet.exceptions import ConfigError
 from sam2unet.parallel_training import train_parallel
 from sam2unet.synthetic import generate
@@ -61,14 +62,14 @@ def test_device_syntax():
 
 
 def _fails_on_rank_1(device, relay):
-    if distributed.rank_and_world()[0] == 1:
+    if collectives.rank_and_world()[0] == 1:
         raise ConfigError("rank 1 cannot go on")
-    distributed.all_agree(False)  # rank 0 waits in a collective until rank 1 is gone
+    collectives.all_agree(False)  # rank 0 waits in a collective until rank 1 is gone
 
 
 def test_a_failing_rank_names_its_error():
-    with pytest.raises(distributed.DistributedRunError) as failed:
-        distributed.launch(_fails_on_rank_1, (), TWO_CPUS, threads=1)
+    with pytest.raises(launcher.DistributedRunError) as failed:
+        launcher.launch(_fails_on_rank_1, (), TWO_CPUS, threads=1)
     # the cause first; then what the other rank saw, and the exit codes
     assert str(failed.value).startswith(
         "a training process failed: rank 1: ConfigError: rank 1 cannot go on"
@@ -153,8 +154,8 @@ def test_a_stop_request_reaches_the_ranks_and_the_run_resumes(tmp_path):
 def _buckets(device, relay):
     """One rank: what DDP synchronises for a test-size model."""
     model = random_model(ModelConfig(size="test", image_size=64), seed=0).model
-    distributed.sync_batchnorm(model, device)
-    ddp = distributed.wrap_ddp(model, device)
+    sync_batchnorm(model, device)
+    ddp = wrap_ddp(model, device)
     data = ddp._get_ddp_logging_data()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return {
@@ -167,7 +168,7 @@ def _buckets(device, relay):
 
 
 def test_ddp_buckets_only_the_trainable_part():
-    info = distributed.launch(_buckets, (), TWO_CPUS, threads=1)
+    info = launcher.launch(_buckets, (), TWO_CPUS, threads=1)
     assert info["frozen_tensors"] > 0
     assert info["tensors"] == info["trainable_tensors"]
     assert info["bytes"] == info["trainable_bytes"]

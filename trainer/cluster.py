@@ -86,7 +86,7 @@ class ClusterRound:
 
 def rendezvous_endpoint(settings: Settings) -> str:
     """``SAM2UNET_TRAIN_RDZV``, or this machine's host name on the default port."""
-    from sam2unet.distributed import parse_endpoint
+    from sam2unet.distributed.launcher import parse_endpoint
 
     host, port = parse_endpoint(settings.train_rdzv or socket.getfqdn(), DEFAULT_PORT)
     return f"{host}:{port}"
@@ -121,8 +121,8 @@ class RoundPublisher:
         self.published: str | None = None
 
     def __call__(self, plan: RoundPlan) -> Any:
-        """Publish ``plan`` and return the :class:`~sam2unet.distributed.Cluster` to launch."""
-        from sam2unet.distributed import Cluster
+        """Publish ``plan`` and return the :class:`~sam2unet.distributed.launcher.Cluster` to launch."""
+        from sam2unet.distributed.launcher import Cluster
 
         manifest = self.cache.load_manifest(plan.project) if plan.project is not None else None
         if manifest is None:
@@ -275,7 +275,7 @@ class TrainAgent:
 
     def join(self, spec: ClusterRound) -> bool:
         """Take part in one round; True when it completed on every machine."""
-        from sam2unet import distributed
+        from sam2unet.distributed import launcher
         from trainer.round import train_and_evaluate
 
         self.joined.append(spec.run_id)
@@ -285,7 +285,7 @@ class TrainAgent:
         )
         self.error = ""  # the last round's, kept for the trainer to read until this one
         self._state("training", spec.run_id)
-        cluster = distributed.Cluster(
+        cluster = launcher.Cluster(
             spec.nodes,
             spec.endpoint,
             spec.run_id,
@@ -302,9 +302,9 @@ class TrainAgent:
                 self.error = f"{type(e).__name__}: {e}"
                 log.error("round %s refused: %s", spec.run_id, self.error)
                 self._state("refused", spec.run_id)
-                distributed.launch(refuse, (str(e),), self.plan, threads=1, cluster=cluster)
+                launcher.launch(refuse, (str(e),), self.plan, threads=1, cluster=cluster)
                 raise
-            outcome = distributed.launch(
+            outcome = launcher.launch(
                 train_and_evaluate,
                 (current, train_data, val_data, cfg),
                 self.plan,

@@ -80,13 +80,13 @@ def run_round(
 
     ``cluster``: when the round spans several machines (``SAM2UNET_TRAIN_NODES`` > 1), called
     with the round's :class:`RoundPlan` before training; it tells the other machines (see
-    :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.Cluster` to launch.
+    :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.launcher.Cluster` to launch.
 
     ``prompt_masks``: the sync's count of annotations holding prompts but no mask
     (:attr:`trainer.dataset.SyncReport.prompts`), carried into the report and its log line.
     """
     from sam2unet.checkpoints import relabel
-    from sam2unet.distributed import parse_devices
+    from sam2unet.distributed.launcher import parse_devices
     from sam2unet.training import TrainConfig
 
     t0 = time.monotonic()
@@ -149,9 +149,9 @@ def run_round(
         outcome = train_and_evaluate(device, local, current, train_data, val_data, cfg, False)
         model = outcome.model
     else:
-        from sam2unet import distributed
+        from sam2unet.distributed import launcher
 
-        outcome = distributed.launch(
+        outcome = launcher.launch(
             train_and_evaluate,
             (current, train_data, val_data, cfg),
             plan,
@@ -241,8 +241,8 @@ def _prompts_note(counts: dict[str, Any]) -> str:
 
 def machine_plan(settings: Settings) -> Any:
     """This machine's processes in a round over several machines: ``SAM2UNET_TRAIN_DEVICES``,
-    else one process on ``SAM2UNET_DEVICE`` (a :class:`~sam2unet.distributed.DevicePlan`)."""
-    from sam2unet.distributed import DevicePlan, parse_devices
+    else one process on ``SAM2UNET_DEVICE`` (a :class:`~sam2unet.distributed.launcher.DevicePlan`)."""
+    from sam2unet.distributed.launcher import DevicePlan, parse_devices
     from sam2unet.predictor import pick_device
 
     plan = parse_devices(settings.train_devices)
@@ -321,9 +321,9 @@ def train_and_evaluate(
     parallel: bool = True,
 ) -> _Outcome | None:
     """Evaluate the current version, fine-tune a copy of it, evaluate the copy: in this
-    process, or as one rank of several (see :func:`sam2unet.distributed.launch`: ``relay``
+    process, or as one rank of several (see :func:`sam2unet.distributed.launcher.launch`: ``relay``
     carries progress and stop requests, evaluation is sharded, rank 0 returns the outcome)."""
-    from sam2unet import distributed
+    from sam2unet.distributed import collectives
     from sam2unet.parallel_training import trained_weights
     from sam2unet.training import TrainConfig, train
     from sam2unet.validation import validate
@@ -352,10 +352,10 @@ def train_and_evaluate(
     if not parallel:
         return _Outcome(*metrics, model=result.model)
     outcome = None
-    if distributed.is_main():
+    if collectives.is_main():
         outcome = _Outcome(*metrics, weights=trained_weights(result.model))
-    if distributed.machines() > 1:
+    if collectives.machines() > 1:
         # rank 0 may run on another machine than the trainer: every machine gets the outcome
-        outcome = distributed.broadcast_from_main(outcome)
-        return outcome if distributed.local_rank() == 0 else None
+        outcome = collectives.broadcast_from_main(outcome)
+        return outcome if collectives.local_rank() == 0 else None
     return outcome

@@ -46,7 +46,7 @@ from contracts.registry import ModelRegistry
 from contracts.schedule import ALL, parse_schedule
 from contracts.settings import Settings
 from contracts.trainer_state import FAILING_KEY
-from sam2unet.distributed import DistributedRunError, parse_devices
+from sam2unet.distributed.launcher import DistributedRunError, parse_devices
 from sam2unet.exceptions import ConfigError
 from trainer.cluster import ClusterDataError, RoundPublisher, report_progress
 from trainer.dataset import DatasetCache, correction_rates

@@ -1,54 +1,24 @@
-"""Data-parallel training over several processes with ``torch.distributed``.
-
-One process per device, each holding a replica of the model; DDP averages the trainable
-parameters' gradients after every backward pass (NCCL between GPUs, gloo between CPU
-processes). The processes of one machine are started by torch's own elastic launcher
-(:func:`torch.distributed.launcher.api.elastic_launch`, what ``torchrun`` runs), with a c10d
-rendezvous on a free local port. Across machines, either ``torchrun`` starts them and
-:func:`joined_from_torchrun` picks the process group up from its environment, or each machine's
-launcher is given the same :class:`Cluster` (a c10d rendezvous that one machine hosts), which is
-how a trainer round spans machines (:mod:`trainer.cluster`).
-
-Devices (``SAM2UNET_TRAIN_DEVICES`` / ``train --devices``), see :func:`parse_devices`:
-
-======================= =============================================================
-(empty)                 one process on the single device (``SAM2UNET_DEVICE``), as before
-``auto``                one process per visible GPU; one process on the CPU without a GPU
-``cuda:0,cuda:1,...``   one process per listed GPU
-``cpu:N``               N processes on the CPU (gloo); for tests and CPU-only machines
-======================= =============================================================
-
-What makes N processes train like one (see :func:`sam2unet.training.train`):
-
-- the global batch stays ``batch_size``: each rank takes ``batch_size / N`` samples of the
-  same global batch (a :class:`~torch.utils.data.DistributedSampler` with the run's seed, also
-  used by a single process, so the sample order is the same for any N);
-- BatchNorm in the decoder normalises over the global batch: ``torch.nn.SyncBatchNorm`` on GPUs,
-  :class:`GlobalBatchNorm2d` (the same computation with gloo's differentiable all-reduce) on CPUs;
-- the frozen trunk is left out of DDP (its parameters have ``requires_grad=False``, which DDP
-  never puts in its gradient buckets, and they are also named in DDP's ignore list so they are
-  not broadcast at start: every rank loads the same checkpoint);
-- held-out evaluation is sharded (image ``i`` on rank ``i % N``) and rank 0 scores the gathered
-  per-image maps in dataset order, exactly as one process would.
-"""
+"""Starting the processes of a data-parallel run: the devices of this machine's processes
+(:func:`parse_devices`), a run over several machines (:class:`Cluster`), torch's elastic
+launcher (:func:`launch`) with a :class:`Relay` for progress and stop requests, and joining a
+process group that ``torchrun`` set up (:func:`joined_from_torchrun`). See
+:mod:`sam2unet.distributed` for what makes N processes train like one."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.elastic.rendezvous.api import RendezvousError
 
@@ -126,185 +96,6 @@ def parse_devices(spec: str | None) -> DevicePlan | None:
     return DevicePlan(tuple(parts))
 
 
-# --------------------------------------------------------------------------- ranks
-
-
-def is_active() -> bool:
-    """Whether this process is one of several in an initialised process group."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    return rank_and_world()[0] == 0
-
-
-def machines() -> int:
-    """How many machines this run spans (the elastic launcher's group world size)."""
-    return int(os.environ.get("GROUP_WORLD_SIZE", "1"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def all_agree(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (for stop decisions)."""
-    if not is_active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def sum_across(values: Sequence[float]) -> list[float]:
-    """Element-wise sum of ``values`` over the ranks (float64)."""
-    if not is_active():
-        return [float(v) for v in values]
-    t = torch.tensor(list(values), dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_to_main(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` (picklable), in rank order, on rank 0; ``None`` on the others."""
-    if not is_active():
-        return [obj]
-    rank, world = rank_and_world()
-    out: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def broadcast_from_main(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not is_active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-# --------------------------------------------------------------------------- model
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the ranks; its gradient is the sum of the ranks' gradients (the same as
-    ``torch.distributed.nn.functional.all_reduce``, which torch 2.13 deprecates)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        out = grad.contiguous().clone()
-        dist.all_reduce(out)
-        return out
-
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the global batch over all ranks,
-    for gloo (CPU) process groups, where ``torch.nn.SyncBatchNorm`` does not run.
-
-    Mean and (biased) variance come from two differentiable all-reduces (the backward of a
-    sum over ranks all-reduces the gradient, as in ``torch.nn.SyncBatchNorm``), so
-    forward and backward equal one process's BatchNorm over the whole batch; the running
-    statistics are updated as ``F.batch_norm`` does (unbiased variance). State-dict keys are
-    BatchNorm2d's. Outside training or in a single process it is a plain BatchNorm2d.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_active()):
-            return super().forward(x)
-        c = x.shape[1]
-        dims = (0, 2, 3)
-        count = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
-        total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
-        n = total[c]
-        mean = total[:c] / n
-        centred = x - mean.view(1, c, 1, 1)
-        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
-        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None
-                    else self.momentum
-                )
-                unbiased = var.detach() * (n / (n - 1) if n > 1 else 1.0)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
-        return y
-
-
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` with its BatchNorm layers normalising over the global batch: SyncBatchNorm on
-    CUDA, :class:`GlobalBatchNorm2d` elsewhere. Parameters and buffers are kept (same objects),
-    so an optimizer or a state dict made before still matches."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in list(model.named_children()):
-        if type(child) is nn.BatchNorm2d:
-            new = GlobalBatchNorm2d(
-                child.num_features,
-                child.eps,
-                child.momentum,
-                child.affine,
-                child.track_running_stats,
-            )
-            if child.affine:
-                new.weight, new.bias = child.weight, child.bias
-            if child.track_running_stats:
-                new.running_mean = child.running_mean
-                new.running_var = child.running_var
-                new.num_batches_tracked = child.num_batches_tracked
-            new.train(child.training)
-            setattr(model, name, new)
-        else:
-            sync_batchnorm(child, device)
-    return model
-
-
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
-    """DDP over the trainable part of ``model``: frozen parameters are named in DDP's ignore
-    list (not broadcast at start; DDP never buckets ``requires_grad=False`` parameters anyway).
-    The model has no unused trainable parameters, so ``find_unused_parameters`` stays off;
-    buffers are not re-broadcast before each forward (synchronised BatchNorm keeps them equal).
-    """
-    ddp = nn.parallel.DistributedDataParallel
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    ddp._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    # torch 2.13 renamed broadcast_buffers (still accepted, with a warning)
-    no_sync = (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-        else {"broadcast_buffers": False}
-    )
-    device_ids = [device.index] if device.type == "cuda" else None
-    return ddp(model, device_ids=device_ids, **no_sync)
-
-
-# --------------------------------------------------------------------------- launching
-
-
 def torchrun_env() -> bool:
     """Whether this process was started by ``torchrun`` (or another elastic agent)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
@@ -328,7 +119,8 @@ def joined_from_torchrun() -> torch.device:
 class Relay:
     """Progress and stop requests between the launching process and its ranks: rank 0's
     ``progress`` events reach the launcher's callback, the launcher's ``should_stop`` reaches
-    every rank (which then agree on it, see :func:`all_agree`)."""
+    every rank (which then agree on it, see
+    :func:`~sam2unet.distributed.collectives.all_agree`)."""
 
     def __init__(self) -> None:
         ctx = torch.multiprocessing.get_context("spawn")
