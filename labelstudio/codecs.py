@@ -27,7 +27,6 @@ import numpy as np
 
 from contracts.errors import AnnotationFormatError, LabelConfigError
 from labelstudio.labelconfig import Target
-from sam2unet.acquisition import balanced_confidence
 
 logger = logging.getLogger(__name__)
 
@@ -437,33 +436,3 @@ def _decode_region(
     if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
         raise AnnotationFormatError(f"result {rid!r}: polygon points must be [x, y] pairs")
     return polygons_to_mask([pts], height, width)
-
-
-# --- confidence ------------------------------------------------------------------------------
-
-
-def prediction_score(prob: np.ndarray, mask: np.ndarray) -> float:
-    """Confidence of a binary segmentation, in [0, 1].
-
-    The class-balanced mean decision confidence: the mean of ``p`` over the predicted
-    foreground and the mean of ``1 - p`` over the predicted background, averaged with equal
-    weight (when one side is empty, the other side's mean alone). Balancing keeps a small,
-    uncertain object from being hidden by a large, confidently empty background, and an
-    empty mask predicted from probabilities near 0 scores near 1 (a confident "nothing
-    here"), not 0. With a 0.5 threshold the score lies in [0.5, 1]; lower means more
-    uncertain, which is what active learning ranks by.
-
-    Args:
-        prob: ``H x W`` foreground probabilities in [0, 1] (values outside are clipped).
-        mask: ``H x W`` predicted mask, non-zero is foreground (usually ``prob >= threshold``).
-
-    Raises:
-        ValueError: shapes differ, the arrays are empty, or ``prob`` has NaNs.
-    """
-    p = np.asarray(prob, dtype=np.float64)
-    fg = _check_mask(mask)
-    if p.shape != fg.shape:
-        raise ValueError(f"prob shape {p.shape} differs from mask shape {fg.shape}")
-    if np.isnan(p).any():
-        raise ValueError("prob contains NaN")
-    return balanced_confidence(p, fg)

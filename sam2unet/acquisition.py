@@ -75,6 +75,36 @@ def balanced_confidence(prob: np.ndarray, fg: np.ndarray) -> float:
     return float(np.clip(sum(parts) / len(parts), 0.0, 1.0))
 
 
+def prediction_score(prob: np.ndarray, mask: np.ndarray) -> float:
+    """Confidence of a binary segmentation, in [0, 1].
+
+    The class-balanced mean decision confidence: the mean of ``p`` over the predicted
+    foreground and the mean of ``1 - p`` over the predicted background, averaged with equal
+    weight (when one side is empty, the other side's mean alone). Balancing keeps a small,
+    uncertain object from being hidden by a large, confidently empty background, and an
+    empty mask predicted from probabilities near 0 scores near 1 (a confident "nothing
+    here"), not 0. With a 0.5 threshold the score lies in [0.5, 1]; lower means more
+    uncertain, which is what active learning ranks by.
+
+    Args:
+        prob: ``H x W`` foreground probabilities in [0, 1] (values outside are clipped).
+        mask: ``H x W`` predicted mask, non-zero is foreground (usually ``prob >= threshold``).
+
+    Raises:
+        ValueError: shapes differ, the arrays are empty, or ``prob`` has NaNs.
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    fg = np.asarray(mask)
+    if fg.ndim != 2 or fg.shape[0] == 0 or fg.shape[1] == 0:
+        raise ValueError(f"mask must be a non-empty 2-D array, got shape {fg.shape}")
+    fg = fg.astype(bool, copy=False)
+    if p.shape != fg.shape:
+        raise ValueError(f"prob shape {p.shape} differs from mask shape {fg.shape}")
+    if np.isnan(p).any():
+        raise ValueError("prob contains NaN")
+    return balanced_confidence(p, fg)
+
+
 def confidence_uncertainty(prob: np.ndarray, threshold: float = 0.5) -> float:
     """``2 (1 - c)`` averaged over labels, ``c`` the balanced confidence of a K x H x W map:
     0 for a map of 0s and 1s, 1 for a map of 0.5s (clipped to [0, 1])."""

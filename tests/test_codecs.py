@@ -1,4 +1,4 @@
-"""Masks to and from Label Studio results: RLE, polygons, result items, confidence."""
+"""Masks to and from Label Studio results: RLE, polygons, result items."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from labelstudio.codecs import (
     pixels_to_percent,
     polygon_results,
     polygons_to_mask,
-    prediction_score,
     results_to_masks,
     rle_to_mask,
 )
@@ -507,55 +506,3 @@ def test_brush_result_round_trips_through_results_to_masks(name: str, h: int, w:
     mask = MASKS[name](h, w)
     item = json.loads(json.dumps(brush_result(mask, BRUSH, "Background", 0.5)))
     np.testing.assert_array_equal(results_to_masks([item], BRUSH)["Background"], mask)
-
-
-# --- confidence ------------------------------------------------------------------------------
-
-
-def _small_object(p_in: float, p_out: float) -> tuple[np.ndarray, np.ndarray]:
-    prob = np.full((100, 100), p_out)
-    prob[45:55, 45:55] = p_in
-    return prob, prob >= 0.5
-
-
-@pytest.mark.parametrize(
-    ("prob", "mask", "low", "high"),
-    [
-        (np.full((10, 10), 0.01), np.zeros((10, 10), bool), 0.98, 1.0),  # confidently empty
-        (np.full((10, 10), 0.99), np.ones((10, 10), bool), 0.98, 1.0),  # confidently full
-        (np.full((10, 10), 0.5), np.ones((10, 10), bool), 0.5, 0.5),  # a coin toss
-        (np.full((10, 10), 0.45), np.zeros((10, 10), bool), 0.55, 0.55),  # barely empty
-        (*_small_object(0.99, 0.01), 0.98, 1.0),  # confident small object
-        (*_small_object(0.55, 0.01), 0.76, 0.79),  # unsure object, sure background
-        (*_small_object(0.99, 0.45), 0.76, 0.79),  # sure object, unsure background
-        (np.full((4, 4), 1.7), np.ones((4, 4), bool), 1.0, 1.0),  # clipped
-    ],
-)
-def test_prediction_score(prob: np.ndarray, mask: np.ndarray, low: float, high: float) -> None:
-    score = prediction_score(prob, mask)
-    assert type(score) is float
-    assert low - 1e-9 <= score <= high + 1e-9
-
-
-def test_prediction_score_ranks_uncertainty_and_stays_in_range() -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        prob = rng.random((16, 24))
-        mask = prob >= rng.uniform(0.2, 0.8)
-        assert 0.0 <= prediction_score(prob, mask) <= 1.0
-    sure = prediction_score(*_small_object(0.95, 0.02))
-    unsure = prediction_score(*_small_object(0.6, 0.02))
-    assert unsure < sure
-
-
-@pytest.mark.parametrize(
-    ("prob", "mask", "reason"),
-    [
-        (np.zeros((4, 4)), np.zeros((4, 5), bool), "differs"),
-        (np.full((4, 4), np.nan), np.zeros((4, 4), bool), "NaN"),
-        (np.zeros((0, 4)), np.zeros((0, 4), bool), "non-empty"),
-    ],
-)
-def test_prediction_score_errors(prob: np.ndarray, mask: np.ndarray, reason: str) -> None:
-    with pytest.raises(ValueError, match=reason):
-        prediction_score(prob, mask)

@@ -27,10 +27,10 @@ import redis
 from contracts.errors import AssistError
 from contracts.heads import untrained_version
 from contracts.jobs import ItemResult, PredictPayload
-from labelstudio.codecs import brush_result, polygon_results, prediction_score
+from labelstudio.codecs import brush_result, polygon_results
 from labelstudio.labelconfig import Target, target_from_json
 from labelstudio.prompts import label_channels
-from sam2unet.acquisition import sort_score
+from sam2unet.acquisition import prediction_score, sort_score
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
 from worker.crop_prompts import apply_prompts
