@@ -231,6 +231,37 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass
+class _Run:
+    """What the stages of one run share: where it runs, what it updates, how far it got."""
+
+    loaded: LoadedModel
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    use_bf16: bool
+    out: Path | None
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineAnnealingLR
+    history: list[EpochRecord] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    start_epoch: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last_path(self) -> Path | None:
+        return self.out / LAST_NAME if self.out is not None else None
+
+    def autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+
 def train(
     loaded: LoadedModel,
     train_data: SegmentationDataset,
@@ -257,7 +288,43 @@ def train(
     same ``batch_size``. Only rank 0 writes ``out_dir``, reports ``progress`` and logs; a stop
     asked on any rank stops all of them after the same epoch.
     """
-    model, mconfig = loaded.model, loaded.config
+    _check_data(loaded.config, train_data)
+    run = _start_run(loaded, config, out_dir)
+    _resume_or_seed(run, resume_state)
+    # The same global order for any number of ranks: rank r takes every N-th sample of one
+    # seeded permutation (padded with repeats to a multiple of N), batch_size / N at a time.
+    sampler = DistributedSampler(
+        train_data, num_replicas=run.world, rank=run.rank, shuffle=True, seed=config.seed
+    )
+    stopped = False
+    for epoch in range(run.start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss, steps = _train_epoch(run, train_data, sampler, epoch, lr, progress)
+        record = EpochRecord(epoch + 1, loss, lr, 0.0)
+        if val_data is not None:
+            record.val = validate(
+                loaded.model,
+                loaded.config,
+                val_data,
+                run.device,
+                config.val_batch_size,
+                run.use_bf16,
+            )
+        record.seconds = time.perf_counter() - t0
+        run.history.append(record)
+        improved = val_data is not None and _keep_if_best(run, record)
+        _save_epoch(run, record, improved)
+        _report_epoch(run, record, steps, progress)
+        if _stop_asked(run, epoch, should_stop):
+            stopped = True
+            break
+    loaded.model.eval()
+    return _result(run, val_data is not None, stopped)
+
+
+def _check_data(mconfig: ModelConfig, train_data: SegmentationDataset) -> None:
+    """The training data must match the model's image size and labels, and not be empty."""
     if train_data.image_size != mconfig.image_size:
         raise ConfigError(
             f"the data is resized to {train_data.image_size} but the model config says "
@@ -269,6 +336,11 @@ def train(
         )
     if len(train_data) == 0:
         raise ConfigError("the training set is empty")
+
+
+def _start_run(loaded: LoadedModel, config: TrainConfig, out_dir: str | Path | None) -> _Run:
+    """Place the model on its device (wrapped in DDP across ranks), with its optimizer and
+    schedule; rank 0 creates ``out_dir``."""
     rank, world = collectives.rank_and_world() if collectives.is_active() else (0, 1)
     main = rank == 0
     if config.batch_size % world:
@@ -283,6 +355,7 @@ def train(
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
 
+    model = loaded.model
     model.to(device)
     net: torch.nn.Module = model
     if world > 1:
@@ -291,153 +364,169 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.eta_min)
+    return _Run(loaded, config, rank, world, device, use_bf16, out, net, optimizer, scheduler)
 
-    history: list[EpochRecord] = []
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    start_epoch = 0
-    if resume_state is not None:
-        saved_cfg = TrainConfig.from_dict(resume_state["train_config"])
-        clash = [k for k in TrainConfig.RESUME_FIXED if getattr(saved_cfg, k) != getattr(config, k)]
-        if clash:
-            raise ConfigError(f"cannot resume with changed settings: {clash}")
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        start_epoch = int(resume_state["epoch"])
-        best_metric = resume_state.get("best_metric")
-        best_epoch = resume_state.get("best_epoch")
-        history = [EpochRecord(**r) for r in resume_state.get("history", [])]
-        _set_rng_state(resume_state["rng"])
-        if main:
-            log.info("resuming after epoch %d of %d", start_epoch, config.epochs)
-    else:
-        torch.manual_seed(config.seed)
 
-    last_path = out / LAST_NAME if out is not None else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    stopped = False
-    # The same global order for any number of ranks: rank r takes every N-th sample of one
-    # seeded permutation (padded with repeats to a multiple of N), batch_size / N at a time.
-    sampler = DistributedSampler(
-        train_data, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+def _resume_or_seed(run: _Run, resume_state: Mapping[str, Any] | None) -> None:
+    """Continue from ``resume_state`` (optimizer, schedule, epoch, best, history, RNG), or
+    seed a fresh run."""
+    if resume_state is None:
+        torch.manual_seed(run.config.seed)
+        return
+    saved_cfg = TrainConfig.from_dict(resume_state["train_config"])
+    clash = [k for k in TrainConfig.RESUME_FIXED if getattr(saved_cfg, k) != getattr(run.config, k)]
+    if clash:
+        raise ConfigError(f"cannot resume with changed settings: {clash}")
+    run.optimizer.load_state_dict(resume_state["optimizer"])
+    run.scheduler.load_state_dict(resume_state["scheduler"])
+    run.start_epoch = int(resume_state["epoch"])
+    run.best_metric = resume_state.get("best_metric")
+    run.best_epoch = resume_state.get("best_epoch")
+    run.history = [EpochRecord(**r) for r in resume_state.get("history", [])]
+    _set_rng_state(resume_state["rng"])
+    if run.main:
+        log.info("resuming after epoch %d of %d", run.start_epoch, run.config.epochs)
+
+
+def _train_epoch(
+    run: _Run,
+    train_data: SegmentationDataset,
+    sampler: DistributedSampler,
+    epoch: int,
+    lr: float,
+    progress: Callable[[TrainEvent], None] | None,
+) -> tuple[float, int]:
+    """One pass over this rank's share of the data, then one schedule step. Returns the
+    mean loss over all ranks and the number of steps."""
+    config, device = run.config, run.device
+    train_data.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(
+        train_data,
+        batch_size=config.batch_size // run.world,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
     )
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_data.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        loader = DataLoader(
-            train_data,
-            batch_size=config.batch_size // world,
-            sampler=sampler,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        model.train()
-        total, seen = 0.0, 0
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (config.progress_bar and main),
-            leave=False,
-        )
-        for step, (x, y) in enumerate(bar):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                outputs = net(x)
-            loss = deep_supervision_loss([o.float() for o in outputs], y, config.bce_mode)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            total += value * x.shape[0]
-            seen += x.shape[0]
-            bar.set_postfix(loss=f"{value:.4f}")
-            if progress is not None and main:
-                progress(
-                    TrainEvent("step", epoch + 1, config.epochs, step + 1, len(loader), value, lr)
-                )
-        scheduler.step()
-        total, seen = collectives.sum_across([total, seen])
-        record = EpochRecord(epoch + 1, total / seen, lr, 0.0)
-        if val_data is not None:
-            record.val = validate(model, mconfig, val_data, device, config.val_batch_size, use_bf16)
-        record.seconds = time.perf_counter() - t0
-        history.append(record)
-        improved = val_data is not None and _is_better(
-            config.select_metric, record.val[config.select_metric], best_metric
-        )
-        if improved:
-            best_metric, best_epoch = record.val[config.select_metric], epoch + 1
-        if out is not None and main:
-            metrics = {"epoch": epoch + 1, "train_loss": record.loss, **record.val}
-            meta = {"train_config": config.to_dict(), "select_metric": config.select_metric}
-            if improved:
-                save_delta(out / BEST_NAME, model, mconfig, loaded.base, metrics, None, meta)
-            state = {
-                "epoch": epoch + 1,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best_metric": best_metric,
-                "best_epoch": best_epoch,
-                "history": [asdict(r) for r in history],
-                "train_config": config.to_dict(),
-                "rng": _rng_state(),
-            }
-            save_delta(last_path, model, mconfig, loaded.base, metrics, state, meta)
-            (out / HISTORY_NAME).write_text(
-                json.dumps([asdict(r) for r in history], indent=1) + "\n"
+    run.loaded.model.train()
+    total, seen = 0.0, 0
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        disable=not (config.progress_bar and run.main),
+        leave=False,
+    )
+    for step, (x, y) in enumerate(bar):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        run.optimizer.zero_grad(set_to_none=True)
+        with run.autocast():
+            outputs = run.net(x)
+        loss = deep_supervision_loss([o.float() for o in outputs], y, config.bce_mode)
+        loss.backward()
+        run.optimizer.step()
+        value = float(loss.detach())
+        total += value * x.shape[0]
+        seen += x.shape[0]
+        bar.set_postfix(loss=f"{value:.4f}")
+        if progress is not None and run.main:
+            progress(TrainEvent("step", epoch + 1, config.epochs, step + 1, len(loader), value, lr))
+    run.scheduler.step()
+    total, seen = collectives.sum_across([total, seen])
+    return total / seen, len(loader)
+
+
+def _keep_if_best(run: _Run, record: EpochRecord) -> bool:
+    """Whether ``record`` improves the selection metric (and remember it when it does)."""
+    metric = run.config.select_metric
+    if not _is_better(metric, record.val[metric], run.best_metric):
+        return False
+    run.best_metric, run.best_epoch = record.val[metric], record.epoch
+    return True
+
+
+def _save_epoch(run: _Run, record: EpochRecord, improved: bool) -> None:
+    """Rank 0 writes ``best.pt`` (when improved), ``last.pt`` with the training state, and
+    ``history.json``."""
+    if run.out is None or not run.main:
+        return
+    config, loaded = run.config, run.loaded
+    model, mconfig = loaded.model, loaded.config
+    metrics = {"epoch": record.epoch, "train_loss": record.loss, **record.val}
+    meta = {"train_config": config.to_dict(), "select_metric": config.select_metric}
+    if improved:
+        save_delta(run.out / BEST_NAME, model, mconfig, loaded.base, metrics, None, meta)
+    state = {
+        "epoch": record.epoch,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "best_metric": run.best_metric,
+        "best_epoch": run.best_epoch,
+        "history": [asdict(r) for r in run.history],
+        "train_config": config.to_dict(),
+        "rng": _rng_state(),
+    }
+    save_delta(run.last_path, model, mconfig, loaded.base, metrics, state, meta)
+    (run.out / HISTORY_NAME).write_text(
+        json.dumps([asdict(r) for r in run.history], indent=1) + "\n"
+    )
+
+
+def _report_epoch(
+    run: _Run,
+    record: EpochRecord,
+    steps: int,
+    progress: Callable[[TrainEvent], None] | None,
+) -> None:
+    """Log the epoch (rank 0 at info level) and send its ``"epoch"`` event."""
+    config = run.config
+    val_text = (
+        f", val {config.select_metric} {record.val[config.select_metric]:.4f}" if record.val else ""
+    )
+    (log.info if run.main else log.debug)(
+        "epoch %d/%d: loss %.4f, lr %.2e%s (%.1fs)",
+        record.epoch,
+        config.epochs,
+        record.loss,
+        record.lr,
+        val_text,
+        record.seconds,
+    )
+    if progress is not None and run.main:
+        progress(
+            TrainEvent(
+                "epoch", record.epoch, config.epochs, steps, steps, record.loss, record.lr, record
             )
-        val_text = (
-            f", val {config.select_metric} {record.val[config.select_metric]:.4f}"
-            if record.val
-            else ""
         )
-        (log.info if main else log.debug)(
-            "epoch %d/%d: loss %.4f, lr %.2e%s (%.1fs)",
-            epoch + 1,
-            config.epochs,
-            record.loss,
-            lr,
-            val_text,
-            record.seconds,
-        )
-        if progress is not None and main:
-            progress(
-                TrainEvent(
-                    "epoch",
-                    epoch + 1,
-                    config.epochs,
-                    len(loader),
-                    len(loader),
-                    record.loss,
-                    lr,
-                    record,
-                )
-            )
-        if epoch + 1 < config.epochs and collectives.all_agree(
-            should_stop is not None and bool(should_stop())
-        ):
-            if main:
-                log.info("stopping after epoch %d as asked", epoch + 1)
-            stopped = True
-            break
-    model.eval()
-    if out is None:
+
+
+def _stop_asked(run: _Run, epoch: int, should_stop: Callable[[], bool] | None) -> bool:
+    """Whether any rank asks to stop after ``epoch`` (never after the last one)."""
+    if epoch + 1 < run.config.epochs and collectives.all_agree(
+        should_stop is not None and bool(should_stop())
+    ):
+        if run.main:
+            log.info("stopping after epoch %d as asked", epoch + 1)
+        return True
+    return False
+
+
+def _result(run: _Run, validated: bool, stopped: bool) -> TrainResult:
+    """The run's :class:`TrainResult`: the best checkpoint is the last one without validation."""
+    if run.out is None:
         best_path = None
-    elif val_data is None:
-        best_path = last_path
+    elif not validated:
+        best_path = run.last_path
     else:
-        best_path = out / BEST_NAME if best_epoch is not None else None
+        best_path = run.out / BEST_NAME if run.best_epoch is not None else None
     return TrainResult(
-        history=history,
-        model=model,
-        config=mconfig,
+        history=run.history,
+        model=run.loaded.model,
+        config=run.loaded.config,
         best_path=best_path,
-        last_path=last_path,
-        best_metric=best_metric,
-        best_epoch=best_epoch,
-        epochs_done=history[-1].epoch if history else start_epoch,
+        last_path=run.last_path,
+        best_metric=run.best_metric,
+        best_epoch=run.best_epoch,
+        epochs_done=run.history[-1].epoch if run.history else run.start_epoch,
         stopped=stopped,
     )
