@@ -8,17 +8,10 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-
-from sam2unet.transforms import MAX_IMAGE_PIXELS
-
-if TYPE_CHECKING:
-    from contracts.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -31,53 +24,6 @@ STORAGE_KINDS = ("private", "loopback")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """Limits for fetching task images.
-
-    Attributes:
-        max_bytes: largest body accepted, in bytes.
-        timeout: seconds for a whole fetch (connect, redirects and body).
-        max_pixels: largest decoded image, in pixels (decompression bombs).
-        allow_private: admit private, loopback and other non-public unicast addresses
-            (``SAM2UNET_ALLOW_PRIVATE_URLS``); never link-local ones (169.254.0.0/16, where
-            cloud metadata services answer, and fe80::/10).
-        allow_hosts: hosts admitted even when their addresses are not public: host names,
-            ``host:port``, IP addresses or CIDR networks (``SAM2UNET_ALLOW_HOSTS``). The only
-            way to admit a link-local address. The Label Studio origin is always admitted.
-        allow_private_storage: admit a private or loopback address, never a link-local one,
-            for a presigned URL that Label Studio's storage endpoint redirected to (never for
-            a URL found in a task; ``SAM2UNET_ALLOW_PRIVATE_STORAGE``).
-        local_roots: Label Studio local-files document roots readable from disk here: a
-            ``/data/local-files/?d=<path>`` URL is read from ``<root>/<path>`` when that file
-            exists under a root, else fetched from Label Studio.
-    """
-
-    max_bytes: int = 50 * 1024 * 1024
-    timeout: float = 15.0
-    max_pixels: int = MAX_IMAGE_PIXELS
-    allow_private: bool = False
-    allow_hosts: tuple[str, ...] = ()
-    allow_private_storage: bool = False
-    local_roots: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.timeout <= 0 or self.max_pixels <= 0:
-            raise ValueError("max_bytes, timeout and max_pixels must be positive")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> FetchPolicy:
-        return cls(
-            max_bytes=settings.max_image_bytes,
-            timeout=settings.fetch_timeout,
-            max_pixels=settings.max_image_pixels,
-            allow_private=settings.allow_private_urls,
-            allow_hosts=tuple(settings.allow_hosts),
-            allow_private_storage=settings.allow_private_storage,
-            local_roots=tuple(settings.local_files_roots),
-        )
 
 
 def address_kind(ip: IPAddress) -> str | None:
