@@ -128,7 +128,8 @@ def new_project(ls, n: int, title: str, data=None, annotated: float = 0.0) -> tu
     return project, ids
 
 
-def measure_io(ls, conn: redis.Redis, n: int, batches: list[int], one_by_one: int) -> dict:
+def measure_io(ls, conn: redis.Redis, n: int, batches: list[int], one_by_one: int,
+               old_max: int) -> dict:  # fmt: skip
     client = LabelStudioClient(ls.url, ls.pat, timeout=600)
     out: dict = {"tasks": n}
     for batch in batches:
@@ -145,11 +146,12 @@ def measure_io(ls, conn: redis.Redis, n: int, batches: list[int], one_by_one: in
         client.create_prediction(t, RESULT, 0.5, "one-by-one")
     out["one_by_one_per_s"] = round(k / (time.perf_counter() - t0), 1)
 
-    _, out["read_offset_full_p100_s"] = timed(page_by_offset, client, project, 100, full=True)
-    _, out["read_offset_fields_p100_s"] = timed(
-        page_by_offset, client, project, 100, include=RUN_FIELDS
-    )
-    for size in (100, 1000):
+    if n <= old_max:  # paging by offset and small pages: quadratic, hours at 100k
+        _, out["read_offset_full_p100_s"] = timed(page_by_offset, client, project, 100, full=True)
+        _, out["read_offset_fields_p100_s"] = timed(
+            page_by_offset, client, project, 100, include=RUN_FIELDS
+        )
+    for size in (100, 1000) if n <= old_max else (1000,):
         seen, out[f"read_by_id_p{size}_s"] = timed(page_by_id, client, project, size, "sam2unet-x")
         assert seen == n, (seen, n)
 
@@ -166,8 +168,9 @@ def measure_io(ls, conn: redis.Redis, n: int, batches: list[int], one_by_one: in
     return out
 
 
-def measure_order(ls, conn: redis.Redis, n: int, batch: int) -> dict:
-    """The diverse order at ``n`` tasks, applied three ways."""
+def measure_order(ls, conn: redis.Redis, n: int, batch: int, old_max: int) -> dict:
+    """The diverse order at ``n`` tasks, applied three ways (the two old ones up to
+    ``old_max`` tasks)."""
     from worker.run_order import ordering, rank_scores, remember
 
     client = LabelStudioClient(ls.url, ls.pat, timeout=600)
@@ -190,6 +193,8 @@ def measure_order(ls, conn: redis.Redis, n: int, batch: int) -> dict:
     _, out["order_then_bulk_write_s"] = timed(
         PredictionWriter(client, None, batch).write, project_ids[0], "o1", preds
     )
+    if n > old_max:
+        return out
     # the old path: predictions written one by one for their ids, then a PATCH per score
     _, ids = new_project(ls, n, f"order patch {n}")
     t0 = time.perf_counter()
@@ -282,11 +287,30 @@ _STAGES = re.compile(
 )
 
 
+def _tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (MiB), from /proc."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for t in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (t / "children").read_text().split()]
+    return total / 1024
+
+
 def measure_e2e(ls, redis_url: str, n: int, workers: int, model_dir: Path, base: str,
                 tmp: Path) -> dict:  # fmt: skip
-    """A real pre-annotation run of ``n`` distinct images by ``workers`` worker processes."""
+    """A real pre-annotation run of ``n`` distinct images by ``workers`` worker processes,
+    started and watched through a real backend (as the UI's status page would: every 0.5 s),
+    whose memory is sampled meanwhile."""
+    import requests
+
     from contracts import preannotate as runs
-    from tests.services import service_env
+    from tests.lstudio import free_port
+    from tests.services import backend_process, label_studio_env
     from tests.services import workers as worker_processes
 
     conn = redis.Redis.from_url(redis_url)
@@ -294,20 +318,32 @@ def measure_e2e(ls, redis_url: str, n: int, workers: int, model_dir: Path, base:
     project, _ = new_project(
         ls, n, f"e2e {n}/{workers}", data=lambda i: {"image": f"{base}/{i}.png"}
     )
-    env = service_env(
-        redis_url, model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat,
-        SAM2UNET_JOB_LEASE="30",
-    )  # fmt: skip
+    auth = ("bench", "bench-secret")
+    env = label_studio_env(redis_url, model_dir, ls, auth, SAM2UNET_JOB_LEASE="30")
     logs = tmp / f"logs-{n}-{workers}"
     logs.mkdir()
-    with worker_processes(env, conn, workers, logs) as procs:
-        t0 = time.perf_counter()
-        run_id, _ = runs.start_run(conn, project, page_size=1000, job_timeout=600)
-        while runs.status(conn, run_id)["status"] == "running":
-            time.sleep(0.5)
-        wall = time.perf_counter() - t0
-        text = "".join(p.log() for p in procs)
-    st = runs.status(conn, run_id)
+    port = free_port()
+    backend = backend_process(env, port, logs)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        backend.wait_http(f"{url}/health")
+        rss = [_tree_rss_mb(backend.proc.pid)]
+        with worker_processes(env, conn, workers, logs) as procs:
+            t0 = time.perf_counter()
+            r = requests.post(f"{url}/preannotate", json={"project": project}, auth=auth,
+                              timeout=60)  # fmt: skip
+            r.raise_for_status()
+            run_id = r.json()["id"]
+            while True:
+                st = requests.get(f"{url}/preannotate/{run_id}", auth=auth, timeout=60).json()
+                rss.append(_tree_rss_mb(backend.proc.pid))
+                if st["status"] != "running":
+                    break
+                time.sleep(0.5)
+            wall = time.perf_counter() - t0
+            text = "".join(p.log() for p in procs)
+    finally:
+        backend.stop()
     assert st["status"] == "completed" and st["done"] == n, st
     sums = np.zeros(4)
     items = cached = 0
@@ -328,6 +364,8 @@ def measure_e2e(ls, redis_url: str, n: int, workers: int, model_dir: Path, base:
         f"e2e_w{workers}_tasks_per_s": round(n / wall, 1),
         f"e2e_w{workers}_cached": cached,
         **{f"e2e_w{workers}_{k}": v for k, v in per.items()},
+        f"e2e_w{workers}_backend_rss_mb_start": round(rss[0], 1),
+        f"e2e_w{workers}_backend_rss_mb_max": round(max(rss), 1),
         "redis_run_bytes_per_task": round((written + bookkeeping) / n, 1),
     }
 
@@ -403,9 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[500, 2000], help="per bulk call")
     ap.add_argument("--one-by-one", type=int, default=300, help="tasks on the old write path")
     ap.add_argument("--order-max", type=int, default=1000, help="order only up to this size")
+    ap.add_argument("--old-max", type=int, default=10000,
+                    help="the old paths (offset paging, PATCH, one by one) up to this size")  # fmt: skip
     ap.add_argument("--annotated", type=float, default=0.1, help="share annotated (sync)")
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="e2e runs")
     ap.add_argument("--skip", nargs="*", default=[], choices=["io", "order", "sync", "e2e"])
+    ap.add_argument("--ls-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="environment for Label Studio, e.g. its feature flags")  # fmt: skip
     ap.add_argument("--out", type=Path, help="append the JSON lines to this file")
     ap.add_argument("--plot", type=Path, help="PNG of the --out file's rows")
     args = ap.parse_args(argv)
@@ -413,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and not args.tasks:
         plot([json.loads(x) for x in args.out.read_text().splitlines() if x.strip()], args.plot)
         return 0
+    ls_env = dict(x.split("=", 1) for x in args.ls_env)
     from launcher.redis_server import EmbeddedRedis
     from tests.lstudio import running_label_studio
     from tests.services import file_server
@@ -420,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     with (
         EmbeddedRedis() as server,
         tempfile.TemporaryDirectory() as tmp,
-        running_label_studio(Path(tmp) / "ls") as ls,
+        running_label_studio(Path(tmp) / "ls", extra_env=ls_env) as ls,
     ):
         redis_url = f"redis://127.0.0.1:{server.port}/0"
         conn = redis.Redis.from_url(redis_url)
@@ -431,11 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         with file_server(Path(tmp) / "images") as base:
             for n in args.tasks:
                 conn.flushdb()
-                row: dict = {"tasks": n}
+                row: dict = {"tasks": n} | ({"ls_env": ls_env} if ls_env else {})
                 if "io" not in args.skip:
-                    row |= measure_io(ls, conn, n, args.batch, args.one_by_one)
+                    row |= measure_io(ls, conn, n, args.batch, args.one_by_one, args.old_max)
                 if "order" not in args.skip and n <= args.order_max:
-                    row |= measure_order(ls, conn, n, args.batch[0])
+                    row |= measure_order(ls, conn, n, args.batch[0], args.old_max)
                 if "sync" not in args.skip:
                     row |= measure_sync(ls, n, args.annotated)
                 for w in args.workers if model_dir else []:
