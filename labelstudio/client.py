@@ -284,8 +284,8 @@ class LabelStudioClient:
         self._root = f"{parts.scheme}://{parts.netloc}"
         self.timeout = timeout
         self.session = session or requests.Session()
-        # no cookies kept: Label Studio's session cookie (cookies ignore ports) would go with a
-        # download redirected to another service on the same host name
+        # no cookies kept: Label Studio's session cookie (cookies ignore ports) would go to any
+        # other service on the same host name that this session reaches
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self._origin = (scheme, host, port)
         self._key = api_key.strip()
@@ -725,58 +725,6 @@ class LabelStudioClient:
             return email.utils.parsedate_to_datetime(date) if date else None
         except (TypeError, ValueError):
             return None
-
-    # --- downloads -------------------------------------------------------------------------
-    def download(self, url: str, max_bytes: int, timeout: float) -> bytes:
-        """GET a file, e.g. a task image, at most ``max_bytes`` within ``timeout`` seconds.
-
-        Relative URLs are resolved against the Label Studio URL. Redirects (at most 5) are
-        followed by hand; the key goes only with requests to the Label Studio origin.
-        Raises LabelStudioError when Label Studio is unreachable or answers an error,
-        ImageFetchError when the body is too large, too slow or cut short.
-        """
-        deadline = time.monotonic() + timeout
-        current = self.absolute_url(url)
-        retried = False
-        hops = 0
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ImageFetchError(f"{redact_url(current)}: download timed out")
-            try:
-                r, sent = self._send(
-                    "GET", current, stream=True, timeout=(min(left, self.timeout), left)
-                )
-            except UnsafeURL as e:
-                raise ImageFetchError(f"{redact_url(current)}: {e}; refused") from e
-            except requests.RequestException as e:
-                if self.is_label_studio_url(current):
-                    raise LabelStudioError(f"Label Studio unreachable at {self.url}") from e
-                raise ImageFetchError(f"{redact_url(current)}: {type(e).__name__}") from e
-            if (
-                r.status_code == 401
-                and "Authorization" in sent
-                and not retried
-                and self.handle_unauthorized(sent)
-            ):
-                r.close()
-                retried = True
-                continue
-            if r.is_redirect:
-                r.close()
-                hops += 1
-                if hops > MAX_REDIRECTS:
-                    raise ImageFetchError(f"{redact_url(url)}: more than {MAX_REDIRECTS} redirects")
-                current = urljoin(current, r.headers["Location"])
-                continue
-            if r.status_code != 200:
-                try:
-                    if self.is_label_studio_url(current):
-                        raise self.api_error("GET", current[len(self.url) :] or "/", r)
-                    raise ImageFetchError(f"{redact_url(current)} answered HTTP {r.status_code}")
-                finally:
-                    r.close()
-            return read_limited(r, max_bytes, deadline, redact_url(current))
 
     def close(self) -> None:
         self.session.close()

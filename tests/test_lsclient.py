@@ -160,7 +160,7 @@ def test_legacy_token_works_while_legacy_tokens_are_on(ls: LabelStudio, project,
     client = LabelStudioClient(ls.url, ls.legacy_token)
     assert client.get_project(pid)["label_config"].strip().startswith("<View>")
     task = client.get_task(ids[0])
-    assert client.download(task["data"]["image"], 10**6, 10) == images[0]
+    assert ImageFetcher(client, FetchPolicy()).fetch(task["data"]["image"]) == images[0]
     ls.disable_legacy_tokens()
     with pytest.raises(LabelStudioError, match="401"):
         client.get_task(ids[0])
@@ -207,12 +207,11 @@ def test_download_uploaded_image_with_both_token_kinds(ls: LabelStudio, project)
     url = pat_client.get_task(ids[1])["data"]["image"]
     assert url.startswith("/data/upload/")
     assert pat_client.absolute_url(url) == ls.url + url
-    assert pat_client.download(url, 10**6, 10) == images[1]
-    assert pat_client.download(ls.url + url, 10**6, 10) == images[1]
 
-    # the fetcher: Label Studio's loopback origin is allowed without any allow-list
+    # Label Studio's loopback origin is allowed without any allow-list
     fetcher = ImageFetcher(pat_client, FetchPolicy())
     assert fetcher.fetch(url) == images[1]
+    assert fetcher.fetch(ls.url + url) == images[1]
     rgb = fetcher.fetch_image(url)
     assert rgb.shape == (32, 48, 3)
     assert np.array_equal(rgb, np.asarray(Image.open(io.BytesIO(images[1])).convert("RGB")))
@@ -227,12 +226,11 @@ def test_download_uploaded_image_with_both_token_kinds(ls: LabelStudio, project)
     ls.enable_legacy_tokens()
     try:
         assert legacy_fetcher.fetch(url) == images[1]
-        assert legacy_client.download(url, 10**6, 10) == images[1]
     finally:
         ls.disable_legacy_tokens()
 
     with pytest.raises(ImageFetchError, match="exceeds 100 bytes"):
-        pat_client.download(url, 100, 10)
+        ImageFetcher(pat_client, FetchPolicy(max_bytes=100)).fetch(url)
 
 
 @pytest.mark.e2e
@@ -245,10 +243,11 @@ def test_local_files_through_label_studio_or_from_disk(ls: LabelStudio, project)
     (unserved / "b.png").write_bytes(png_bytes(11))
     ls.add_local_storage(pid, served)
     client = LabelStudioClient(ls.url, ls.pat)
-    assert client.download("/data/local-files/?d=served/a.png", 10**6, 10) == png_bytes(10)
+    through_ls = ImageFetcher(client, FetchPolicy())
+    assert through_ls.fetch("/data/local-files/?d=served/a.png") == png_bytes(10)
     # Label Studio serves local files only inside a connected storage
-    with pytest.raises(LabelStudioError, match="HTTP 404"):
-        client.download("/data/local-files/?d=unserved/b.png", 10**6, 10)
+    with pytest.raises(ImageFetchError, match="answered HTTP 404"):
+        through_ls.fetch("/data/local-files/?d=unserved/b.png")
     # a worker beside Label Studio reads them from disk
     fetcher = ImageFetcher(client, FetchPolicy(local_roots=(str(ls.local_files_root),)))
     assert fetcher.fetch("/data/local-files/?d=unserved/b.png") == png_bytes(11)
@@ -312,9 +311,11 @@ def test_missing_things_are_label_studio_errors(ls: LabelStudio) -> None:
         client.get_task(999999)
     with pytest.raises(LabelStudioError, match="HTTP 404 to PATCH /api/projects/999999"):
         client.set_project_model_version(999999, "sam2unet-tiny-v2")
-    # Label Studio 1.23.2 answers 500 for an upload that does not exist
-    with pytest.raises(LabelStudioError, match=r"HTTP (404|500) to GET /data/upload/1/nothing"):
-        client.download("/data/upload/1/nothing-here.png", 10**6, 10)
+    # Label Studio 1.23.2 answers 500 for an upload that does not exist: the task's image
+    # cannot be fetched, an error of that task
+    missing = r"/data/upload/1/nothing-here\.png answered HTTP (404|500)"
+    with pytest.raises(ImageFetchError, match=missing):
+        ImageFetcher(client, FetchPolicy()).fetch("/data/upload/1/nothing-here.png")
 
 
 @pytest.mark.e2e
@@ -359,7 +360,6 @@ def test_unreachable_label_studio_fails_fast(kind: str) -> None:
     client = LabelStudioClient(url, key, timeout=2.0)
     calls = [
         lambda: client.get_project(1),
-        lambda: client.download("/data/upload/1/x.png", 1000, 2.0),
         lambda: ImageFetcher(client, FetchPolicy()).fetch("/data/upload/1/x.png"),
     ]
     for call in calls:

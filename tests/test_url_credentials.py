@@ -220,7 +220,7 @@ def test_hunt_the_key_never_leaves_label_studios_origin(
 
 
 # --- the client's own calls follow the same rule ----------------------------------------------
-def test_client_decides_with_the_same_parser(servers) -> None:
+def test_client_decides_with_the_same_parser(fetcher, servers) -> None:
     ls, other = servers
     client = LabelStudioClient(ls.url, KEY)
     for kind, template in KINDS.items():
@@ -236,13 +236,13 @@ def test_client_decides_with_the_same_parser(servers) -> None:
     mark = other.snapshot()
     for kind in ("backslash", "percent-encoded backslash", "userinfo of Label Studio"):
         with pytest.raises(ImageFetchError, match="refused"):
-            client.download(expand(KINDS[kind], ls, other), 10**6, 3)
-    # download: a Label Studio redirect to a crafted URL is refused, to the other host keyless
+            fetcher.fetch(expand(KINDS[kind], ls, other))
+    # files: a Label Studio redirect to a crafted URL is refused, to the other host keyless
     crafted = quote(expand(KINDS["backslash"], ls, other), safe="")
     with pytest.raises(ImageFetchError, match="backslash"):
-        client.download(f"/redirect?to={crafted}", 10**6, 3)
+        fetcher.fetch(f"/redirect?to={crafted}")
     to_other = quote(other.url + "/x.png", safe="")
-    assert client.download(f"/redirect?to={to_other}", 10**6, 3) == b"image bytes"
+    assert fetcher.fetch(f"/redirect?to={to_other}") == b"image bytes"
     assert [r.authorization for r in other.since(mark)] == [None]
     # API calls: redirects are followed within Label Studio only
     assert client.request("GET", "/redirect?to=/api/x").status_code == 200
