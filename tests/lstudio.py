@@ -55,6 +55,12 @@ _STATE = "harness-tokens.json"  # the admin's tokens, kept in the data directory
 _DB = "label_studio.sqlite3"
 
 ADMIN_EMAIL = "admin@example.com"
+# Label Studio's feature flag (an environment variable of its process) for the prediction
+# import that recounts only the tasks of the call instead of the whole project
+# (docs/deployment.md, "Large projects")
+EFFICIENT_PREDICTION_IMPORT = {
+    "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true"
+}
 START_TIMEOUT = 300.0  # seconds; the first start on an empty data dir migrates (40-150 s)
 
 # Environment variables Label Studio reads that must not leak in from the caller's environment:

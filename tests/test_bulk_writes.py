@@ -17,7 +17,7 @@ from contracts import preannotate as runs
 from labelstudio.client import LabelStudioClient
 from labelstudio.writeback import PredictionWriter
 from sam2unet.synthetic import make_domain_sample, sample_rng
-from tests.lstudio import running_label_studio
+from tests.lstudio import EFFICIENT_PREDICTION_IMPORT, running_label_studio
 from tests.services import png_bytes, service_env, workers
 from tests.test_e2e_label_studio import BRUSH
 from worker.preannotate import BUFFER_PREFIX, FLUSH_LOCK_PREFIX
@@ -85,6 +85,38 @@ def test_a_refused_call_is_split_until_the_deleted_task_is_found(ls, redis_conn,
     again.write(project, "run-a", items(ids, "v-refused"))
     assert versions_per_task(client, project, "v-refused") == counts
     assert again.counts("run-a", "v-refused") == (299, 1)
+
+
+@pytest.fixture(scope="module")
+def ls_efficient(tmp_path_factory):
+    """A Label Studio with its per-call prediction import (docs/deployment.md)."""
+    with running_label_studio(
+        tmp_path_factory.mktemp("ls-efficient"), extra_env=EFFICIENT_PREDICTION_IMPORT
+    ) as ls:
+        yield ls
+
+
+def test_the_per_call_import_refuses_a_deleted_task_and_writes_the_rest_once(
+    ls_efficient, redis_conn
+):
+    ls = ls_efficient
+    client = LabelStudioClient(ls.url, ls.pat)
+    project, ids = new_project(ls, 300)
+    gone = ids[200]
+    assert ls.api("DELETE", f"/api/tasks/{gone}/").status_code == 204
+    writer = PredictionWriter(client, redis_conn, batch_size=128)
+    report = writer.write(project, "run-e", items(ids, "v-efficient"))
+    assert report.failed.keys() == {gone} and report.written == set(ids) - {gone}
+    counts = versions_per_task(client, project, "v-efficient")
+    assert set(counts) == set(ids) - {gone} and set(counts.values()) == {1}
+    # this import path does not check results against the label config: an item Label
+    # Studio's other path leaves out is stored as sent, and so counted written
+    project, ids = new_project(ls, 4)
+    preds = items(ids, "v-unchecked")
+    preds[1] = {**preds[1], "result": [{"from_name": "nope", "to_name": "image", "value": {}}]}
+    report = PredictionWriter(client, redis_conn, batch_size=4).write(project, "run-f", preds)
+    assert report.written == set(ids) and not report.failed
+    assert versions_per_task(client, project, "v-unchecked") == dict.fromkeys(ids, 1)
 
 
 def test_an_item_label_studio_leaves_out_is_counted_failed(ls, redis_conn):
