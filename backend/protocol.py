@@ -17,12 +17,13 @@ from backend.auth import (
     check_basic_auth,
     webhook_secret_given,
 )
-from backend.events import TRAINER_ACTIONS, UNAUTHENTICATED_ACTIONS, record_event
+from backend.events import UNAUTHENTICATED_ACTIONS, record_event
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
 from contracts.agents import train_agents
 from contracts.bootstrap import UNTRAINED_SOURCE
 from contracts.errors import BadRequest, NotFound, Unauthorized
+from contracts.events import TRAINER_ACTIONS
 from contracts.heads import decoder_trained, heads_json, untrained_warning
 from contracts.jobs import QUEUES
 from contracts.metrics import record_answer

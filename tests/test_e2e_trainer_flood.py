@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from backend.app import create_app
 from backend.schemas import WebhookEvent
+from contracts.events import EVENTS_STREAM
 from contracts.metrics import ROUNDS, ROUNDS_KEY
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
@@ -26,7 +27,7 @@ from launcher.redis_server import free_port
 from sam2unet.synthetic import generate
 from tests.lstudio import running_label_studio
 from tests.services import annotate_brush, png_bytes, round_settings
-from trainer.service import EVENTS_STREAM, GROUP, LOCK_KEY, TrainerService
+from trainer.service import GROUP, LOCK_KEY, TrainerService
 
 pytestmark = pytest.mark.e2e
 

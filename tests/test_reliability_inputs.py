@@ -18,7 +18,7 @@ import redis
 from PIL import Image
 
 from backend.app import create_app
-from backend.events import EVENTS_STREAM
+from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from launcher.redis_server import free_port
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers

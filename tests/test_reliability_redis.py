@@ -17,8 +17,8 @@ import redis
 from rq.registry import StartedJobRegistry
 
 from backend.app import create_app
-from backend.events import EVENTS_STREAM
 from contracts.connections import redis_client
+from contracts.events import EVENTS_STREAM
 from contracts.jobs import QUEUE_BATCH
 from contracts.registry import POINTER_KEY, ModelRegistry
 from contracts.settings import Settings

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from backend.app import create_app
+from contracts.events import EVENTS_STREAM
 from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import polygons_to_mask, rle_to_mask
@@ -136,7 +137,7 @@ def test_replay_every_captured_request(stack):
         r = replay(client, name)
         assert r.status_code == 200, (name, r.get_json())
         assert r.get_json()["status"] == "recorded"
-    events = stack["conn"].xrange("sam2unet:events")
+    events = stack["conn"].xrange(EVENTS_STREAM)
     actions = [e[1][b"action"].decode() for e in events]
     assert actions.count("START_TRAINING") == 2 and "ANNOTATIONS_DELETED" in actions
 

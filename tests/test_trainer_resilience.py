@@ -16,12 +16,13 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from backend.app import create_app
+from contracts.events import EVENTS_STREAM
 from contracts.metrics import ROUNDS, ROUNDS_KEY, TRAINER_STATUS_KEY
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from launcher.redis_server import free_port
 from tests.services import ROOT, service_env
-from trainer.service import EVENTS_STREAM, GROUP, LOCK_KEY, TrainerService
+from trainer.service import GROUP, LOCK_KEY, TrainerService
 
 
 def down_client() -> LabelStudioClient:

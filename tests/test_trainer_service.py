@@ -11,10 +11,11 @@ import time
 import pytest
 
 from backend.app import create_app
+from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from tests.test_serving import fixture
 from trainer.round import RoundReport
-from trainer.service import EVENTS_STREAM, GROUP, TrainerService
+from trainer.service import GROUP, TrainerService
 
 
 class RecordingTrainer(TrainerService):

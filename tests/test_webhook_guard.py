@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from backend.app import create_app
-from backend.events import EVENTS_STREAM
+from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from launcher.redis_server import free_port
 from tests.services import backend_process, service_env

@@ -13,29 +13,24 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import redis
 from rq import Queue, SimpleWorker, get_current_job
 from rq.cron import CronScheduler
 
+from contracts.events import SCHEDULED_ROUND, TrainerEvent, append
 from contracts.schedule import JOB_PREFIX, SCHEDULE_QUEUE, Schedule
 
 log = logging.getLogger(__name__)
 
-SCHEDULED_ACTION = "SCHEDULED_ROUND"
-
 
 def fire(target: str) -> str:
     """The scheduled job: ask the trainer for a round of ``target`` (a project id or ``all``)."""
-    from trainer.service import EVENTS_STREAM
-
     job = get_current_job()
     assert job is not None, "fire() runs as an rq job"
-    fields = {"action": SCHEDULED_ACTION, "project": str(target), "received_at": f"{time.time()}"}
-    event_id = job.connection.xadd(EVENTS_STREAM, fields)
+    event_id = append(job.connection, TrainerEvent(SCHEDULED_ROUND, str(target)))
     log.info("scheduled round for %s requested (event %s)", target, event_id)
-    return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+    return event_id
 
 
 class _InProcessWorker(SimpleWorker):

@@ -40,6 +40,13 @@ from typing import Any
 
 import redis
 
+from contracts.events import (
+    CHANGE_ACTIONS,
+    EVENTS_STREAM,
+    SCHEDULED_ROUND,
+    START_TRAINING,
+    TrainerEvent,
+)
 from contracts.metrics import ROUNDS_KEY, record_round
 from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
 from contracts.registry import ModelRegistry
@@ -53,19 +60,14 @@ from trainer.dataset import DatasetCache, correction_rates
 from trainer.plots import write_versions_png
 from trainer.prompt_masks import PromptMasks
 from trainer.round import RoundReport, run_round
-from trainer.schedule import SCHEDULED_ACTION, ScheduleRunner
+from trainer.schedule import ScheduleRunner
 
 log = logging.getLogger(__name__)
 
-EVENTS_STREAM = "sam2unet:events"
 GROUP = "sam2unet-trainer"
 LOCK_KEY = "sam2unet:trainer:round"
 ROUND_LOCK_TTL = 60.0  # seconds; renewed while a round runs
 TRAINED_KEY = "sam2unet:trainer:trained"  # project -> fingerprint of its last round's data
-CHANGE_ACTIONS = frozenset(
-    {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"}
-)
-_MAX_PROJECT = 2**63
 
 
 @dataclass
@@ -177,25 +179,20 @@ class TrainerService:
 
     def _take_one(self, mid: str, raw: Any, now: float) -> bool:
         """One entry; whether a project state now holds it."""
-        if not isinstance(raw, dict):
-            raise ValueError("no fields (deleted from the stream?)")
-        f = {_text(k): _text(v) for k, v in raw.items()}
-        action = f.get("action", "")
-        target = f.get("project", "")
-        if action == SCHEDULED_ACTION:
-            return self._take_scheduled(mid, target)
-        project = _project_id(target)
-        if project is None or (action not in CHANGE_ACTIONS and action != "START_TRAINING"):
+        event = TrainerEvent.from_fields(raw)
+        action, target = event.action, event.project
+        if action == SCHEDULED_ROUND:
+            return self._take_scheduled(mid, event)
+        project = event.project_id
+        if project is None or (action not in CHANGE_ACTIONS and action != START_TRAINING):
             log.info("event %s (%r, project %r) asks for no round", mid, action[:40], target[:40])
             return False
-        if action in CHANGE_ACTIONS:
-            changes = _change_count(f)
         st = self.projects.setdefault(project, ProjectState())
         st.last_event = now
-        if action == "START_TRAINING":
+        if action == START_TRAINING:
             st.forced = True
         else:
-            st.changes += changes
+            st.changes += event.changes
         if now < st.retry_at:
             # the project backs off after failed rounds: its retry carries this trigger, and the
             # event is not kept pending for what may be an hour
@@ -205,14 +202,15 @@ class TrainerService:
         self._held.add(mid)
         return True
 
-    def _take_scheduled(self, event_id: str, target: str) -> bool:
+    def _take_scheduled(self, event_id: str, event: TrainerEvent) -> bool:
         """A scheduled firing for one project, or for every known project (``all``) that has
         no schedule entry of its own. It does not restart the webhook debounce."""
+        target = event.project
         if target == ALL:
             known = set(self.cache.projects()) | set(self.projects)
             projects = sorted(p for p in known if self.schedule.covers_by_default(p))
         else:
-            project = _project_id(target)
+            project = event.project_id
             projects = [project] if project is not None else []
         if not projects:
             log.info("scheduled round for %s: no project to train", target[:40] or "?")
@@ -634,22 +632,6 @@ class TrainerService:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _project_id(text: str) -> int | None:
-    if text.isascii() and text.isdigit() and int(text) < _MAX_PROJECT:
-        return int(text)
-    return None
-
-
-def _change_count(f: dict[str, str]) -> int:
-    """How many annotations an event changed: ``count`` (events of this version), else the
-    listed ids; at least 1."""
-    count = f.get("count", "")
-    if count.isascii() and count.isdigit():
-        return max(1, min(int(count), 1_000_000))
-    ids = json.loads(f.get("annotations") or "[]")
-    return max(1, len(ids) if isinstance(ids, list) else 1)
 
 
 def _unexpected(e: BaseException) -> bool:
