@@ -30,6 +30,7 @@ import yaml
 from cli import build_parser
 from contracts.settings import _ENV_NAMES, Settings
 from launcher.redis_server import free_port, redis_server_binary
+from tests.lstudio import EFFICIENT_PREDICTION_IMPORT
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -167,6 +168,9 @@ def test_compose_spec_shape(services: dict[str, Any]) -> None:
     assert agent["network_mode"] == "host" and agent["ipc"] == "host"
     assert agent["deploy"] == services["trainer"]["deploy"]
     assert services["label-studio"]["image"] == LS_IMAGE
+    # Label Studio's per-call prediction import, the one the bulk-write tests run against too
+    for name, value in EFFICIENT_PREDICTION_IMPORT.items():
+        assert services["label-studio"]["environment"][name] == value
     assert services["redis"]["image"] == "redis:7"
     for name, svc in services.items():
         assert "container_name" not in svc, f"{name}: a fixed container_name prevents scaling"
