@@ -139,3 +139,32 @@ def test_sam2unet_modules_form_no_import_circle() -> None:
 
     for m in graph:
         visit(m, [])
+
+
+def job_targets() -> dict[str, str]:
+    """Every rq job target the contracts name by string (``*_FUNC``): ``{constant: target}``."""
+    import importlib
+    import pkgutil
+
+    import contracts
+
+    out = {}
+    for m in pkgutil.iter_modules(contracts.__path__):
+        module = importlib.import_module(f"contracts.{m.name}")
+        for name, value in vars(module).items():
+            if name.endswith("_FUNC") and isinstance(value, str):
+                out[f"contracts.{m.name}.{name}"] = value
+    return out
+
+
+def test_every_job_target_names_a_worker_callable() -> None:
+    """rq resolves a job's target by name in the worker process: each names a function of
+    ``worker`` that exists (a rename there would otherwise fail only when a job runs)."""
+    import importlib
+
+    targets = job_targets()
+    assert len(targets) >= 4, targets
+    for constant, target in targets.items():
+        module, _, name = target.rpartition(".")
+        assert module.split(".")[0] == "worker", f"{constant} = {target!r}"
+        assert callable(getattr(importlib.import_module(module), name, None)), constant
