@@ -38,11 +38,10 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import idna
 import requests
-from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import LocationParseError, ReadTimeoutError
+from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from contracts.errors import ImageFetchError, LabelStudioError
+from contracts.errors import LabelStudioError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ REFRESH_MARGIN = 30.0
 # Lifetime assumed for an access token whose ``exp`` cannot be read.
 DEFAULT_ACCESS_LIFETIME = 240.0
 MAX_REDIRECTS = 5
-_CHUNK = 64 * 1024
 
 
 def jwt_claims(token: str) -> dict[str, Any] | None:
@@ -192,48 +190,6 @@ def redact_url(url: str, keep_params: tuple[str, ...] = ("d",)) -> str:
     )
     text = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def read_limited(response: requests.Response, max_bytes: int, deadline: float, what: str) -> bytes:
-    """Read a streamed response body, at most ``max_bytes``, before ``deadline``
-    (``time.monotonic()``); ``what`` names the URL in errors.
-
-    Each socket read is given only the time left, so a server that trickles bytes cannot hold
-    the caller past the deadline. Raises ImageFetchError when the body is larger than
-    ``max_bytes``, too slow, or cut short.
-    """
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise ImageFetchError(f"{what}: body of {int(declared)} bytes exceeds {max_bytes} bytes")
-    raw = response.raw
-    sock = getattr(getattr(raw, "connection", None), "sock", None)
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ImageFetchError(f"{what}: download timed out")
-            if sock is not None:
-                sock.settimeout(left)
-            chunk = raw.read1(_CHUNK) if hasattr(raw, "read1") else raw.read(_CHUNK)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageFetchError(f"{what}: body exceeds {max_bytes} bytes")
-            chunks.append(chunk)
-    except ImageFetchError:
-        response.close()
-        raise
-    except (ReadTimeoutError, TimeoutError) as e:
-        response.close()
-        raise ImageFetchError(f"{what}: download timed out") from e
-    except (Urllib3Error, OSError) as e:
-        # urllib3 reports a body shorter than its Content-Length as a ProtocolError
-        response.close()
-        raise ImageFetchError(f"{what}: download failed or cut short ({type(e).__name__})") from e
-    return b"".join(chunks)
 
 
 def holding_version(tasks: list[dict[str, Any]], version: str) -> set[int]:

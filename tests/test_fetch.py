@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from contracts.errors import ImageFetchError
+from labelstudio.addresses import address_kind
 from labelstudio.client import LabelStudioClient, redact_url
-from labelstudio.fetch import FetchPolicy, ImageFetcher, address_kind
+from labelstudio.fetch import FetchPolicy, ImageFetcher
 from tests.sockets import connections, rebind
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]

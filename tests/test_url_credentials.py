@@ -325,7 +325,7 @@ def test_link_local_needs_an_explicit_allow_entry(address: str) -> None:
         assert opened == []
     host = address.strip("[]")
     allowed = ImageFetcher(None, FetchPolicy(allow_hosts=(host,)))
-    assert allowed._refusal(host, 80, host) is None
+    assert allowed.http.refusal(host, 80, host) is None
 
 
 def test_presigned_storage_redirect_to_link_local_is_refused(servers) -> None:
