@@ -5,7 +5,7 @@ reach the worker's private network (SSRF), to send Label Studio's API key elsewh
 the worker's memory or to hold it forever:
 
 - One URL parser decides. Every http(s) URL, each redirect hop included, is read by
-  :func:`labelstudio.client.origin`: the scheme, host and port the HTTP library will connect to,
+  :func:`labelstudio.urls.origin`: the scheme, host and port the HTTP library will connect to,
   read from the URL as ``requests`` prepares it. A URL that Python's ``urllib.parse`` reads
   differently, or that holds a backslash, whitespace or control characters, user info
   (``user@``), percent-encoding or non-IDNA characters in its host, is refused. The address
@@ -54,8 +54,8 @@ import numpy as np
 
 from contracts.errors import ImageFetchError
 from labelstudio import storage
-from labelstudio.client import UnsafeURL, origin, redact_url, url_scheme
 from labelstudio.guarded_get import GuardedGet
+from labelstudio.urls import UnsafeURL, origin, redact_url, url_scheme
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import MAX_IMAGE_PIXELS, decode_image
 

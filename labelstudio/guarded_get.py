@@ -30,7 +30,7 @@ from labelstudio.addresses import (
     guarded_adapter,
     parse_allow,
 )
-from labelstudio.client import UnsafeURL, origin, redact_url, url_scheme
+from labelstudio.urls import UnsafeURL, origin, redact_url, url_scheme
 
 if TYPE_CHECKING:
     from labelstudio.client import LabelStudioClient

@@ -32,7 +32,7 @@ from xml.etree import ElementTree
 import requests
 
 from contracts.errors import ImageFetchError
-from labelstudio.client import redact_url
+from labelstudio.urls import redact_url
 
 # The schemes of cloud storage URIs. Label Studio 1.23 resolves s3, gs and azure-blob (and
 # redis, which is no image storage); the others are refused by its endpoint with a 404.

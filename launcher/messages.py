@@ -27,7 +27,7 @@ def host_address() -> str | None:
 
 
 def redacted(url: str) -> str:
-    from labelstudio.client import redact_url
+    from labelstudio.urls import redact_url
 
     return redact_url(url)
 

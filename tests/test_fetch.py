@@ -21,8 +21,9 @@ from PIL import Image
 
 from contracts.errors import ImageFetchError
 from labelstudio.addresses import address_kind
-from labelstudio.client import LabelStudioClient, redact_url
+from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
+from labelstudio.urls import redact_url
 from tests.sockets import connections, rebind
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]

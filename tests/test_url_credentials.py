@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from contracts.errors import ImageFetchError, LabelStudioError
-from labelstudio.client import LabelStudioClient, origin
+from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
+from labelstudio.urls import origin
 from tests.sockets import Received, RecordingServer
 
 KEY = "ls-key-5f0c1e9a7b3d2c4e6f8a0b1c2d3e4f50"
