@@ -41,6 +41,7 @@ WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY sam2unet ./sam2unet
 COPY contracts ./contracts
+COPY modelstore ./modelstore
 COPY labelstudio ./labelstudio
 COPY backend ./backend
 COPY worker ./worker

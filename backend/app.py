@@ -16,8 +16,8 @@ from werkzeug.exceptions import HTTPException
 
 from contracts.connections import redis_client
 from contracts.errors import AssistError
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from flask import Flask
     from prometheus_client.registry import Collector
 
-    from contracts.registry import ModelRegistry
+    from modelstore.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.schemas import PredictRequest
-from contracts.heads import is_untrained
 from contracts.jobs import (
     QUEUE_BATCH,
     QUEUE_INTERACTIVE,
@@ -33,10 +32,11 @@ from contracts.jobs import (
     reap_abandoned,
     requeue_lost,
 )
-from contracts.registry import ModelRegistry
 from contracts.routing import prewarm, rescue_routed, routed_queue
 from contracts.settings import Settings
+from contracts.untrained import is_untrained
 from labelstudio.labelconfig import Target, map_prompt_labels, target_to_json
+from modelstore.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def answer(results: list[ItemResult], model_version: str | None) -> dict[str, An
 
     * A prediction: ``{"result": [...], "score": s, "model_version": v}``.
     * A task a version with a never-trained automatic head made no prediction for
-      (:func:`contracts.heads.is_untrained`): an empty list, no prediction at all. Label Studio
+      (:func:`contracts.untrained.is_untrained`): an empty list, no prediction at all. Label Studio
       1.23 reads each entry as the task's list of predictions, stores none, shows no prediction
       tab, and asks again whenever the task is opened (it asks only for tasks without any
       prediction), so the first trained version answers it. A stored placeholder would show as

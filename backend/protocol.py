@@ -21,16 +21,16 @@ from backend.events import UNAUTHENTICATED_ACTIONS, record_event
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
 from contracts.agents import train_agents
-from contracts.bootstrap import UNTRAINED_SOURCE
 from contracts.errors import BadRequest, NotFound, Unauthorized
 from contracts.events import TRAINER_ACTIONS
-from contracts.heads import decoder_trained, heads_json, untrained_warning
 from contracts.jobs import QUEUES
 from contracts.metrics import record_answer
 from contracts.routing import worker_count
 from contracts.schedule import scheduled_rounds
 from contracts.trainer_state import trainer_summary
 from labelstudio.labelconfig import parse_label_config
+from modelstore.bootstrap import UNTRAINED_SOURCE
+from modelstore.version_heads import decoder_trained, heads_json, untrained_warning
 from sam2unet.acquisition import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def setup():
 
     Label Studio reads ``model_version`` only (other keys are ignored); ``prompt_head`` and
     ``automatic_head_trained`` tell an operator which head answers prompts and whether
-    automatic predictions are made (see :mod:`contracts.heads`)."""
+    automatic predictions are made (see :mod:`modelstore.version_heads`)."""
     _require_auth()
     req = SetupRequest.parse(_json_body())
     target = parse_label_config(req.schema)
@@ -270,7 +270,7 @@ def train():
 def versions():
     """Label Studio reads ``versions``; ``details`` has each version's metrics, base
     checkpoint, training data size and correction rate."""
-    from contracts.versions import versions_json
+    from modelstore.versions import versions_json
 
     _require_auth()
     ext = _ext()

@@ -126,7 +126,7 @@ def run_strategy(
     sides: dict[int, str],
 ) -> dict[str, Any]:
     """The rounds of one strategy from a registry whose first round is done."""
-    from contracts.registry import ModelRegistry
+    from modelstore.registry import ModelRegistry
     from sam2unet.acquisition import acquire, select
     from sam2unet.predictor import Predictor
     from trainer.round import run_round
@@ -186,8 +186,8 @@ def run_strategy(
 
 
 def run_seed(seed: int, opts: Options, pool: list, test_set: list, tmp: Path) -> list[dict]:
-    from contracts.bootstrap import ensure_current_version
-    from contracts.registry import ModelRegistry
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
     from trainer.round import run_round
 
     base = tmp / f"seed{seed}-base"

@@ -56,11 +56,11 @@ def _child(
     import torch
 
     from bench.measure import proc_memory_mb, summary
-    from contracts.bootstrap import ensure_current_version
     from contracts.jobs import PredictItem, PredictPayload
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
     from labelstudio.labelconfig import Target, target_to_json
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
     from worker.pipeline import run_predict
     from worker.runtime import ModelRuntime
 
@@ -211,11 +211,11 @@ def run_backend_prompts(
     from backend.app import create_app
     from bench.measure import summary
     from bench.stack import PRODUCTION_WORKER, BenchWorker, FileServer, worker_env, write_images
-    from contracts.bootstrap import ensure_current_version
-    from contracts.registry import ModelRegistry
     from contracts.routing import PREWARM_PENDING_PREFIX, ROUTE_PREFIX
     from contracts.settings import Settings
     from launcher.redis_server import EmbeddedRedis
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
     from sam2unet.promptable import write_random_sam2_checkpoint
 
     model_dir = tmp / f"backend-prompts-{size}"

@@ -261,9 +261,9 @@ def measure_sync(ls, n: int, annotated: float) -> dict:
 def trained_model_dir(root: Path) -> Path:
     """A test-size model whose decoder is trained briefly on synthetic shapes (as the tests'
     fixture): pre-annotation runs refuse an untrained one."""
-    from contracts.bootstrap import ensure_current_version
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.synthetic import generate
     from sam2unet.training import TrainConfig, train

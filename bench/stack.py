@@ -85,9 +85,9 @@ def prepare_model_dir(
     first version promoted), then a second version, promoted: with ``calibrate_on`` images,
     its output bias puts the median probability on those images at 0.5, so that masks are not
     empty and the encoding stage does real work (an untrained head predicts nothing)."""
-    from contracts.bootstrap import ensure_current_version
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
     from sam2unet.predictor import Predictor
 
     settings = Settings(model_size=size, image_size=image_size, model_dir=model_dir)

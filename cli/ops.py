@@ -175,7 +175,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _download_pretrained(args: argparse.Namespace, settings) -> int:
-    from contracts.pretrained import PretrainedError, fetch_released
+    from modelstore.pretrained import PretrainedError, fetch_released
 
     if args.size:
         raise SystemExit("--pretrained and --size do not go together: released models are large")

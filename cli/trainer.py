@@ -41,8 +41,9 @@ def _services(settings):
 
 
 def _trainer(args: argparse.Namespace) -> int:
-    from contracts.bootstrap import ensure_current_version
-    from contracts.settings import Settings, apply_torch_threads
+    from contracts.settings import Settings
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.threads import apply_torch_threads
     from trainer.service import TrainerService
 
     settings = Settings.from_env()
@@ -63,9 +64,9 @@ def _trainer(args: argparse.Namespace) -> int:
 
 def _versions(args: argparse.Namespace) -> int:
     from contracts.errors import NotFound
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
-    from contracts.versions import version_table, versions_json
+    from modelstore.registry import ModelRegistry
+    from modelstore.versions import version_table, versions_json
 
     settings = Settings.from_env()
     try:
@@ -127,7 +128,8 @@ def _versions(args: argparse.Namespace) -> int:
 
 def _train_agent(args: argparse.Namespace) -> int:
     from contracts.connections import redis_client
-    from contracts.settings import Settings, apply_torch_threads
+    from contracts.settings import Settings
+    from modelstore.threads import apply_torch_threads
     from trainer.cluster import TrainAgent
 
     settings = Settings.from_env()

@@ -206,12 +206,3 @@ def _convert(name: str, raw: str) -> Any:
     if isinstance(default, tuple):
         return _tuple(raw)
     return raw
-
-
-def apply_torch_threads(settings: Settings) -> None:
-    """Limit torch's CPU threads when configured (several processes sharing few cores run
-    much faster with one thread each than with spinning thread pools)."""
-    if settings.torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)

@@ -32,8 +32,8 @@ from typing import Any
 import redis
 
 from contracts.errors import AssistError
-from contracts.heads import is_untrained
 from contracts.jobs import ItemResult, PredictPayload
+from contracts.untrained import is_untrained
 from labelstudio.client import PredictionsRefused
 
 log = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ def model_state(settings: Settings, redis_url: str) -> list[Message]:
     """Which model the workers will serve; loud when it is an untrained encoder."""
     import redis
 
-    from contracts.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
     from contracts.errors import NotFound
-    from contracts.registry import ModelRegistry
+    from modelstore.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
+    from modelstore.registry import ModelRegistry
 
     s = settings
     registry = ModelRegistry(s.model_dir, redis.Redis.from_url(redis_url))

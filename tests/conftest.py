@@ -48,9 +48,9 @@ def redis_conn(redis_url: str):
 def model_dir(tmp_path_factory) -> Path:
     """MODEL_DIR holding a test-size model (random trunk, made here) as the first version, and a
     second version trained briefly on synthetic salient shapes, promoted: it segments them."""
-    from contracts.bootstrap import ensure_current_version
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.synthetic import generate
     from sam2unet.training import TrainConfig, train

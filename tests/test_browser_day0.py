@@ -28,8 +28,8 @@ import pytest
 import redis
 import requests
 
-from contracts.registry import ModelRegistry
 from labelstudio.codecs import rle_to_mask
+from modelstore.registry import ModelRegistry
 from tests.browser import (
     VIEWPORT,
     Interactive,

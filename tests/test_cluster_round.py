@@ -24,11 +24,11 @@ import torch
 
 from backend.app import create_app
 from contracts.agents import train_agents
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from launcher.redis_server import free_port
+from modelstore.registry import ModelRegistry
 from sam2unet.distributed.launcher import parse_endpoint
 from sam2unet.exceptions import ConfigError
 from sam2unet.synthetic import generate

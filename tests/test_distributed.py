@@ -26,8 +26,8 @@ import psutil
 import pytest
 import torch
 
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 from sam2unet.checkpoints import random_model
 from sam2unet.config import ModelConfig
 from sam2unet.data import ArraySource, SegmentationDataset

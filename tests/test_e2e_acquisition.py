@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 from sam2unet.acquisition import acquire, select
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from contracts import preannotate as runs
-from contracts.registry import ModelRegistry
+from modelstore.registry import ModelRegistry
 from sam2unet.acquisition import acquire, run_order
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng

@@ -36,8 +36,8 @@ BRUSH = (
 @pytest.fixture(scope="module")
 def fuzz_model_dir(tmp_path_factory):
     """A registry with one test-size version (random trunk): /versions has details to show."""
-    from contracts.bootstrap import ensure_current_version
-    from contracts.registry import ModelRegistry
+    from modelstore.bootstrap import ensure_current_version
+    from modelstore.registry import ModelRegistry
 
     d = tmp_path_factory.mktemp("fuzz-models")
     ensure_current_version(ModelRegistry(d, None), Settings(model_size="test", image_size=64))

@@ -2,8 +2,9 @@
 
     cli, launcher                  (top: start and wire the services)
     backend | worker | trainer     (services: never import each other)
+    modelstore                     (model versions on disk and in Redis; may load torch)
     labelstudio                    (shared layer: speaking Label Studio)
-    contracts                      (shared layer: what the services agree on)
+    contracts                      (shared layer: what the services agree on; no torch)
     sam2unet                       (the model: imports nothing of ours outside itself)
 
 Every ``import`` statement of the product is read with ``ast`` (top-level and function-level
@@ -22,14 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 SERVICES = {"backend", "worker", "trainer"}
 SHARED = {"contracts", "labelstudio"}
 TOP = {"cli", "launcher"}
-PACKAGES = SERVICES | SHARED | TOP | {"sam2unet"}
+STORE = {"modelstore"}
+PACKAGES = SERVICES | SHARED | STORE | TOP | {"sam2unet"}
 
 #: What each package may import of ours, besides itself.
 ALLOWED: dict[str, set[str]] = {
     "sam2unet": set(),
     "contracts": {"sam2unet"},
     "labelstudio": {"sam2unet", "contracts"},
-    **{s: SHARED | {"sam2unet"} for s in SERVICES},
+    "modelstore": {"sam2unet", "contracts"},
+    **{s: SHARED | STORE | {"sam2unet"} for s in SERVICES},
     "launcher": PACKAGES - {"launcher"},
     "cli": PACKAGES - {"cli"},
     "bench": PACKAGES,

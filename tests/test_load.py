@@ -22,8 +22,8 @@ import pytest
 import redis
 import requests
 
-from contracts.registry import ModelRegistry
 from launcher.redis_server import free_port
+from modelstore.registry import ModelRegistry
 from tests.services import LabelStudioLikeFiles, ServiceProcess, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 

@@ -30,8 +30,8 @@ def test_sam2_head_answers_a_lone_negative_click_with_no_mask(official, caplog):
 
 
 def test_crop_head_answers_a_lone_negative_click_with_no_mask(model_dir, caplog):
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
+    from modelstore.registry import ModelRegistry
     from worker.runtime import ModelRuntime
 
     settings = Settings(model_size="test", image_size=64, model_dir=model_dir, device="cpu")

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from contracts.bootstrap import ensure_current_version
 from contracts.jobs import PredictItem, PredictPayload
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
-from contracts.versions import version_table, versions_json
 from labelstudio.codecs import brush_result, polygon_results, results_to_masks
 from labelstudio.labelconfig import Target, parse_label_config, target_to_json
+from modelstore.bootstrap import ensure_current_version
+from modelstore.registry import ModelRegistry
+from modelstore.versions import version_table, versions_json
 from sam2unet.acquisition import prediction_score
 from sam2unet.checkpoints import read_delta, relabel
 from sam2unet.modeling.loss import BCEMode, structure_loss

@@ -10,10 +10,10 @@ import logging
 import numpy as np
 from PIL import Image
 
-from contracts.bootstrap import ensure_current_version
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
-from contracts.versions import versions_json
+from modelstore.bootstrap import ensure_current_version
+from modelstore.registry import ModelRegistry
+from modelstore.versions import versions_json
 from sam2unet.synthetic import generate
 from trainer import plots
 from trainer.round import run_round
@@ -100,7 +100,7 @@ def test_a_plot_that_cannot_be_drawn_never_fails_a_round(tmp_path, caplog):
 
 
 def test_training_png_draws_the_paired_interval_and_the_table_lists_it():
-    from contracts.versions import interval_text
+    from modelstore.versions import interval_text
     from trainer.promotion import paired_bootstrap
 
     cur = np.linspace(0.4, 0.6, 8)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from contracts.bootstrap import ensure_current_version
-from contracts.heads import CROP_HEAD, decoder_trained, heads_json
-from contracts.pretrained import PretrainedError, find_downloaded, pick_file
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.bootstrap import ensure_current_version
+from modelstore.pretrained import PretrainedError, find_downloaded, pick_file
+from modelstore.registry import ModelRegistry
+from modelstore.version_heads import CROP_HEAD, decoder_trained, heads_json
 from sam2unet.checkpoints import load_released
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import generate

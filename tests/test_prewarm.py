@@ -19,9 +19,9 @@ import pytest
 import redis
 from rq import Queue, Worker
 
-from contracts.registry import ModelRegistry
 from contracts.routing import remember_route, route_key
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 from tests.sam2_helpers import write_official
 from tests.services import png_bytes, service_env, workers
 from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, predict, rect

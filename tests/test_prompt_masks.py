@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import brush_result, results_to_masks
 from labelstudio.prompts import annotation_prompts, mask_labels, parse_context, prompt_labels
+from modelstore.registry import ModelRegistry
 from sam2unet.checkpoints import build_from_sam2
 from sam2unet.config import ModelConfig
 from tests.sam2_helpers import reference_predictor, write_official

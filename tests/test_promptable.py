@@ -19,12 +19,12 @@ import pytest
 import redis
 import torch
 
-from contracts.bootstrap import ensure_current_version
 from contracts.jobs import PredictItem, PredictPayload
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import rle_to_mask
 from labelstudio.labelconfig import parse_label_config, target_to_json
+from modelstore.bootstrap import ensure_current_version
+from modelstore.registry import ModelRegistry
 from sam2unet.promptable import PromptObject, preprocess_image
 from tests.sam2_helpers import reference_predictor, write_official
 from tests.services import png_bytes

@@ -494,9 +494,9 @@ def test_real_model_interactive_latency_512(predictor):
 
 def test_pipeline_runs_prompts_uncached_and_reports_bad_contexts(model_dir, redis_conn):
     from contracts.jobs import PredictItem, PredictPayload
-    from contracts.registry import ModelRegistry
     from contracts.settings import Settings
     from labelstudio.labelconfig import parse_label_config, target_to_json
+    from modelstore.registry import ModelRegistry
     from worker.pipeline import run_predict
     from worker.runtime import ModelRuntime
 

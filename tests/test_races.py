@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from contracts import preannotate as runs
-from contracts.registry import ModelRegistry
+from modelstore.registry import ModelRegistry
 from tests.services import ROOT, round_settings
 
 
@@ -38,7 +38,7 @@ def test_a_rollback_during_a_round_is_not_undone_by_its_promotion(redis_url, mod
     candidate would have been promoted, but its parent is no longer current, so it is recorded
     as superseded (kept on disk, not current) and the rollback stands."""
     from contracts.settings import Settings  # noqa: F401  (settings type of round_settings)
-    from contracts.versions import versions_json
+    from modelstore.versions import versions_json
     from sam2unet.synthetic import generate
     from trainer.round import run_round
 
@@ -171,7 +171,7 @@ def test_a_version_that_failed_to_load_once_is_loaded_when_the_error_clears(
 RELOADING_WORKER = """
 import logging, sys, time, redis
 from rq import Queue
-from contracts.registry import ModelRegistry
+from modelstore.registry import ModelRegistry
 from contracts.settings import Settings
 from worker.process import AssistWorker
 from worker.runtime import ModelRuntime

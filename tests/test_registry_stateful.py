@@ -23,14 +23,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from contracts.registry import POINTER_KEY, ModelRegistry
+from modelstore.registry import POINTER_KEY, ModelRegistry
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     """The test-size model (random trunk) to write versions of: (model, config, base)."""
-    from contracts.bootstrap import ensure_current_version
     from contracts.settings import Settings
+    from modelstore.bootstrap import ensure_current_version
 
     d = Path(tempfile.mkdtemp(prefix="registry-model-"))
     try:

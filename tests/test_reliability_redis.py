@@ -20,9 +20,9 @@ from backend.app import create_app
 from contracts.connections import redis_client
 from contracts.events import EVENTS_STREAM
 from contracts.jobs import QUEUE_BATCH
-from contracts.registry import POINTER_KEY, ModelRegistry
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis
+from modelstore.registry import POINTER_KEY, ModelRegistry
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from contracts.registry import POINTER_KEY, ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import POINTER_KEY, ModelRegistry
 from tests.services import ROOT, round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
 
     import redis
 
-    import contracts.registry
+    import modelstore.registry
     from contracts.settings import Settings
     from sam2unet.synthetic import generate
     from trainer.round import run_round
@@ -44,13 +44,13 @@ SCRIPT = textwrap.dedent(
                         image_size=64, device="cpu", train_epochs=epochs, train_batch_size=4,
                         train_min_samples=4, train_holdout=0.25, torch_threads=1)
     if crash == "writing":  # die in the middle of writing the candidate version
-        real = contracts.registry._write_json
+        real = modelstore.registry._write_json
         def dying(path, data):
             if path.name == "meta.json":
                 print("dying while writing", path.parent, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             real(path, data)
-        contracts.registry._write_json = dying
+        modelstore.registry._write_json = dying
     service = TrainerService(settings, redis.Redis.from_url(redis_url), None, None)
     service.round_lock_ttl = 2.0
     samples = [(i + 1, img, m) for i, (img, m) in enumerate(generate(8, 64, seed=3))]

@@ -19,9 +19,9 @@ import redis
 import worker.runtime
 from backend.app import create_app
 from contracts.jobs import PredictItem, PredictPayload, decode_reply
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.labelconfig import parse_label_config, target_to_json
+from modelstore.registry import ModelRegistry
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env
 from tests.test_metrics import scrape, value
 from tests.test_serving import fixture, red_circle

@@ -16,9 +16,9 @@ import redis
 
 from backend.app import create_app
 from contracts.events import EVENTS_STREAM
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import polygons_to_mask, rle_to_mask
+from modelstore.registry import ModelRegistry
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from contracts.heads import official_trunk_digest, trunk_digest
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
+from modelstore.version_heads import official_trunk_digest, trunk_digest
 from sam2unet.checkpoints import build_from_sam2, load_released, trunk_state_of
 from tests.model_helpers import perturb_trainable, released_state
 from tests.sam2_helpers import write_official
@@ -49,7 +49,7 @@ def official_dir(tmp_path_factory):
 
 
 def _official_runtime(model_dir: Path) -> ModelRuntime:
-    from contracts.bootstrap import ensure_current_version
+    from modelstore.bootstrap import ensure_current_version
 
     settings = Settings(model_size="test", image_size=64, model_dir=model_dir, device="cpu")
     registry = ModelRegistry(model_dir, None)

@@ -18,9 +18,9 @@ import pytest
 from rq.cron import get_cron_job_ids
 
 from backend.app import create_app
-from contracts.registry import ModelRegistry
 from contracts.schedule import JOB_PREFIX, SCHEDULE_QUEUE, parse_schedule, scheduled_rounds
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 from sam2unet.synthetic import generate
 from tests.services import round_settings
 from trainer.service import LOCK_KEY, TrainerService

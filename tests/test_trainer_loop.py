@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contracts.bootstrap import ensure_current_version
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.bootstrap import ensure_current_version
+from modelstore.registry import ModelRegistry
 from sam2unet.synthetic import generate
 from trainer.promotion import VAL, assign_sides
 from trainer.round import run_round

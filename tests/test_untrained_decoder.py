@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from backend.app import create_app
-from contracts.heads import SAM2_HEAD
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.codecs import rle_to_mask
+from modelstore.registry import ModelRegistry
+from modelstore.version_heads import SAM2_HEAD
 from sam2unet.promptable import write_random_sam2_checkpoint
 from sam2unet.synthetic import generate
 from tests.model_helpers import cpu_config, seeded_model
@@ -201,8 +201,8 @@ def test_preannotation_run_writes_no_noise(fresh, redis_conn):
     ],
 )
 def test_decoder_trained_of_versions_with_and_without_a_record(source, recorded, trained):
-    from contracts.heads import decoder_trained
-    from contracts.registry import VersionInfo
+    from modelstore.registry import VersionInfo
+    from modelstore.version_heads import decoder_trained
 
     info = VersionInfo("sam2unet-tiny-v1", 1, 0.0, "tiny", ("object",), None, source=source)
     if recorded is not None:
@@ -213,8 +213,8 @@ def test_decoder_trained_of_versions_with_and_without_a_record(source, recorded,
 def test_prompt_head_of_a_version_without_a_record_reads_its_base(fresh, tmp_path):
     """Versions written before the record: the base file decides (SAM2's prompt encoder and
     mask decoder in its ``model``: "sam2"; a bare trunk: "crop")."""
-    from contracts.heads import CROP_HEAD, prompt_head_for
-    from contracts.registry import VersionInfo
+    from modelstore.registry import VersionInfo
+    from modelstore.version_heads import CROP_HEAD, prompt_head_for
     from sam2unet.checkpoints import trunk_state_of, write_sam2_checkpoint
 
     registry = ModelRegistry(fresh, None)

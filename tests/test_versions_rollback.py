@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from backend.app import create_app
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 from tests.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import fixture, red_circle
 

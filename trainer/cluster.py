@@ -38,8 +38,8 @@ import redis
 
 from contracts import agents as presence
 from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
 from trainer.dataset import DatasetCache
 from trainer.round import RoundPlan, machine_plan, round_datasets
 

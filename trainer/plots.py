@@ -180,7 +180,7 @@ def safe_training_png(report: Any, promoted: bool) -> bytes | None:
 
 
 def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Every version as a PNG. ``rows``: :func:`contracts.versions.versions_json` (oldest first)."""
+    """Every version as a PNG. ``rows``: :func:`modelstore.versions.versions_json` (oldest first)."""
     fig = _figure(min(18.0, max(7.5, 1.0 + 0.75 * len(rows))), 4.8)
     ax = fig.subplots()
     xs = list(range(len(rows)))
@@ -266,7 +266,7 @@ def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
 def write_versions_png(registry: Any, settings: Any) -> Path | None:
     """Redraw ``MODEL_DIR/versions.png`` (atomically); None (logged) when it cannot be drawn."""
-    from contracts.versions import versions_json
+    from modelstore.versions import versions_json
 
     path = Path(settings.model_dir) / VERSIONS_PNG
     try:

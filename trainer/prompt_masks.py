@@ -12,7 +12,7 @@ The version that served them: the model version of the prediction the annotation
 (the annotation's ``prediction``, or its ``parent_prediction`` among the task's predictions)
 when it is one of ours and still in the registry, else the current version. Its prompts are
 answered by SAM2's head as the worker chooses it: its base checkpoint's, else that of an
-official checkpoint whose trunk is the model's (:func:`contracts.heads.matching_official`); a
+official checkpoint whose trunk is the model's (:func:`modelstore.version_heads.matching_official`); a
 version answering by crop-and-segment gives no derived mask (the annotation is not used, and
 counted).
 """
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from contracts.errors import AnnotationFormatError, NotFound
-from contracts.heads import head_checkpoint
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
 from labelstudio.labelconfig import Target
 from labelstudio.prompts import label_channels, labels_for, parse_context, sam2_masks
+from modelstore.registry import ModelRegistry
+from modelstore.version_heads import head_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class PromptMasks:
     def _promptable(self, version: str) -> Any:
         """SAM2's promptable head for ``version``, chosen as the worker chooses it: its base
         checkpoint's head, else that of an official checkpoint in ``MODEL_DIR/base`` whose
-        trunk is the model's (:func:`contracts.heads.matching_official`)."""
+        trunk is the model's (:func:`modelstore.version_heads.matching_official`)."""
         from sam2unet.checkpoints import sha256_file
         from sam2unet.exceptions import CheckpointError
         from sam2unet.predictor import pick_device

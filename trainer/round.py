@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry, VersionInfo
 from trainer.plots import TRAINING_PNG, safe_training_png
 from trainer.promotion import VAL, assign_sides, paired_bootstrap
 

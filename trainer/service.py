@@ -49,10 +49,10 @@ from contracts.events import (
 )
 from contracts.metrics import ROUNDS_KEY, record_round
 from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
-from contracts.registry import ModelRegistry
 from contracts.schedule import ALL, parse_schedule
 from contracts.settings import Settings
 from contracts.trainer_state import FAILING_KEY
+from modelstore.registry import ModelRegistry
 from sam2unet.distributed.launcher import DistributedRunError, parse_devices
 from sam2unet.exceptions import ConfigError
 from trainer.cluster import ClusterDataError, RoundPublisher, report_progress

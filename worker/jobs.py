@@ -8,9 +8,9 @@ from typing import Any
 from rq import get_current_job
 
 from contracts import preannotate as runs
-from contracts.heads import is_untrained
 from contracts.jobs import PredictPayload, deliver_reply, encode_reply
 from contracts.metrics import record_job
+from contracts.untrained import is_untrained
 from worker.pipeline import StageTimes, run_predict
 from worker.runtime import get_context
 

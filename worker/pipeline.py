@@ -25,8 +25,8 @@ import numpy as np
 import redis
 
 from contracts.errors import AssistError
-from contracts.heads import untrained_version
 from contracts.jobs import ItemResult, PredictPayload
+from contracts.untrained import untrained_version
 from labelstudio.codecs import brush_result, polygon_results
 from labelstudio.labelconfig import Target, target_from_json
 from labelstudio.prompts import label_channels

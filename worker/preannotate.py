@@ -14,13 +14,13 @@ from rq import Queue
 
 from contracts import preannotate as runs
 from contracts.errors import AssistError
-from contracts.heads import untrained_warning
 from contracts.jobs import (
     QUEUE_BACKGROUND,
     PredictItem,
     enqueue_predict,
 )
 from labelstudio.labelconfig import parse_label_config, target_to_json
+from modelstore.version_heads import untrained_warning
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def after_predict(
     predicted. ``acquired`` (a ``diverse`` run): each result's (uncertainty, feature), stored
     for the order of the whole run, which is applied before the run's predictions are
     written."""
-    from contracts.heads import is_untrained
+    from contracts.untrained import is_untrained
     from labelstudio.writeback import writable
 
     todo = writable(results)

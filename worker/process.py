@@ -20,9 +20,10 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 
 from contracts.jobs import QUEUE_PREWARM, QUEUES
-from contracts.registry import ModelRegistry
 from contracts.routing import lane_name, rescue_routed, worker_prewarm_queue, worker_queue
-from contracts.settings import Settings, apply_torch_threads
+from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
+from modelstore.threads import apply_torch_threads
 from worker.runtime import ModelRuntime, WorkerContext, install_context
 
 log = logging.getLogger(__name__)

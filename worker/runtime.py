@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import redis
 
-from contracts.bootstrap import ensure_current_version
-from contracts.heads import decoder_trained, head_checkpoint
-from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
+from modelstore.bootstrap import ensure_current_version
+from modelstore.registry import ModelRegistry, VersionInfo
+from modelstore.version_heads import decoder_trained, head_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class ModelRuntime:
     def _promptable(self, loaded: Any, predictor: Any) -> tuple[Any, str | None]:
         """SAM2's promptable head on ``predictor``'s trunk and the sha256 of the checkpoint it
         came from (the embedding cache's key), or (None, None) with a log line why. Which
-        checkpoint: :func:`contracts.heads.head_checkpoint`."""
+        checkpoint: :func:`modelstore.version_heads.head_checkpoint`."""
         from sam2unet.checkpoints import sha256_file
         from sam2unet.exceptions import CheckpointError
         from sam2unet.promptable import PromptableSAM2, load_prompt_head

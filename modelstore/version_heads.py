@@ -1,4 +1,5 @@
-"""Which head serves what, per model version.
+"""Which head serves what, per model version: the checkpoint whose SAM2 prompt head answers a
+version's prompts, and whether its automatic head was ever trained.
 
 * **Prompts** (Label Studio keypoints and rectangles) are answered by SAM2's own prompt encoder
   and mask decoder (``"sam2"``) when the version's base is an official SAM2/SAM2.1 checkpoint
@@ -8,8 +9,9 @@
 * **Automatic predictions** (no prompts) come from the U-Net decoder, and only when it was ever
   trained: a version made from an official SAM2 checkpoint or a random trunk has a freshly
   initialised decoder, whose maps are noise. Such a version makes no automatic prediction: the
-  worker marks each task's empty result ``<version>/untrained`` (:func:`untrained_version`),
-  the backend answers Label Studio with no prediction for it, and prompts are still served.
+  worker marks each task's empty result ``<version>/untrained``
+  (:func:`contracts.untrained.untrained_version`), the backend answers Label Studio with no
+  prediction for it, and prompts are still served.
   A version made by a training round or from released SAM2-UNet weights is trained.
 
 Torch-free unless a version predates these records and its base file must be inspected.
@@ -24,16 +26,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from contracts.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
+from modelstore.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
 
 if TYPE_CHECKING:
-    from contracts.registry import ModelRegistry, VersionInfo
+    from modelstore.registry import ModelRegistry, VersionInfo
 
 log = logging.getLogger(__name__)
 
 SAM2_HEAD = "sam2"
 CROP_HEAD = "crop"
-UNTRAINED_SUFFIX = "/untrained"
 
 
 def decoder_trained(info: VersionInfo) -> bool:
@@ -57,19 +58,6 @@ def prompt_head_for(info: VersionInfo, registry: ModelRegistry | None = None) ->
 
             flag = has_prompt_decoder(path)
     return SAM2_HEAD if flag else CROP_HEAD
-
-
-def untrained_version(version: str) -> str:
-    """The model_version of an automatic prediction a version with an untrained decoder did not
-    make: Label Studio stores it apart from the version's real predictions and asks again
-    once a trained version is current."""
-    return f"{version}{UNTRAINED_SUFFIX}"
-
-
-def is_untrained(model_version: str | None) -> bool:
-    """Whether ``model_version`` marks an automatic prediction that was not made
-    (:func:`untrained_version`)."""
-    return bool(model_version) and model_version.endswith(UNTRAINED_SUFFIX)
 
 
 def heads_json(info: VersionInfo, registry: ModelRegistry | None = None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ automatic masks from the start; an official SAM2/SAM2.1 checkpoint found in ``MO
 initialised trunk, with a loud warning: predictions then come from an untrained encoder.
 
 Only a version made from an official checkpoint or a random trunk is recorded as having an
-untrained decoder (see :mod:`contracts.heads`).
+untrained decoder (see :mod:`modelstore.version_heads`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from contracts.registry import ModelRegistry, VersionInfo
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry, VersionInfo
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def ensure_current_version(registry: ModelRegistry, settings: Settings) -> Versi
 def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
     import torch
 
-    from contracts.pretrained import find_downloaded
+    from modelstore.pretrained import find_downloaded
     from sam2unet.checkpoints import (
         BaseRef,
         build_from_sam2,

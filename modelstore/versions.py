@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from contracts.heads import heads_json
-from contracts.registry import ModelRegistry
 from contracts.settings import Settings
+from modelstore.registry import ModelRegistry
+from modelstore.version_heads import heads_json
 
 
 def correction_rates(settings: Settings) -> dict[str, Any]:

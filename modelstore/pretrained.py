@@ -6,7 +6,7 @@ folder linked from their README (github.com/WZH0120/SAM2-UNet, "Testing"), as
 folder with gdown, downloads the file of ``NAME`` into ``MODEL_DIR/base``, loads it strictly
 (:func:`sam2unet.build.load_released`), and records its name, file and sha256 in
 ``MODEL_DIR/base/pretrained.json``. The first version of an empty registry then starts from it
-(:mod:`contracts.bootstrap`): a trained model, so automatic masks from the start.
+(:mod:`modelstore.bootstrap`): a trained model, so automatic masks from the start.
 """
 
 from __future__ import annotations

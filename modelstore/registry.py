@@ -71,10 +71,10 @@ class VersionInfo:
     train_size: int = 0
     note: str = ""
     #: whether the automatic head (the U-Net decoder) was ever trained; None in meta.json files
-    #: written before it was recorded (see :func:`contracts.heads.decoder_trained`)
+    #: written before it was recorded (see :func:`modelstore.version_heads.decoder_trained`)
     decoder_trained: bool | None = None
     #: whether the base checkpoint holds SAM2's prompt encoder and mask decoder; None: not
-    #: recorded (see :func:`contracts.heads.prompt_head_for`)
+    #: recorded (see :func:`modelstore.version_heads.prompt_head_for`)
     base_prompt_decoder: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
