@@ -97,7 +97,7 @@ def page_by_offset(client: LabelStudioClient, project: int, size: int, **kw) -> 
 
 def page_by_id(client: LabelStudioClient, project: int, size: int, version: str) -> int:
     """As a run reads: tasks after the last id, the run's fields, the range query."""
-    from worker.preannotate import after_id_query
+    from worker.run_pages import after_id_query
 
     seen, after = 0, 0
     while True:

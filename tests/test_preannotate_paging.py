@@ -24,8 +24,8 @@ from tests.lstudio import running_label_studio
 from tests.services import png_bytes, service_env, workers
 from tests.test_bulk_writes import versions_per_task
 from tests.test_e2e_label_studio import BRUSH
-from worker.preannotate import process_page
 from worker.process import make_context
+from worker.run_pages import process_page
 
 pytestmark = pytest.mark.e2e
 PAGE = 4

@@ -168,7 +168,7 @@ def test_preannotation_run_writes_no_noise(fresh, redis_conn):
     reading a single task (the Label Studio address answers nothing: it is never asked)."""
     from contracts import preannotate as runs
     from labelstudio.client import LabelStudioClient
-    from worker.preannotate import process_page
+    from worker.run_pages import process_page
     from worker.runtime import ModelRuntime, WorkerContext
 
     settings = Settings(model_dir=fresh, model_size="test", image_size=64, device="cpu")

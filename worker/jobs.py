@@ -18,7 +18,8 @@ from contracts.untrained import is_untrained
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
 from worker.pipeline import StageTimes, run_predict
-from worker.preannotate import after_predict, order_and_write, process_page, record
+from worker.preannotate import after_predict, order_and_write, record
+from worker.run_pages import process_page
 from worker.runtime import WorkerContext, get_context
 
 log = logging.getLogger(__name__)
