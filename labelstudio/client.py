@@ -28,13 +28,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
 from contracts.errors import LabelStudioError
+from labelstudio.predictions_api import PredictionCalls
+from labelstudio.tasks_api import TaskCalls
 from labelstudio.urls import UnsafeURL, origin, redact_url
 
 logger = logging.getLogger(__name__)
@@ -60,19 +61,7 @@ def jwt_claims(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
-def holding_version(tasks: list[dict[str, Any]], version: str) -> set[int]:
-    """Ids of the tasks (as the task list returns them) that hold a prediction of exactly
-    ``version`` (the data manager's version filter matches substrings)."""
-    return {
-        t["id"]
-        for t in tasks
-        if isinstance(t.get("id"), int)
-        and version
-        in {p.get("model_version") for p in t.get("predictions") or [] if isinstance(p, dict)}
-    }
-
-
-class LabelStudioClient:
+class LabelStudioClient(TaskCalls, PredictionCalls):
     """A Label Studio API client.
 
     Args:
@@ -348,197 +337,12 @@ class LabelStudioClient:
         """``GET /api/projects/{id}`` (includes ``label_config``)."""
         return self._json("GET", f"/api/projects/{int(project)}")
 
-    def iter_tasks(
-        self, project: int, page_size: int = 100, fields: str = "all"
-    ) -> Iterator[dict[str, Any]]:
-        """All tasks of a project, fetched page by page from ``GET /api/tasks``.
-
-        Label Studio 1.23 answers ``{"tasks": [...], "total": N, "total_annotations": ...,
-        "total_predictions": ...}`` and 404 for a page past the end.
-        """
-        page, seen = 1, 0
-        while True:
-            params = {"project": int(project), "page": page, "page_size": page_size}
-            if fields:
-                params["fields"] = fields
-            r = self.request("GET", "/api/tasks", params=params, ok=(200, 404))
-            if r.status_code == 404:
-                if page == 1:
-                    raise self.api_error("GET", f"/api/tasks?project={int(project)}", r)
-                return
-            try:
-                body = r.json()
-            except ValueError as e:
-                raise LabelStudioError("GET /api/tasks: Label Studio answered non-JSON") from e
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
-            yield from tasks
-            seen += len(tasks)
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks:
-                return
-            # Label Studio may cap page_size (TASK_API_PAGE_SIZE_MAX): trust "total" when given
-            done = seen >= total if isinstance(total, int) else len(tasks) < page_size
-            if done:
-                return
-            page += 1
-
-    def get_task(self, task: int) -> dict[str, Any]:
-        """``GET /api/tasks/{id}``."""
-        return self._json("GET", f"/api/tasks/{int(task)}")
-
-    def create_prediction(
-        self,
-        task: int,
-        result: list[dict[str, Any]],
-        score: float | None,
-        model_version: str,
-    ) -> dict[str, Any]:
-        """``POST /api/predictions``; returns the stored prediction."""
-        body = {"task": int(task), "result": result, "score": score, "model_version": model_version}
-        return self._json("POST", "/api/predictions", json_body=body)
-
-    def update_prediction_score(self, prediction: int, score: float) -> dict[str, Any]:
-        """``PATCH /api/predictions/{id}/`` with a new score only."""
-        return self._json(
-            "PATCH", f"/api/predictions/{int(prediction)}/", json_body={"score": float(score)}
-        )
-
-    def list_predictions(self, task: int) -> list[dict[str, Any]]:
-        """``GET /api/predictions?task=ID``."""
-        return self._json("GET", "/api/predictions", params={"task": int(task)})
-
-    def list_annotations(self, task: int) -> list[dict[str, Any]]:
-        """``GET /api/tasks/{id}/annotations``."""
-        return self._json("GET", f"/api/tasks/{int(task)}/annotations")
-
     def export_project(self, project: int) -> list[dict[str, Any]]:
         """``GET /api/projects/{id}/export?exportType=JSON``: the annotated tasks, each with its
         annotations (Label Studio leaves out tasks without annotations)."""
         return self._json(
             "GET", f"/api/projects/{int(project)}/export", params={"exportType": "JSON"}
         )
-
-    def import_predictions(self, project: int, predictions: list[dict[str, Any]]) -> int:
-        """``POST /api/projects/{id}/import/predictions``: many predictions in one call (each
-        ``{"task", "result", "score", "model_version"}``); returns how many Label Studio stored.
-
-        Label Studio 1.23 answers ``{"created": N}``, no ids. It checks every item's task id
-        before storing any and refuses the whole call (HTTP 400, raised as
-        :class:`PredictionsRefused`) when one is not a task of the project; an item whose result
-        does not fit the labelling config is left out silently (``created`` is then smaller).
-        """
-        path = f"/api/projects/{int(project)}/import/predictions"
-        r = self.request("POST", path, json_body=predictions, ok=(200, 201, 400))
-        if r.status_code == 400:
-            raise PredictionsRefused(refusal_reason(r))
-        try:
-            created = r.json().get("created")
-        except (ValueError, AttributeError) as e:
-            raise LabelStudioError(f"POST {path}: Label Studio answered non-JSON") from e
-        if not isinstance(created, int):
-            raise LabelStudioError(f"POST {path}: no count of created predictions")
-        return created
-
-    def task_page(
-        self,
-        project: int,
-        page: int,
-        page_size: int,
-        *,
-        include: tuple[str, ...] = (),
-        full: bool = False,
-        query: dict[str, Any] | None = None,
-    ) -> tuple[list[dict[str, Any]], int | None]:
-        """One page of ``GET /api/tasks``: (tasks, total); ([], total) past the last page.
-
-        ``include`` names the only fields wanted (Label Studio's ``include=``); ``full`` adds
-        the annotations and predictions (``fields=all``); ``query`` is a data manager query
-        (``filters``, ``selectedItems``, ``ordering``)."""
-        params: dict[str, Any] = {"project": int(project), "page": page, "page_size": page_size}
-        if full:
-            params["fields"] = "all"
-        if include:
-            params["include"] = ",".join(include)
-        if query:
-            params["query"] = json.dumps(query)
-        r = self.request("GET", "/api/tasks", params=params, ok=(200, 404))
-        if r.status_code == 404:
-            return [], None
-        try:
-            body = r.json()
-        except ValueError as e:
-            raise LabelStudioError("GET /api/tasks: Label Studio answered non-JSON") from e
-        if isinstance(body, list):
-            return body, None
-        total = body.get("total") if isinstance(body, dict) else None
-        tasks = body.get("tasks", []) if isinstance(body, dict) else []
-        return tasks, total if isinstance(total, int) else None
-
-    def tasks_with_prediction_of(
-        self, project: int, version: str, tasks: list[int], page_size: int = 100
-    ) -> set[int]:
-        """Which of ``tasks`` hold a prediction of exactly ``version``.
-
-        The data manager's model-version filter matches substrings (``v1`` finds ``v10``): it
-        narrows the tasks down, their predictions' versions are then compared exactly."""
-        wanted = sorted({int(t) for t in tasks})
-        held: set[int] = set()
-        for start in range(0, len(wanted), page_size):
-            chunk = wanted[start : start + page_size]
-            query = {
-                "filters": {
-                    "conjunction": "and",
-                    "items": [
-                        {
-                            "filter": "filter:tasks:predictions_model_versions",
-                            "operator": "contains",
-                            "type": "List",
-                            "value": [version],
-                        }
-                    ],
-                },
-                "selectedItems": {"all": False, "included": chunk},
-            }
-            found, _ = self.task_page(project, 1, len(chunk), full=True, query=query)
-            held |= holding_version(found, version)
-        return held
-
-    def tasks_with_prediction_between(
-        self, project: int, version: str, first: int, last: int, page_size: int = 100
-    ) -> set[int]:
-        """Which tasks with ids ``first``..``last`` hold a prediction of exactly ``version``:
-        one query for the id range (a run's page), narrowed by the data manager's model-version
-        filter (substrings: the versions found are compared exactly)."""
-        items = [
-            {
-                "filter": "filter:tasks:id",
-                "operator": "greater_or_equal",
-                "type": "Number",
-                "value": int(first),
-            },
-            {
-                "filter": "filter:tasks:id",
-                "operator": "less_or_equal",
-                "type": "Number",
-                "value": int(last),
-            },
-            {
-                "filter": "filter:tasks:predictions_model_versions",
-                "operator": "contains",
-                "type": "List",
-                "value": [version],
-            },
-        ]
-        query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
-        held: set[int] = set()
-        page, seen = 1, 0
-        while True:
-            found, total = self.task_page(project, page, page_size, full=True, query=query)
-            seen += len(found)
-            held |= holding_version(found, version)
-            if not found or len(found) < page_size or seen >= (total or 0):
-                return held
-            page += 1
 
     def server_time(self) -> datetime.datetime | None:
         """Label Studio's clock now (the ``Date`` header of its answer, to the second); None
@@ -552,24 +356,3 @@ class LabelStudioClient:
 
     def close(self) -> None:
         self.session.close()
-
-
-class PredictionsRefused(LabelStudioError):
-    """Label Studio refused a bulk prediction import as a whole (HTTP 400): none was stored."""
-
-    status = 400
-    code = "predictions_refused"
-
-
-def refusal_reason(r: requests.Response) -> str:
-    """Label Studio's reason for a 400, shortened: its validation errors or its detail."""
-    try:
-        body = r.json()
-    except ValueError:
-        return "HTTP 400"
-    if isinstance(body, dict):
-        detail = body.get("validation_errors") or body.get("detail") or body
-    else:
-        detail = body
-    text = detail if isinstance(detail, str) else json.dumps(detail)
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -34,7 +34,7 @@ import redis
 from contracts.errors import AssistError
 from contracts.jobs import ItemResult, PredictPayload
 from contracts.untrained import is_untrained
-from labelstudio.client import PredictionsRefused
+from labelstudio.predictions_api import PredictionsRefused
 
 log = logging.getLogger(__name__)
 
