@@ -26,6 +26,7 @@ import numpy as np
 
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry, VersionInfo
+from sam2unet.metrics import LOWER_IS_BETTER
 from trainer.plots import TRAINING_PNG, safe_training_png
 from trainer.promotion import VAL, assign_sides, paired_bootstrap
 
@@ -61,6 +62,28 @@ class RoundReport:
         return asdict(self)
 
 
+@dataclass
+class _Round:
+    """What the stages of one round share: its split, the current version and its data."""
+
+    settings: Settings
+    project: int | None
+    reason: str
+    parent: str
+    labels: tuple[str, ...]
+    ids: list[int]
+    train_ids: list[int]
+    val_ids: list[int]
+    current: Any = None
+    train_data: Any = None
+    val_data: Any = None
+    cfg: Any = None
+
+    @property
+    def metric(self) -> str:
+        return self.settings.promote_metric
+
+
 def run_round(
     registry: ModelRegistry,
     settings: Settings,
@@ -80,140 +103,27 @@ def run_round(
 
     ``cluster``: when the round spans several machines (``SAM2UNET_TRAIN_NODES`` > 1), called
     with the round's :class:`RoundPlan` before training; it tells the other machines (see
-    :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.launcher.Cluster` to launch.
+    :mod:`trainer.cluster`) and returns the :class:`~sam2unet.distributed.launcher.Cluster` to
+    launch.
 
     ``prompt_masks``: the sync's count of annotations holding prompts but no mask
     (:attr:`trainer.dataset.SyncReport.prompts`), carried into the report and its log line.
     """
-    from sam2unet.checkpoints import relabel
-    from sam2unet.distributed.launcher import parse_devices
-    from sam2unet.training import TrainConfig
-
     t0 = time.monotonic()
     start = registry.pointer()  # promotion is a compare-and-set against it
-    parent = start.version
-    metric = settings.promote_metric
-    report = RoundReport("skipped", "", project, parent, metric=metric)
+    report = RoundReport("skipped", "", project, start.version, metric=settings.promote_metric)
     report.prompt_masks = dict(prompt_masks or {})
-    prompts_note = _prompts_note(report.prompt_masks)
-    if parent is None:
+    if start.version is None:
         report.reason = "no current version"
         return report
-    ids = [int(t) for t, _, _ in samples]
-    report.sides = assign_sides(ids, settings.train_holdout, settings.holdout_min, sides)
-    val_ids = [t for t in ids if report.sides[t] == VAL]
-    train_ids = [t for t in ids if report.sides[t] != VAL]
-    report.train_size, report.val_size = len(train_ids), len(val_ids)
-    if len(samples) < max(2, settings.train_min_samples) or not val_ids or not train_ids:
-        report.reason = f"{len(samples)} annotated task(s): too few for a round"
-        log.info("round skipped for project %s: %s%s", project, report.reason, prompts_note)
+    rnd = _split(report, settings, samples, labels, reason, sides)
+    if rnd is None:
         return report
-
-    by_id = {int(t): (img, m) for t, img, m in samples}
-    labels = tuple(labels)
-
-    current = registry.load(parent)
-    current = relabel(current, labels)
-    train_data, val_data = round_datasets(
-        by_id, train_ids, val_ids, labels, current.config.image_size, seed=len(ids)
-    )
-    device = settings.device
-    plan = parse_devices(settings.train_devices)
-    cfg = TrainConfig(
-        epochs=settings.train_epochs,
-        batch_size=settings.train_batch_size,
-        lr=settings.train_lr,
-        device=device,
-        bf16=settings.bf16,
-        select_metric=metric,
-        progress_bar=False,
-        seed=len(ids),
-    )
-    log.info(
-        "round for project %s (%s): fine-tuning %s on %d task(s), %d held out, %d epoch(s)",
-        project,
-        reason or "scheduled",
-        parent,
-        len(train_ids),
-        len(val_ids),
-        cfg.epochs,
-    )
-    spread = None
-    if cluster is not None and settings.train_nodes > 1:
-        spread = cluster(
-            RoundPlan(parent, project, list(labels), train_ids, val_ids, cfg.to_dict())
-        )
-        plan = machine_plan(settings)
-    if plan is None:
-        local = SimpleNamespace(progress=progress, should_stop=should_stop)
-        outcome = train_and_evaluate(device, local, current, train_data, val_data, cfg, False)
-        model = outcome.model
-    else:
-        from sam2unet.distributed import launcher
-
-        outcome = launcher.launch(
-            train_and_evaluate,
-            (current, train_data, val_data, cfg),
-            plan,
-            threads=settings.torch_threads,
-            progress=progress,
-            should_stop=should_stop,
-            cluster=spread,
-        )
-        model = copy.deepcopy(current.model)
-        bad = model.load_state_dict(outcome.weights, strict=False).unexpected_keys
-        if bad:
-            raise RuntimeError(f"the trained weights do not fit the model: {bad[:5]}")
-    report.current_metrics = outcome.current_metrics
-    report.history = outcome.history
-    report.candidate_metrics = outcome.candidate_metrics
-    current_images, candidate_images = outcome.current_images, outcome.candidate_images
-    cand, cur = report.candidate_metrics[metric], report.current_metrics[metric]
-    from sam2unet.metrics import LOWER_IS_BETTER
-
-    decision = paired_bootstrap(
-        [m[metric] for m in candidate_images],
-        [m[metric] for m in current_images],
-        metric=metric,
-        confidence=settings.promote_confidence,
-        tolerance=settings.promote_tolerance,
-        lower_is_better=metric in LOWER_IS_BETTER,
-        seed=len(ids),
-    )
-    report.decision = decision.to_json()
-    promote = decision.promote
-    png = safe_training_png(report, promote)
-    info: VersionInfo = registry.create_version(
-        model,
-        current.config,
-        current.base,
-        parent=parent,
-        source=f"round:project-{project}" if project is not None else "round",
-        metrics={
-            "val": report.candidate_metrics,
-            "parent_val": report.current_metrics,
-            "val_size": len(val_ids),
-            "promoted": promote,
-            "decision": report.decision,
-        },
-        train_size=len(train_ids),
-        note=reason or "",
-        extra_files={TRAINING_PNG: png} if png else None,
-    )
-    report.candidate = info.name
-    report.reason = f"{metric}: candidate {cand:.4f}, current {cur:.4f}; {decision.describe()}"
-    if not promote:
-        report.status = "rejected"
-    elif registry.promote_from(
-        info.name, start, reason=f"{metric} {cand:.4f} vs {cur:.4f}", metrics={metric: cand}
-    ):
-        report.status = "promoted"
-    else:
-        report.status = "superseded"
-        report.reason = (
-            f"trained from {parent}, but the current version became {registry.current()} "
-            f"during the round: not promoted; {report.reason}"
-        )
+    _prepare(registry, rnd, samples)
+    outcome, model = _train(rnd, progress, should_stop, cluster)
+    decision = _decide(rnd, report, outcome)
+    info = _keep_candidate(registry, rnd, report, model, decision.promote)
+    _promote(registry, rnd, report, info, start, decision)
     report.seconds = time.monotonic() - t0
     log.info(
         "round for project %s: %s %s (%s) in %.1fs%s",
@@ -222,9 +132,197 @@ def run_round(
         info.name,
         report.reason,
         report.seconds,
-        prompts_note,
+        _prompts_note(report.prompt_masks),
     )
     return report
+
+
+def _split(
+    report: RoundReport,
+    settings: Settings,
+    samples: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    labels: Sequence[str],
+    reason: str,
+    sides: dict[int, str] | None,
+) -> _Round | None:
+    """Each task's side (kept from ``sides``, new ones assigned); None, with the report's
+    reason, when there are too few tasks for a round."""
+    ids = [int(t) for t, _, _ in samples]
+    report.sides = assign_sides(ids, settings.train_holdout, settings.holdout_min, sides)
+    val_ids = [t for t in ids if report.sides[t] == VAL]
+    train_ids = [t for t in ids if report.sides[t] != VAL]
+    report.train_size, report.val_size = len(train_ids), len(val_ids)
+    if len(samples) < max(2, settings.train_min_samples) or not val_ids or not train_ids:
+        report.reason = f"{len(samples)} annotated task(s): too few for a round"
+        log.info(
+            "round skipped for project %s: %s%s",
+            report.project,
+            report.reason,
+            _prompts_note(report.prompt_masks),
+        )
+        return None
+    return _Round(
+        settings, report.project, reason, report.parent, tuple(labels), ids, train_ids, val_ids
+    )
+
+
+def _prepare(
+    registry: ModelRegistry, rnd: _Round, samples: Sequence[tuple[int, np.ndarray, np.ndarray]]
+) -> None:
+    """Load the current version (with the round's labels), build the datasets and the
+    training configuration."""
+    from sam2unet.checkpoints import relabel  # imports torch
+    from sam2unet.training import TrainConfig  # imports torch
+
+    settings = rnd.settings
+    by_id = {int(t): (img, m) for t, img, m in samples}
+    rnd.current = relabel(registry.load(rnd.parent), rnd.labels)
+    rnd.train_data, rnd.val_data = round_datasets(
+        by_id,
+        rnd.train_ids,
+        rnd.val_ids,
+        rnd.labels,
+        rnd.current.config.image_size,
+        seed=len(rnd.ids),
+    )
+    rnd.cfg = TrainConfig(
+        epochs=settings.train_epochs,
+        batch_size=settings.train_batch_size,
+        lr=settings.train_lr,
+        device=settings.device,
+        bf16=settings.bf16,
+        select_metric=rnd.metric,
+        progress_bar=False,
+        seed=len(rnd.ids),
+    )
+    log.info(
+        "round for project %s (%s): fine-tuning %s on %d task(s), %d held out, %d epoch(s)",
+        rnd.project,
+        rnd.reason or "scheduled",
+        rnd.parent,
+        len(rnd.train_ids),
+        len(rnd.val_ids),
+        rnd.cfg.epochs,
+    )
+
+
+def _train(
+    rnd: _Round,
+    progress: Callable[[Any], None] | None,
+    should_stop: Callable[[], bool] | None,
+    cluster: Callable[[RoundPlan], Any] | None,
+) -> tuple[_Outcome, Any]:
+    """Train and evaluate in this process, or in the processes of ``SAM2UNET_TRAIN_DEVICES``
+    (over several machines with ``cluster``); returns the outcome and the trained model."""
+    from sam2unet.distributed import launcher  # imports torch
+
+    settings, current = rnd.settings, rnd.current
+    data = (current, rnd.train_data, rnd.val_data, rnd.cfg)
+    plan = launcher.parse_devices(settings.train_devices)
+    spread = None
+    if cluster is not None and settings.train_nodes > 1:
+        spread = cluster(
+            RoundPlan(
+                rnd.parent,
+                rnd.project,
+                list(rnd.labels),
+                rnd.train_ids,
+                rnd.val_ids,
+                rnd.cfg.to_dict(),
+            )
+        )
+        plan = machine_plan(settings)
+    if plan is None:
+        local = SimpleNamespace(progress=progress, should_stop=should_stop)
+        outcome = train_and_evaluate(settings.device, local, *data, False)
+        return outcome, outcome.model
+    outcome = launcher.launch(
+        train_and_evaluate,
+        data,
+        plan,
+        threads=settings.torch_threads,
+        progress=progress,
+        should_stop=should_stop,
+        cluster=spread,
+    )
+    model = copy.deepcopy(current.model)
+    bad = model.load_state_dict(outcome.weights, strict=False).unexpected_keys
+    if bad:
+        raise RuntimeError(f"the trained weights do not fit the model: {bad[:5]}")
+    return outcome, model
+
+
+def _decide(rnd: _Round, report: RoundReport, outcome: _Outcome) -> Any:
+    """The paired bootstrap of candidate against current on the held-out images; the report
+    takes both versions' metrics, the training history and the decision."""
+    metric, settings = rnd.metric, rnd.settings
+    report.current_metrics = outcome.current_metrics
+    report.history = outcome.history
+    report.candidate_metrics = outcome.candidate_metrics
+    decision = paired_bootstrap(
+        [m[metric] for m in outcome.candidate_images],
+        [m[metric] for m in outcome.current_images],
+        metric=metric,
+        confidence=settings.promote_confidence,
+        tolerance=settings.promote_tolerance,
+        lower_is_better=metric in LOWER_IS_BETTER,
+        seed=len(rnd.ids),
+    )
+    report.decision = decision.to_json()
+    return decision
+
+
+def _keep_candidate(
+    registry: ModelRegistry, rnd: _Round, report: RoundReport, model: Any, promote: bool
+) -> VersionInfo:
+    """Keep the candidate as a version with its metrics and training plot, promoted or not."""
+    png = safe_training_png(report, promote)
+    info = registry.create_version(
+        model,
+        rnd.current.config,
+        rnd.current.base,
+        parent=rnd.parent,
+        source=f"round:project-{rnd.project}" if rnd.project is not None else "round",
+        metrics={
+            "val": report.candidate_metrics,
+            "parent_val": report.current_metrics,
+            "val_size": len(rnd.val_ids),
+            "promoted": promote,
+            "decision": report.decision,
+        },
+        train_size=len(rnd.train_ids),
+        note=rnd.reason or "",
+        extra_files={TRAINING_PNG: png} if png else None,
+    )
+    report.candidate = info.name
+    return info
+
+
+def _promote(
+    registry: ModelRegistry,
+    rnd: _Round,
+    report: RoundReport,
+    info: VersionInfo,
+    start: Any,
+    decision: Any,
+) -> None:
+    """Flip the pointer to the candidate when the decision says so and the current version
+    is still the round's parent (else the candidate is superseded)."""
+    metric = rnd.metric
+    cand, cur = report.candidate_metrics[metric], report.current_metrics[metric]
+    report.reason = f"{metric}: candidate {cand:.4f}, current {cur:.4f}; {decision.describe()}"
+    if not decision.promote:
+        report.status = "rejected"
+    elif registry.promote_from(
+        info.name, start, reason=f"{metric} {cand:.4f} vs {cur:.4f}", metrics={metric: cand}
+    ):
+        report.status = "promoted"
+    else:
+        report.status = "superseded"
+        report.reason = (
+            f"trained from {rnd.parent}, but the current version became {registry.current()} "
+            f"during the round: not promoted; {report.reason}"
+        )
 
 
 def _prompts_note(counts: dict[str, Any]) -> str:
