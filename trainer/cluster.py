@@ -6,7 +6,7 @@ others, each running ``sam2unet-assist train-agent``. All of them see the same m
 workers on several machines already do.
 
 1. The trainer syncs the project and splits it as for any round, then publishes the round
-   (:class:`ClusterRound`: the :class:`~trainer.round.RoundPlan`, the rendezvous endpoint and
+   (:class:`ClusterRound`: the :class:`~trainer.round_training.RoundPlan`, the rendezvous endpoint and
    each task's image digest and mask file) under :data:`ROUND_KEY`, and starts its own
    processes, which host a c10d rendezvous at ``SAM2UNET_TRAIN_RDZV``.
 2. Each agent sees the round, loads the parent version and the listed samples from the shared
@@ -41,7 +41,7 @@ from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
 from trainer.dataset import DatasetCache
-from trainer.round import RoundPlan, machine_plan, round_datasets
+from trainer.round_training import RoundPlan, machine_plan, round_datasets, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,6 @@ class TrainAgent:
     def join(self, spec: ClusterRound) -> bool:
         """Take part in one round; True when it completed on every machine."""
         from sam2unet.distributed import launcher
-        from trainer.round import train_and_evaluate
 
         self.joined.append(spec.run_id)
         self.joined = self.joined[-100:]
