@@ -27,7 +27,8 @@ from launcher.redis_server import free_port
 from sam2unet.synthetic import generate
 from tests.lstudio import running_label_studio
 from tests.services import annotate_brush, png_bytes, round_settings
-from trainer.service import GROUP, LOCK_KEY, TrainerService
+from trainer.inbox import GROUP
+from trainer.service import LOCK_KEY, TrainerService
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +139,7 @@ def pending(conn) -> int:
 def test_a_flood_of_bad_webhooks_then_a_real_round_promotes(
     redis_conn, model_dir, tmp_path, caplog
 ):
-    caplog.set_level(logging.INFO, logger="trainer.service")
+    caplog.set_level(logging.INFO, logger="trainer")
     models = tmp_path / "models"
     shutil.copytree(model_dir, models)
     samples = generate(6, 64, seed=5)

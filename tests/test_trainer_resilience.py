@@ -22,7 +22,8 @@ from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from launcher.redis_server import free_port
 from tests.services import ROOT, service_env
-from trainer.service import GROUP, LOCK_KEY, TrainerService
+from trainer.inbox import GROUP
+from trainer.service import LOCK_KEY, TrainerService
 
 
 def down_client() -> LabelStudioClient:
@@ -94,7 +95,7 @@ def test_failed_rounds_back_off_per_project_and_log_once(redis_conn, tmp_path, c
     env = {"SAM2UNET_TRAIN_BACKOFF": "0.4", "SAM2UNET_TRAIN_BACKOFF_MAX": "1.0"}
     settings, trainer = make_trainer(redis_conn, tmp_path, env)
     app = create_app(settings, redis_conn).test_client()
-    caplog.set_level(logging.DEBUG, logger="trainer.service")
+    caplog.set_level(logging.DEBUG, logger="trainer")
     assert app.post("/webhook", json={"action": "START_TRAINING", "project": 7}).status_code == 200
     t0 = time.monotonic()
     rounds = steps(trainer, 4.2)

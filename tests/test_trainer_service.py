@@ -14,8 +14,9 @@ from backend.app import create_app
 from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from tests.test_serving import fixture
+from trainer.inbox import GROUP
 from trainer.round import RoundReport
-from trainer.service import GROUP, TrainerService
+from trainer.service import TrainerService
 
 
 class RecordingTrainer(TrainerService):

@@ -23,6 +23,10 @@ failure in a row up to ``SAM2UNET_TRAIN_BACKOFF_MAX``; the trainer logs when a p
 failing, when the reason changes and when its rounds work again; events for a project that backs
 off are acknowledged at once, their triggers kept for its retry. An event stream entry the
 trainer cannot read is acknowledged and logged.
+
+The event stream's reading, holding and claiming is :mod:`trainer.inbox`; the per-project
+triggers, due times and back-off are :mod:`trainer.projects`; this module runs the rounds and
+the main loop.
 """
 
 from __future__ import annotations
@@ -35,21 +39,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from contracts.events import (
-    CHANGE_ACTIONS,
-    EVENTS_STREAM,
-    SCHEDULED_ROUND,
-    START_TRAINING,
-    TrainerEvent,
-)
+from contracts.events import TrainerEvent
 from contracts.metrics import ROUNDS_KEY, record_round
 from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
-from contracts.schedule import ALL, parse_schedule
+from contracts.schedule import parse_schedule
 from contracts.settings import Settings
 from contracts.trainer_state import FAILING_KEY
 from modelstore.registry import ModelRegistry
@@ -57,44 +54,18 @@ from sam2unet.distributed.launcher import DistributedRunError, parse_devices
 from sam2unet.exceptions import ConfigError
 from trainer.cluster import ClusterDataError, RoundPublisher, report_progress
 from trainer.dataset import DatasetCache, correction_rates
+from trainer.inbox import EventInbox
 from trainer.plots import write_versions_png
+from trainer.projects import ProjectState, after_round, due, round_reason, take_event
 from trainer.prompt_masks import PromptMasks
 from trainer.round import RoundReport, run_round
 from trainer.schedule import ScheduleRunner
 
 log = logging.getLogger(__name__)
 
-GROUP = "sam2unet-trainer"
 LOCK_KEY = "sam2unet:trainer:round"
 ROUND_LOCK_TTL = 60.0  # seconds; renewed while a round runs
 TRAINED_KEY = "sam2unet:trainer:trained"  # project -> fingerprint of its last round's data
-
-
-@dataclass
-class ProjectState:
-    changes: int = 0
-    forced: bool = False
-    scheduled: bool = False
-    last_event: float = 0.0
-    last_round: float = field(default_factory=time.monotonic)
-    event_ids: list[str] = field(default_factory=list)
-    failures: int = 0  # failed rounds in a row
-    retry_at: float = 0.0  # no round before this (monotonic time): the back-off
-    failure: str = ""  # the last failed round's reason
-
-
-def due(state: ProjectState, settings: Settings, now: float) -> bool:
-    """Whether a project's round should start now."""
-    if now < state.retry_at:
-        return False
-    quiet = now - state.last_event >= settings.train_debounce
-    if state.forced or state.scheduled:
-        return quiet
-    if state.changes <= 0:
-        return False
-    if state.changes >= settings.train_min_new:
-        return quiet
-    return now - state.last_round >= settings.train_interval_min * 60 and quiet
 
 
 class TrainerService:
@@ -121,13 +92,11 @@ class TrainerService:
             derive_prompt_masks=settings.derive_prompt_masks,
         )
         self.consumer = consumer or settings.trainer_consumer or socket.gethostname()
+        self.inbox = EventInbox(connection, self.consumer, settings.trainer_claim_idle)
         self.projects: dict[int, ProjectState] = {}
-        self._held: set[str] = set()  # ids of the events the project states hold
-        self._last_claim = 0.0
         self.stop_event = threading.Event()
         self.round_lock_ttl = ROUND_LOCK_TTL
         self._last_resync = time.monotonic()
-        self._recovered = False
         try:
             self.schedule = parse_schedule(settings.train_cron)
         except ValueError as e:
@@ -151,147 +120,22 @@ class TrainerService:
         self.last_sync: Any = None
 
     # ------------------------------------------------------------------ events
-    def _ensure_group(self) -> None:
-        try:
-            self.redis.xgroup_create(EVENTS_STREAM, GROUP, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-
-    def _take(self, entries: list[Any]) -> None:
-        """Take stream entries into the project states; acknowledge at once those that ask for
-        nothing (unknown action, no project) or cannot be read."""
-        now = time.monotonic()
-        for _, messages in entries or []:
-            for msg_id, fields in messages or []:
-                if msg_id is None:  # deleted from the stream while pending (Redis 6)
-                    continue
-                mid = _text(msg_id)
-                if mid in self._held:
-                    continue
-                try:
-                    held = self._take_one(mid, fields, now)
-                except Exception as e:  # a malformed entry must not stop the trainer
-                    log.warning("event %s unreadable (%s); acknowledged and dropped", mid, e)
-                    held = False
-                if not held:
-                    self._ack([mid])
-
-    def _take_one(self, mid: str, raw: Any, now: float) -> bool:
-        """One entry; whether a project state now holds it."""
-        event = TrainerEvent.from_fields(raw)
-        action, target = event.action, event.project
-        if action == SCHEDULED_ROUND:
-            return self._take_scheduled(mid, event)
-        project = event.project_id
-        if project is None or (action not in CHANGE_ACTIONS and action != START_TRAINING):
-            log.info("event %s (%r, project %r) asks for no round", mid, action[:40], target[:40])
-            return False
-        st = self.projects.setdefault(project, ProjectState())
-        st.last_event = now
-        if action == START_TRAINING:
-            st.forced = True
-        else:
-            st.changes += event.changes
-        if now < st.retry_at:
-            # the project backs off after failed rounds: its retry carries this trigger, and the
-            # event is not kept pending for what may be an hour
-            log.debug("event %s: project %s backs off; acknowledged", mid, project)
-            return False
-        st.event_ids.append(mid)
-        self._held.add(mid)
-        return True
-
-    def _take_scheduled(self, event_id: str, event: TrainerEvent) -> bool:
-        """A scheduled firing for one project, or for every known project (``all``) that has
-        no schedule entry of its own. It does not restart the webhook debounce."""
-        target = event.project
-        if target == ALL:
-            known = set(self.cache.projects()) | set(self.projects)
-            projects = sorted(p for p in known if self.schedule.covers_by_default(p))
-        else:
-            project = event.project_id
-            projects = [project] if project is not None else []
-        if not projects:
-            log.info("scheduled round for %s: no project to train", target[:40] or "?")
-            return False
-        for project in projects:
-            st = self.projects.setdefault(project, ProjectState())
-            st.scheduled = True
-            st.event_ids.append(event_id)
-        self._held.add(event_id)
-        return True
-
-    def _ack(self, ids: list[str]) -> None:
-        """Acknowledge events. They leave ``_held`` first: should Redis fail here, they stay
-        pending and come back through :meth:`claim_stale`."""
-        if not ids:
-            return
-        self._held.difference_update(ids)
-        self.redis.xack(EVENTS_STREAM, GROUP, *ids)
+    def _take_event(self, event_id: str, event: TrainerEvent, now: float) -> bool:
+        return take_event(self.projects, event_id, event, now, self.schedule, self.cache.projects)
 
     def held_events(self) -> set[str]:
         """Ids of the events this trainer holds for rounds to come."""
-        return set(self._held)
-
-    def _touch_held(self) -> None:
-        """Reset the idle time of the events this trainer holds (XCLAIM to itself), so that no
-        other trainer takes them over while this one lives."""
-        held = list(self._held)
-        for i in range(0, len(held), 500):
-            self.redis.xclaim(
-                EVENTS_STREAM, GROUP, self.consumer, 0, held[i : i + 500], justid=True
-            )
+        return set(self.inbox.held)
 
     def claim_stale(self) -> int:
-        """Take over the events other consumers (a dead trainer, this one's predecessor under
-        another name) left unacknowledged for ``SAM2UNET_TRAINER_CLAIM_IDLE`` seconds; how many
-        were taken."""
-        self._touch_held()
-        idle_ms = max(1, int(self.settings.trainer_claim_idle * 1000))
-        start: Any = "0-0"
-        taken = 0
-        for _ in range(100):  # at most 10,000 entries per call
-            answer = self.redis.xautoclaim(
-                EVENTS_STREAM, GROUP, self.consumer, idle_ms, start_id=start, count=100
-            )
-            start, messages = answer[0], answer[1]
-            fresh = [(i, f) for i, f in messages if i is not None and _text(i) not in self._held]
-            if fresh:
-                log.info("took over %d event(s) left unacknowledged by another trainer", len(fresh))
-                taken += len(fresh)
-                self._take([(EVENTS_STREAM, fresh)])
-            if _text(start) == "0-0":
-                break
-        return taken
+        """Take over the events other trainers left unacknowledged for
+        ``SAM2UNET_TRAINER_CLAIM_IDLE`` seconds; how many were taken."""
+        return self.inbox.claim_stale(self._take_event)
 
     def poll(self, block_ms: int = 1000) -> None:
         """Read new events (and, first, events this consumer got but never acknowledged)."""
-        if not self._recovered:
-            # once per process: what this consumer read before it died without acknowledging
-            self._ensure_group()
-            self._take(self.redis.xreadgroup(GROUP, self.consumer, {EVENTS_STREAM: "0"}))
-            self._recovered = True
-        now = time.monotonic()
-        if now - self._last_claim >= min(self.settings.trainer_claim_idle / 3, 60.0):
-            self._last_claim = now
-            try:
-                self.claim_stale()
-            except redis.exceptions.ResponseError as e:
-                if "NOGROUP" not in str(e):
-                    raise
-        try:
-            entries = self.redis.xreadgroup(
-                GROUP, self.consumer, {EVENTS_STREAM: ">"}, count=1000, block=block_ms
-            )
-        except redis.exceptions.ResponseError as e:
-            if "NOGROUP" not in str(e):
-                raise
-            log.warning("the event stream is gone (Redis lost its data?); recreating it")
-            self._ensure_group()
+        if not self.inbox.poll(self._take_event, block_ms):
             self._last_resync = 0.0  # changes may have been missed: resync soon
-            return
-        self._take(entries)
 
     # ------------------------------------------------------------------ rounds
     def run_due(self) -> list[RoundReport]:
@@ -299,24 +143,13 @@ class TrainerService:
         now = time.monotonic()
         for project, st in list(self.projects.items()):
             if due(st, self.settings, now):
-                # a scheduled round skips a project with nothing new; other triggers do not
-                scheduled = (
-                    st.scheduled and not st.forced and st.changes < self.settings.train_min_new
-                )
-                if st.forced:
-                    reason = "START_TRAINING"
-                elif st.scheduled:
-                    reason = "scheduled" + (f", {st.changes} change(s)" if st.changes else "")
-                else:
-                    reason = f"{st.changes} change(s)"
-                if st.failures:
-                    reason += f", after {st.failures} failed round(s)"
+                reason, scheduled = round_reason(st, self.settings)
                 report = self._round_safely(project, reason, scheduled)
                 reports.append(report)
                 shared = {i for p, o in self.projects.items() if p != project for i in o.event_ids}
                 done = [i for i in st.event_ids if i not in shared]
-                self.projects[project] = self._after_round(project, st, report)
-                self._ack(done)
+                self.projects[project] = after_round(self.redis, self.settings, project, st, report)
+                self.inbox.ack(done)
         return reports
 
     def _round_safely(self, project: int, reason: str, scheduled: bool) -> RoundReport:
@@ -327,63 +160,6 @@ class TrainerService:
             why = _reason(e)
             log.error("round for project %s failed: %s", project, why, exc_info=_unexpected(e))
             return RoundReport("failed", why, project, None)
-
-    def _after_round(self, project: int, st: ProjectState, report: RoundReport) -> ProjectState:
-        """The project's state after a round: fresh after one that worked; after a failed one,
-        its triggers kept and the next round held back (back-off)."""
-        now = time.monotonic()
-        if report.status != "failed":
-            if st.failures:
-                log.info(
-                    "rounds of project %s work again after %d failed round(s)", project, st.failures
-                )
-                self._set_failing(project, None)
-            return ProjectState(last_round=now)
-        failures = st.failures + 1
-        s = self.settings
-        delay = min(s.train_backoff_max, s.train_backoff * 2.0 ** min(failures - 1, 60))
-        if failures == 1:
-            log.warning(
-                "rounds of project %s fail: %s; trying again in %.0f s, then backing off up to "
-                "%.0f s (SAM2UNET_TRAIN_BACKOFF_MAX)",
-                project,
-                report.reason,
-                delay,
-                s.train_backoff_max,
-            )
-        elif report.reason != st.failure:
-            log.warning("rounds of project %s still fail, now: %s", project, report.reason)
-        else:
-            log.debug(
-                "project %s: round failed again (%d in a row); next try in %.0f s",
-                project,
-                failures,
-                delay,
-            )
-        self._set_failing(project, {"failures": failures, "reason": report.reason,
-                                    "next_try": time.time() + delay})  # fmt: skip
-        return ProjectState(
-            changes=st.changes if (st.forced or st.scheduled) else max(st.changes, 1),
-            forced=st.forced,
-            scheduled=st.scheduled,
-            last_round=now,
-            failures=failures,
-            retry_at=now + delay,
-            failure=report.reason,
-        )
-
-    def _set_failing(self, project: int, row: dict[str, Any] | None) -> None:
-        """Publish (or, ``row`` None, clear) a project's failing rounds for /health."""
-        try:
-            if row is None:
-                self.redis.hdel(FAILING_KEY, str(project))
-                return
-            old = self.redis.hget(FAILING_KEY, str(project))
-            since = json.loads(old).get("since") if old else None
-            row = {**row, "since": since or time.time()}
-            self.redis.hset(FAILING_KEY, str(project), json.dumps(row))
-        except (redis.exceptions.RedisError, ValueError, AttributeError) as e:
-            log.warning("project %s: could not record its failing rounds: %s", project, e)
 
     def training_set(self, project: int) -> tuple[list[str], list[tuple[int, Any, Any]], str]:
         """Sync the project from Label Studio; its labels, annotated samples and a fingerprint
@@ -408,7 +184,7 @@ class TrainerService:
                 report = self._sync_and_run(project, reason, scheduled)
             except Exception as e:  # any failure is this round's outcome, not the trainer's end
                 why = _reason(e)
-                # the failing state's changes are logged once each (_after_round); a bug each time
+                # the failing state's changes are logged once each (after_round); a bug each time
                 level = logging.ERROR if _unexpected(e) else logging.DEBUG
                 log.log(
                     level,
@@ -527,7 +303,7 @@ class TrainerService:
             while not stop.wait(self.round_lock_ttl / 3):
                 try:
                     lock.reacquire()
-                    self._touch_held()  # a long round must not lose its events to a claim
+                    self.inbox.touch_held()  # a long round must not lose its events to a claim
                 except redis.exceptions.RedisError as e:  # LockError too
                     log.warning("could not renew the round lock: %s", e)
 
