@@ -14,6 +14,7 @@ ones alike), so a lazy import inside a function counts too.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,22 +44,94 @@ ALLOWED: dict[str, set[str]] = {
 ALLOWED_TEST_MODULES: dict[str, set[str]] = {"bench": {"tests.lstudio", "tests.services"}}
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module name) of every import in ``path``; relative imports resolved."""
+def repo_module_file(name: str) -> Path | None:
+    """The file of module ``name`` when it is one of the repository's, else None."""
+    if not name:
+        return None
+    path = REPO.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def module_of(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imported_modules(
+    path: Path, *, runtime: bool = False, module_level: bool = False
+) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in ``path``: ``import a.b``, ``from a
+    import b`` (``a.b`` when that is a module of the repository, else ``a``) and relative
+    imports, resolved. ``runtime``: leave out those under ``if TYPE_CHECKING:``;
+    ``module_level``: only those that run when the module is imported (none inside a
+    function)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = path.relative_to(REPO).with_suffix("").parts[:-1]
-    out = []
-    for node in ast.walk(tree):
+    out: list[tuple[int, str]] = []
+
+    def names(node: ast.Import | ast.ImportFrom) -> list[str]:
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = ".".join(package[: len(package) - node.level + 1])
-                name = f"{base}.{node.module}" if node.module else base
+            return [a.name for a in node.names]
+        if node.level:
+            base = ".".join(package[: len(package) - node.level + 1])
+            module = ".".join(p for p in (base, node.module or "") if p)
+        else:
+            module = node.module or ""
+        subs = [f"{module}.{a.name}" for a in node.names]
+        return [m for m in subs if repo_module_file(m)] or [module]
+
+    def visit(node: ast.AST, in_function: bool, type_only: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                if not (runtime and type_only) and not (module_level and in_function):
+                    out.extend((child.lineno, n) for n in names(child) if n)
+                continue
+            if isinstance(child, ast.If) and _is_type_checking(child.test):
+                for part in child.body:
+                    visit(ast.Module(body=[part], type_ignores=[]), in_function, True)
+                for part in child.orelse:
+                    visit(ast.Module(body=[part], type_ignores=[]), in_function, type_only)
+                continue
+            func = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            visit(child, in_function or func, type_only)
+
+    visit(tree, False, False)
+    return sorted(set(out))
+
+
+def reached(start: str, own_package: str) -> dict[str, list[str]]:
+    """What importing module ``start`` and calling its functions can import: the repository's
+    modules (with their parent packages) and the top-level names of others, each with the
+    chain of imports that reaches it. Modules of ``own_package`` count with every import they
+    hold (lazy ones inside functions too); any other module reached counts with those that run
+    when it is imported. Imports under ``if TYPE_CHECKING:`` never run and do not count."""
+    chains = {start: [start]}
+    todo = [start]
+    while todo:
+        mod = todo.pop()
+        path = repo_module_file(mod)
+        if path is None:
+            continue
+        own = mod.split(".")[0] == own_package
+        for _, name in imported_modules(path, runtime=True, module_level=not own):
+            parts = name.split(".")
+            if repo_module_file(name) or repo_module_file(parts[0]):
+                targets = [".".join(parts[: i + 1]) for i in range(len(parts))]
             else:
-                name = node.module or ""
-            out.append((node.lineno, name))
-    return out
+                targets = [parts[0]]
+            for target in targets:
+                if target not in chains:
+                    chains[target] = [*chains[mod], target]
+                    todo.append(target)
+    return chains
 
 
 def product_files(package: str) -> list[Path]:
@@ -99,36 +172,115 @@ def test_nothing_imports_common() -> None:
 
 
 def test_checker_catches_a_service_importing_another(tmp_path: Path, monkeypatch) -> None:
-    """The check itself: a worker module importing the backend, lazily inside a function, and
-    a module importing ``common`` are both reported."""
+    """The check itself: a worker module importing the backend, lazily inside a function, by a
+    plain ``import a.b``, by a relative import, and a module importing ``common`` are all
+    reported."""
     fake = tmp_path / "worker"
     fake.mkdir()
     (fake / "bad.py").write_text(
         "def f():\n    from backend.metrics import RedisCollector\n    import common.jobs\n"
+        "import trainer.service as service\n"
+        "from ..backend import app\n"
     )
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     found = violations("worker", ALLOWED["worker"])
     assert found == [
         "worker/bad.py:2 imports backend.metrics",
         "worker/bad.py:3 imports common.jobs (no package named common exists)",
+        "worker/bad.py:4 imports trainer.service",
+        "worker/bad.py:5 imports backend",
     ]
 
 
-def test_sam2unet_modules_form_no_import_circle() -> None:
-    """Module-level imports inside ``sam2unet`` form a DAG (config <- build <- checkpoints ...)."""
+def test_checker_follows_imports_of_every_form(tmp_path: Path, monkeypatch) -> None:
+    """The transitive check itself: a relative import, ``from package import module``, a plain
+    ``import a.b`` and a lazy import of the own package are followed; a lazy import elsewhere
+    and imports under ``if TYPE_CHECKING:`` are not (they never run on import)."""
+    files = {
+        "contracts/__init__.py": "",
+        "contracts/a.py": "from .b import thing\n",
+        "contracts/b.py": "thing = 1\ndef f():\n    from sam2unet import m\n",
+        "sam2unet/__init__.py": "",
+        "sam2unet/m.py": "import sam2unet.n\nfrom typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    import gdown\n",
+        "sam2unet/n.py": "import torch\ndef g():\n    import sam2\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    chains = reached("contracts.a", "contracts")
+    assert chains["torch"] == ["contracts.a", "contracts.b", "sam2unet.m", "sam2unet.n", "torch"]
+    assert "gdown" not in chains and "sam2" not in chains
+
+
+#: What importing any module of ``contracts`` (and calling its functions) must never import.
+NOT_IN_CONTRACTS = ("torch", "torchvision", "sam2", "gdown")
+
+
+def test_contracts_import_no_torch() -> None:
+    """``contracts`` is what every service agrees on, the backend included: no module of it
+    imports torch (or sam2, or the downloader), directly or through what it imports."""
+    bad = []
+    for path in product_files("contracts"):
+        chains = reached(module_of(path), "contracts")
+        bad += [" -> ".join(chains[name]) for name in NOT_IN_CONTRACTS if name in chains]
+    assert bad == []
+
+
+def test_importing_every_contracts_module_loads_no_torch() -> None:
+    code = (
+        "import importlib, pkgutil, sys, contracts\n"
+        "for m in pkgutil.iter_modules(contracts.__path__):\n"
+        "    importlib.import_module('contracts.' + m.name)\n"
+        f"print(sorted(set({NOT_IN_CONTRACTS!r}) & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_event_stream_name_is_defined_once() -> None:
+    """One definition of the trainer's event stream (contracts.events): no other module assigns
+    ``EVENTS_STREAM`` or spells its name."""
+    from contracts.events import EVENTS_STREAM
+
+    hits = []
+    for folder in (*sorted(PACKAGES), "bench", "tests", "docker"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            where = path.relative_to(REPO)
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Constant) and node.value == EVENTS_STREAM:
+                    hits.append(f"{where} spells {EVENTS_STREAM!r}")
+                targets = (
+                    node.targets
+                    if isinstance(node, ast.Assign)
+                    else [node.target]
+                    if isinstance(node, (ast.AnnAssign, ast.AugAssign))
+                    else []
+                )
+                for t in targets:
+                    name = t.id if isinstance(t, ast.Name) else getattr(t, "attr", None)
+                    if name == "EVENTS_STREAM":
+                        hits.append(f"{where} assigns EVENTS_STREAM")
+    assert sorted(hits) == [
+        "contracts/events.py assigns EVENTS_STREAM",
+        f"contracts/events.py spells {EVENTS_STREAM!r}",
+    ]
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_modules_form_no_import_circle(package: str) -> None:
+    """The imports among a package's modules (lazy ones too; ``import a.b``, ``from a import
+    b`` and relative ones alike) form a DAG: e.g. sam2unet's config <- build <- checkpoints,
+    trainer's schedule and service (the schedule once imported the service lazily)."""
     graph: dict[str, set[str]] = {}
-    for path in product_files("sam2unet"):
-        mod = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-        tree = ast.parse(path.read_text())
-        deps = set()
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.ImportFrom)
-                and node.level == 0
-                and (node.module or "").startswith("sam2unet")
-            ):
-                deps.add(node.module)
-        graph[mod] = deps - {mod}
+    for path in product_files(package):
+        mod = module_of(path)
+        deps = {n for _, n in imported_modules(path, runtime=True) if n.split(".")[0] == package}
+        graph[mod] = deps - {mod, package}
     state: dict[str, int] = {}
 
     def visit(m: str, trail: list[str]) -> None:
