@@ -22,6 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from modelstore.versions import versions_json
+from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
+
 log = logging.getLogger(__name__)
 
 VERSIONS_PNG = "versions.png"
@@ -30,9 +33,11 @@ TRAINING_PNG = "training.png"
 ROUND_METRICS = ("miou", "mdice", "sm", "wfm", "mean_em", "max_fm", "mae")
 GREEN, RED, GREY, BLUE, ORANGE = "#2e7d32", "#c62828", "#9e9e9e", "#1565c0", "#ef6c00"
 DPI = 110
+BAR = 0.38  # width of a bar of the held-out plot
 
 
 def _figure(width: float, height: float) -> Any:
+    # matplotlib takes a third of a second to import: only when a plot is drawn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -52,8 +57,6 @@ def _finite(v: Any) -> bool:
 
 
 def _metric_name(key: str) -> str:
-    from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
-
     name = METRIC_NAMES.get(key, key).replace(" (", "\n(").replace("weighted F", "weighted\nF")
     return f"{name}\n(lower is\nbetter)" if key in LOWER_IS_BETTER else name
 
@@ -75,11 +78,17 @@ def training_png(
     :class:`sam2unet.training.EpochRecord` dicts) and candidate vs current held-out metrics;
     ``decision`` (:class:`trainer.promotion.PairedDecision` as JSON) adds the paired
     interval of the difference, drawn on the candidate's bar of the deciding metric."""
-    from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
-
     fig = _figure(11.5, 4.6)
     ax_loss, ax_val = fig.subplots(1, 2, width_ratios=(1, 1.25))
+    _draw_loss(ax_loss, history, train_size)
+    _draw_held_out(ax_val, current, candidate, metric, promoted, parent, val_size, decision or {})
+    where = f"project {project}" if project is not None else "training round"
+    fig.suptitle(f"sam2unet-assist: {where}, fine-tuned from {parent or 'none'}", fontsize=12)
+    return _png(fig)
 
+
+def _draw_loss(ax_loss: Any, history: Sequence[Mapping[str, Any]], train_size: int) -> None:
+    """Training loss per epoch, with the learning rate on a second axis."""
     epochs = [int(h["epoch"]) for h in history]
     losses = [float(h["loss"]) for h in history]
     ax_loss.plot(epochs, losses, marker="o", color=BLUE, label="training loss")
@@ -87,53 +96,49 @@ def training_png(
     ax_loss.set_ylabel("loss (weighted BCE + IoU)", color=BLUE)
     ax_loss.set_title(f"Fine-tuning: {train_size} task(s), {len(epochs)} epoch(s)")
     ax_loss.grid(alpha=0.3)
-    if epochs:
-        ax_loss.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
-        lrs = [float(h.get("lr", float("nan"))) for h in history]
-        if any(_finite(v) for v in lrs):
-            ax_lr = ax_loss.twinx()
-            ax_lr.plot(epochs, lrs, linestyle="--", color=GREY, label="learning rate")
-            ax_lr.set_ylabel("learning rate", color=GREY)
-            ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-            lines = ax_loss.get_lines() + ax_lr.get_lines()
-            ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
-    else:
+    if not epochs:
         ax_loss.text(0.5, 0.5, "no epoch recorded", ha="center", transform=ax_loss.transAxes)
+        return
+    ax_loss.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
+    lrs = [float(h.get("lr", float("nan"))) for h in history]
+    if any(_finite(v) for v in lrs):
+        ax_lr = ax_loss.twinx()
+        ax_lr.plot(epochs, lrs, linestyle="--", color=GREY, label="learning rate")
+        ax_lr.set_ylabel("learning rate", color=GREY)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        lines = ax_loss.get_lines() + ax_lr.get_lines()
+        ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
 
+
+def _draw_held_out(
+    ax_val: Any,
+    current: Mapping[str, float],
+    candidate: Mapping[str, float],
+    metric: str,
+    promoted: bool,
+    parent: str | None,
+    val_size: int,
+    decision: Mapping[str, Any],
+) -> None:
+    """Current and candidate side by side on each held-out metric, the deciding one in bold,
+    with the paired interval when ``decision`` has one."""
     keys = [k for k in ROUND_METRICS if _finite(current.get(k)) or _finite(candidate.get(k))]
     if metric not in keys and (_finite(current.get(metric)) or _finite(candidate.get(metric))):
         keys.insert(0, metric)
     xs = list(range(len(keys)))
-    width = 0.38
     cur = [float(current.get(k, float("nan"))) for k in keys]
     cand = [float(candidate.get(k, float("nan"))) for k in keys]
     colour = GREEN if promoted else RED
     bars_cur = ax_val.bar(
-        [x - width / 2 for x in xs], cur, width, color=GREY, label=f"current ({parent or 'none'})"
+        [x - BAR / 2 for x in xs], cur, BAR, color=GREY, label=f"current ({parent or 'none'})"
     )
-    bars_cand = ax_val.bar(
-        [x + width / 2 for x in xs], cand, width, color=colour, label="candidate"
-    )
+    bars_cand = ax_val.bar([x + BAR / 2 for x in xs], cand, BAR, color=colour, label="candidate")
     for bars in (bars_cur, bars_cand):
         ax_val.bar_label(bars, fmt="%.2f", fontsize=7.5, padding=2)
     interval = ""
-    d = decision or {}
-    if metric in keys and all(_finite(d.get(k)) for k in ("mean", "low", "high")):
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # the difference is "positive: better"
-        base = cur[keys.index(metric)]
-        lo, hi = sorted((base + sign * d["low"], base + sign * d["high"]))
-        ax_val.errorbar(
-            [keys.index(metric) + width / 2],
-            [(lo + hi) / 2],
-            yerr=[[(hi - lo) / 2], [(hi - lo) / 2]],
-            fmt="none",
-            ecolor="black",
-            capsize=5,
-            lw=1.5,
-        )
-        interval = (
-            f"\ndifference {d['mean']:+.3f}, {d.get('confidence', 0):.0%} bounds "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}], promote if lower >= {-(d.get('tolerance') or 0) + 0.0:+.3f}"
+    if metric in keys and all(_finite(decision.get(k)) for k in ("mean", "low", "high")):
+        interval = _draw_interval(
+            ax_val, keys.index(metric), cur[keys.index(metric)], metric, decision
         )
     ax_val.set_xticks(xs, [_metric_name(k) for k in keys], fontsize=9)
     if metric in keys:
@@ -153,9 +158,26 @@ def training_png(
     else:
         ax_val.text(0.5, 0.5, "no held-out metrics", ha="center", transform=ax_val.transAxes)
     ax_val.grid(axis="y", alpha=0.3)
-    where = f"project {project}" if project is not None else "training round"
-    fig.suptitle(f"sam2unet-assist: {where}, fine-tuned from {parent or 'none'}", fontsize=12)
-    return _png(fig)
+
+
+def _draw_interval(ax_val: Any, x: int, base: float, metric: str, d: Mapping[str, Any]) -> str:
+    """The paired interval of the difference on the candidate's bar at ``x`` (from the
+    current version's score ``base``); returns the line it adds to the title."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0  # the difference is "positive: better"
+    lo, hi = sorted((base + sign * d["low"], base + sign * d["high"]))
+    ax_val.errorbar(
+        [x + BAR / 2],
+        [(lo + hi) / 2],
+        yerr=[[(hi - lo) / 2], [(hi - lo) / 2]],
+        fmt="none",
+        ecolor="black",
+        capsize=5,
+        lw=1.5,
+    )
+    return (
+        f"\ndifference {d['mean']:+.3f}, {d.get('confidence', 0):.0%} bounds "
+        f"[{d['low']:+.3f}, {d['high']:+.3f}], promote if lower >= {-(d.get('tolerance') or 0) + 0.0:+.3f}"
+    )
 
 
 def safe_training_png(report: Any, promoted: bool) -> bytes | None:
@@ -266,8 +288,6 @@ def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
 def write_versions_png(registry: Any, settings: Any) -> Path | None:
     """Redraw ``MODEL_DIR/versions.png`` (atomically); None (logged) when it cannot be drawn."""
-    from modelstore.versions import versions_json
-
     path = Path(settings.model_dir) / VERSIONS_PNG
     try:
         data = versions_png(versions_json(registry, settings))
