@@ -205,8 +205,16 @@ def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """Every version as a PNG. ``rows``: :func:`modelstore.versions.versions_json` (oldest first)."""
     fig = _figure(min(18.0, max(7.5, 1.0 + 0.75 * len(rows))), 4.8)
     ax = fig.subplots()
+    _draw_version_metrics(ax, rows)
+    _draw_correction_rates(ax, rows)
+    _draw_version_axes(ax, rows)
+    return _png(fig)
+
+
+def _draw_version_metrics(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Held-out mIoU and S-measure per version: promoted ones filled and joined by a line,
+    others hollow."""
     xs = list(range(len(rows)))
-    names = [r["version"] for r in rows]
     series = (
         ("miou", "held-out mIoU", BLUE, "o"),
         ("sm", "held-out S-measure", GREEN, "s"),
@@ -241,9 +249,11 @@ def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
                     color=colour,
                 )
         ax.plot([], [], color=colour, marker=marker, label=label)
-    corr = [
-        (x, (r.get("correction_rate") or {}).get("mean")) for x, r in zip(xs, rows, strict=True)
-    ]
+
+
+def _draw_correction_rates(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The annotators' mean correction rate per version, as bars."""
+    corr = [(x, (r.get("correction_rate") or {}).get("mean")) for x, r in enumerate(rows)]
     corr = [(x, float(v)) for x, v in corr if _finite(v)]
     if corr:
         ax.bar(
@@ -254,6 +264,12 @@ def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
             alpha=0.35,
             label="correction rate: 1 − Dice(pre-annotation, final annotation); lower is better",
         )
+
+
+def _draw_version_axes(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The current version shaded, the version names, the legend and the title."""
+    xs = list(range(len(rows)))
+    names = [r["version"] for r in rows]
     for x, r in enumerate(rows):
         if r.get("current"):
             ax.axvspan(x - 0.45, x + 0.45, color=GREEN, alpha=0.08, lw=0)
@@ -283,7 +299,6 @@ def versions_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
     if not rows:
         ax.text(0.5, 0.5, "no versions yet", ha="center", va="center", transform=ax.transAxes)
-    return _png(fig)
 
 
 def write_versions_png(registry: Any, settings: Any) -> Path | None:
