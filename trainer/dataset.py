@@ -40,37 +40,17 @@ from typing import Any
 import numpy as np
 
 from contracts.errors import AnnotationFormatError, AssistError
-from labelstudio.codecs import results_to_masks
 from labelstudio.labelconfig import Target, parse_label_config
-from labelstudio.prompts import annotation_prompts, mask_labels, parse_context, prompt_labels
 from sam2unet.transforms import decode_image, turned_on_screen
-from trainer.prompt_masks import PromptMasks, PromptsWithoutMask
+from trainer.annotated_tasks import iso_time, latest_submitted, parse_time, read_by_id
+from trainer.prompt_masks import PromptMasks
+from trainer.samples import Sample, SampleDerivation
 
 log = logging.getLogger(__name__)
 
-OUR_VERSION_PREFIX = "sam2unet-"
 #: Images and masks are in the frame an image is displayed in (EXIF orientation applied).
 #: Manifests without it were derived on the stored pixels.
 DISPLAYED_FRAME = "displayed"
-
-
-@dataclass
-class Sample:
-    """One annotated task of the training set."""
-
-    task: int
-    annotation: int
-    updated_at: str
-    image: str  # sha256 of the image bytes
-    mask: str  # file name under the project's masks/
-    height: int
-    width: int
-    labels_present: list[str] = field(default_factory=list)
-    # 1 - Dice between the pre-annotation the annotator started from and the final label
-    correction: dict[str, Any] | None = None
-    # masks derived from the annotation's smart keypoints/rectangles (it held none of those
-    # labels): {"version": the version whose SAM2 head answered them, "labels": [...]}
-    derived: dict[str, Any] | None = None
 
 
 @dataclass
@@ -124,68 +104,7 @@ class SyncReport:
     prompts: dict[str, Any] = field(default_factory=dict)
 
 
-def latest_submitted(annotations: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The task's most recently updated annotation that was not cancelled (skipped)."""
-    kept = [a for a in annotations or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not kept:
-        return None
-    return max(kept, key=lambda a: (str(a.get("updated_at") or ""), int(a.get("id") or 0)))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1 when both are empty)."""
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
-
-
-def _annotated(after: int, since: str | None = None) -> dict[str, Any]:
-    """The data manager query of annotated tasks after task id ``after`` (updated after
-    ``since``), in order of id."""
-    items = [
-        {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after},
-        {
-            "filter": "filter:tasks:total_annotations",
-            "operator": "greater",
-            "type": "Number",
-            "value": 0,
-        },
-    ]
-    if since is not None:
-        items.append(
-            {"filter": "filter:tasks:updated_at", "operator": "greater", "type": "Datetime",
-             "value": since}
-        )  # fmt: skip
-    return {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
-
-
-def read_by_id(
-    client: Any, project: int, since: str | None, page_size: int, **kw: Any
-) -> list[dict[str, Any]]:
-    """The project's annotated tasks (updated after ``since``), read in pages by task id."""
-    out: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        tasks, _ = client.task_page(project, 1, page_size, query=_annotated(after, since), **kw)
-        out += tasks
-        ids = [t["id"] for t in tasks if isinstance(t.get("id"), int)]
-        if len(tasks) < page_size or not ids:
-            return out
-        after = max(ids)
-
-
-def _parse_time(value: str) -> dt.datetime | None:
-    try:
-        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return None
-    return t if t.tzinfo is not None else None
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class DatasetCache:
+class DatasetCache(SampleDerivation):
     """The derived training data of every project, under ``root``. ``margin``: seconds an
     incremental sync reads before the last sync's start; ``full_every``: seconds between full
     reads (0: every sync is full)."""
@@ -318,13 +237,13 @@ class DatasetCache:
             return "labelling config changed"
         if self.full_every <= 0 or time.time() - old.full_at >= self.full_every:
             return f"periodic (every {self.full_every:.0f} s)"
-        cursor = _parse_time(old.cursor)
+        cursor = parse_time(old.cursor)
         if cursor is None:
             return "no cursor in the manifest"
         if now is None:
             return "Label Studio's clock unknown (no Date header)"
         if cursor > now + dt.timedelta(seconds=self.margin):
-            return f"cursor {old.cursor} later than Label Studio's clock {_iso(now)}"
+            return f"cursor {old.cursor} later than Label Studio's clock {iso_time(now)}"
         return ""
 
     def sync(
@@ -366,7 +285,7 @@ class DatasetCache:
             annotated = None
         else:
             assert old is not None
-            since = _iso(_parse_time(old.cursor) - dt.timedelta(seconds=self.margin))
+            since = iso_time(parse_time(old.cursor) - dt.timedelta(seconds=self.margin))
             tasks = read_by_id(client, project, since, self.page_size, full=True)
             if old.retry:  # tasks whose annotation was not usable last time: tried again
                 seen = {t.get("id") for t in tasks}
@@ -418,7 +337,7 @@ class DatasetCache:
             else:
                 updated += 1
         removed = len(set(prev) - set(new))
-        cursor = _iso(now) if now is not None else ""
+        cursor = iso_time(now) if now is not None else ""
         manifest = Manifest(
             project,
             labels,
@@ -459,177 +378,11 @@ class DatasetCache:
         )
         return report
 
-    def _prompt_report(self, project: int, samples: dict[str, Sample]) -> dict[str, Any]:
-        """The sync's count of annotations holding prompts but no mask (see SyncReport), with a
-        log line when some were not used."""
-        out = {
-            "derived": sum(1 for s in samples.values() if s.derived),
-            "derived_now": self._tally["derived_now"],
-            "skipped": self._tally["skipped"],
-            "enabled": self.derive_prompt_masks,
-        }
-        if self.prompt_masks is not None:
-            self.prompt_masks.release()
-        if out["skipped"]:
-            log.warning(
-                "project %s: %d annotation(s) hold smart keypoints/rectangles but no mask of "
-                "their label and are not used for training (%s); submit after accepting the "
-                "suggestion (✓)",
-                project,
-                out["skipped"],
-                "SAM2UNET_DERIVE_PROMPT_MASKS=false"
-                if not self.derive_prompt_masks
-                else "no mask could be derived from their prompts",
-            )
-        return out
-
-    def _prompts_changed(self, have: Sample, ann: dict[str, Any], target: Target) -> bool:
-        """Whether an unchanged annotation's sample must be derived again for its prompts: its
-        masks were derived and the setting is now off, or it was made with no mask at all from
-        an annotation that holds prompts (before masks were derived from them)."""
-        if have.derived:
-            return not self.derive_prompt_masks
-        return not have.labels_present and bool(annotation_prompts(ann.get("result") or [], target))
-
-    def _prompts_to_derive(
-        self, task: dict[str, Any], ann: dict[str, Any], target: Target
-    ) -> tuple[list[Any], set[str], str | None]:
-        """(the annotation's prompt items, the labels they prompt that it holds no mask of,
-        the version whose SAM2 head answers them). Raises :class:`PromptsWithoutMask` (counted)
-        for an annotation that such labels make unusable without deriving them: the setting is
-        off, or its prompts are negative clicks only. Reads no image."""
-        results = ann.get("result") or []
-        items = annotation_prompts(results, target)
-        if not items:
-            return [], set(), None
-        derive = self.derive_prompt_masks and self.prompt_masks is not None
-        version, why = None, "SAM2UNET_DERIVE_PROMPT_MASKS=false, or nothing to derive masks with"
-        channels = list(enumerate(target.labels))
-        if derive:
-            assert self.prompt_masks is not None
-            try:
-                version = self.prompt_masks.version_for(task, ann)
-                channels = self.prompt_masks.channels(version, target)
-            except PromptsWithoutMask as e:
-                version, why = None, e.message
-        wanted = prompt_labels(items, target, channels) - mask_labels(results, target)
-        if not wanted:
-            return items, set(), version
-        if version is None:
-            self._tally["skipped"] += 1
-            raise PromptsWithoutMask(
-                f"it holds smart keypoints/rectangles but no mask of {sorted(wanted)} ({why})"
-            )
-        # percentages: the objects left do not depend on the image's size
-        parsed = parse_context({"result": items}, 1000, 1000, target.to_name)
-        if not parsed.boxes and not parsed.points:
-            self._tally["skipped"] += 1
-            raise PromptsWithoutMask(
-                f"it holds no mask of {sorted(wanted)} and its prompts are negative clicks "
-                "only: no mask to derive"
-            )
-        return items, wanted, version
-
-    def _derive(
-        self,
-        project: int,
-        task: dict[str, Any],
-        ann: dict[str, Any],
-        target: Target,
-        fetch: Callable[[str, str | None, int | None], bytes],
-    ) -> Sample:
-        url = (task.get("data") or {}).get(target.value_key)
-        if not isinstance(url, str) or not url:
-            raise AnnotationFormatError(f"task data has no image under {target.value_key!r}")
-        items, wanted, version = self._prompts_to_derive(task, ann, target)
-        data = fetch(url, None, task.get("id"))
-        digest = self._store_image(data)
-        rgb = decode_image(data)
-        h, w = rgb.shape[:2]
-        by_label = results_to_masks(ann.get("result") or [], target, h, w)
-        derived = None
-        if wanted:
-            assert self.prompt_masks is not None and version is not None
-            try:
-                found = self.prompt_masks.masks(rgb, items, target, version, wanted)
-            except PromptsWithoutMask:
-                self._tally["skipped"] += 1
-                raise
-            if not found and not by_label:
-                self._tally["skipped"] += 1
-                raise PromptsWithoutMask(
-                    f"it holds no mask of {sorted(wanted)} and SAM2's head of {version} gives "
-                    "none from its prompts"
-                )
-            if found:
-                by_label.update(found)
-                derived = {"version": version, "labels": sorted(found)}
-                self._tally["derived_now"] += 1
-            log.info(
-                "project %s task %s: annotation %s holds smart keypoints/rectangles but no mask "
-                "of %s: masks of %s derived from them with SAM2's head of %s%s",
-                project,
-                task.get("id"),
-                ann.get("id"),
-                sorted(wanted),
-                sorted(found) or "no label",
-                version,
-                f" ({sorted(wanted - set(found))}: empty answer)" if wanted - set(found) else "",
-            )
-        masks = np.zeros((len(target.labels), h, w), dtype=np.uint8)
-        for k, label in enumerate(target.labels):
-            if label in by_label:
-                masks[k] = by_label[label].astype(np.uint8) * 255
-        stamp = hashlib.sha1(str(ann.get("updated_at")).encode()).hexdigest()[:10]
-        name = f"{task['id']}-{ann.get('id')}-{stamp}.npz"
-        np.savez_compressed(self.project_dir(project) / "masks" / name, masks=masks)
-        sample = Sample(
-            task=int(task["id"]),
-            annotation=int(ann.get("id") or 0),
-            updated_at=str(ann.get("updated_at") or ""),
-            image=digest,
-            mask=name,
-            height=h,
-            width=w,
-            labels_present=[lab for lab in target.labels if lab in by_label],
-            derived=derived,
-        )
-        sample.correction = correction_of(task, ann, target, masks > 0)
-        return sample
-
     def _drop_unused_masks(self, project: int, manifest: Manifest) -> None:
         used = {s.mask for s in manifest.samples.values()}
         for p in (self.project_dir(project) / "masks").glob("*.npz"):
             if p.name not in used:
                 p.unlink(missing_ok=True)
-
-
-def correction_of(
-    task: dict[str, Any], ann: dict[str, Any], target: Target, final: np.ndarray
-) -> dict[str, Any] | None:
-    """How much the annotator changed our pre-annotation: 1 - Dice(prediction, final label),
-    over the union of labels, for the newest of our predictions created before the annotation."""
-    ours = [
-        p
-        for p in task.get("predictions") or []
-        if isinstance(p, dict)
-        and str(p.get("model_version") or "").startswith(OUR_VERSION_PREFIX)
-        and not str(p.get("model_version")).endswith("/failed")
-        and str(p.get("created_at") or "") <= str(ann.get("created_at") or "~")
-    ]
-    if not ours:
-        return None
-    pred = max(ours, key=lambda p: str(p.get("created_at") or ""))
-    _, h, w = final.shape
-    try:
-        by_label = results_to_masks(pred.get("result") or [], target, h, w)
-    except AnnotationFormatError:
-        return None
-    predicted = np.zeros((h, w), dtype=bool)
-    for m in by_label.values():
-        predicted |= m
-    rate = 1.0 - dice(predicted, final.any(axis=0))
-    return {"version": pred["model_version"], "rate": round(rate, 6)}
 
 
 def correction_rates(cache: DatasetCache) -> dict[str, dict[str, float]]:

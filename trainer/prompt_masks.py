@@ -4,7 +4,7 @@ An annotator who submits while the smart tool's suggestion is pending (before âœ
 the prompts: Label Studio drops the suggested mask without a warning. When
 ``SAM2UNET_DERIVE_PROMPT_MASKS`` is on (the default), the trainer answers those prompts again
 with SAM2's promptable head of the version that served them and trains on that mask, marked
-as derived in the dataset (:attr:`trainer.dataset.Sample.derived`). The answer is the worker's
+as derived in the dataset (:attr:`trainer.samples.Sample.derived`). The answer is the worker's
 (:func:`labelstudio.prompts.sam2_masks` on :func:`labelstudio.prompts.parse_context`), so the
 same weights and prompts give the same mask.
 
