@@ -104,6 +104,16 @@ class SyncReport:
     prompts: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _SyncCounts:
+    """What a sync did to the tasks it read."""
+
+    added: int = 0
+    updated: int = 0
+    failed: int = 0
+    retry: list[int] = field(default_factory=list)  # tasks to read again next time
+
+
 class DatasetCache(SampleDerivation):
     """The derived training data of every project, under ``root``. ``margin``: seconds an
     incremental sync reads before the last sync's start; ``full_every``: seconds between full
@@ -264,46 +274,80 @@ class DatasetCache(SampleDerivation):
         info = client.get_project(project)
         target = target or parse_label_config(info["label_config"])
         old = self.load_manifest(project)
-        labels = list(target.labels)
-        target_json = json.loads(json.dumps(asdict(target)))  # as the manifest holds it
-        reason = self._full_reason(old, target_json, now, full)
-        if old is not None and old.labels != labels:
+        reason = self._full_reason(old, json.loads(json.dumps(asdict(target))), now, full)
+        if old is not None and old.labels != list(target.labels):
             log.info(
                 "project %s: labels changed %s -> %s; re-deriving masks",
                 project,
                 old.labels,
-                labels,
+                list(target.labels),
             )
             old = None
         prev = old.samples if old is not None else {}
-        mask_dir = self.project_dir(project) / "masks"
-        mask_dir.mkdir(parents=True, exist_ok=True)
+        (self.project_dir(project) / "masks").mkdir(parents=True, exist_ok=True)
+        tasks, new, annotated = self._read_tasks(client, project, old, reason, prev)
+        counts = self._update_samples(project, tasks, prev, new, annotated, target, fetch)
+        manifest = Manifest(
+            project,
+            list(target.labels),
+            asdict(target),
+            new,
+            time.time(),
+            cursor=iso_time(now) if now is not None else "",
+            full_at=time.time() if reason or old is None else old.full_at,
+            retry=sorted(set(counts.retry)),
+        )
+        self._save_manifest(manifest)
+        self._drop_unused_masks(project, manifest)
+        return self._sync_report(project, prev, new, counts, reason, len(tasks), t0)
+
+    def _read_tasks(
+        self,
+        client: Any,
+        project: int,
+        old: Manifest | None,
+        reason: str,
+        prev: dict[str, Sample],
+    ) -> tuple[list[dict[str, Any]], dict[str, Sample], set[int] | None]:
+        """(the tasks to read with their annotations, the samples kept before reading them,
+        the ids of every annotated task or None after a full read). A full read exports the
+        project; an incremental one reads the tasks updated since the cursor (less the
+        margin), the tasks to retry, and the ids of every annotated task."""
         if reason:
             log.info("project %s: full sync: %s", project, reason)
-            tasks = client.export_project(project)
-            new: dict[str, Sample] = {}
-            annotated = None
-        else:
-            assert old is not None
-            since = iso_time(parse_time(old.cursor) - dt.timedelta(seconds=self.margin))
-            tasks = read_by_id(client, project, since, self.page_size, full=True)
-            if old.retry:  # tasks whose annotation was not usable last time: tried again
-                seen = {t.get("id") for t in tasks}
-                retry = [t for t in old.retry if t not in seen]
-                for start in range(0, len(retry), 100):
-                    chunk = retry[start : start + 100]
-                    query = {"selectedItems": {"all": False, "included": chunk}}
-                    got, _ = client.task_page(project, 1, len(chunk), full=True, query=query)
-                    tasks += got
-            # every annotated task's id: samples of tasks gone or without annotations go
-            annotated = {
-                t["id"]
-                for t in read_by_id(client, project, None, self.page_size, include=("id",))
-                if isinstance(t.get("id"), int)
-            }
-            new = {k: v for k, v in prev.items() if int(k) in annotated}
-        added = updated = failed = 0
-        retry_next: list[int] = []
+            return client.export_project(project), {}, None
+        assert old is not None
+        since = iso_time(parse_time(old.cursor) - dt.timedelta(seconds=self.margin))
+        tasks = read_by_id(client, project, since, self.page_size, full=True)
+        if old.retry:  # tasks whose annotation was not usable last time: tried again
+            seen = {t.get("id") for t in tasks}
+            retry = [t for t in old.retry if t not in seen]
+            for start in range(0, len(retry), 100):
+                chunk = retry[start : start + 100]
+                query = {"selectedItems": {"all": False, "included": chunk}}
+                got, _ = client.task_page(project, 1, len(chunk), full=True, query=query)
+                tasks += got
+        # every annotated task's id: samples of tasks gone or without annotations go
+        annotated = {
+            t["id"]
+            for t in read_by_id(client, project, None, self.page_size, include=("id",))
+            if isinstance(t.get("id"), int)
+        }
+        return tasks, {k: v for k, v in prev.items() if int(k) in annotated}, annotated
+
+    def _update_samples(
+        self,
+        project: int,
+        tasks: list[dict[str, Any]],
+        prev: dict[str, Sample],
+        new: dict[str, Sample],
+        annotated: set[int] | None,
+        target: Target,
+        fetch: Callable[[str, str | None, int | None], bytes],
+    ) -> _SyncCounts:
+        """Each read task's sample into ``new``: kept when its annotation is unchanged, derived
+        again when it changed, dropped when it has none; an unusable one is retried next."""
+        counts = _SyncCounts()
         for task in tasks:
             tid = task.get("id")
             if not isinstance(tid, int):
@@ -313,54 +357,51 @@ class DatasetCache(SampleDerivation):
             if ann is None or (annotated is not None and tid not in annotated):
                 new.pop(key, None)
                 continue
-            stamp = str(ann.get("updated_at") or "")
             have = prev.get(key)
             if (
                 have is not None
                 and have.annotation == ann.get("id")
-                and have.updated_at == stamp
+                and have.updated_at == str(ann.get("updated_at") or "")
                 and not self._prompts_changed(have, ann, target)
             ):
                 new[key] = have
                 continue
             try:
-                sample = self._derive(project, task, ann, target, fetch)
+                new[key] = self._derive(project, task, ann, target, fetch)
             except (AssistError, AnnotationFormatError) as e:
-                failed += 1
-                retry_next.append(tid)
+                counts.failed += 1
+                counts.retry.append(tid)
                 new.pop(key, None)
                 log.warning("project %s task %s: annotation not used: %s", project, tid, e)
                 continue
-            new[key] = sample
             if have is None:
-                added += 1
+                counts.added += 1
             else:
-                updated += 1
+                counts.updated += 1
+        return counts
+
+    def _sync_report(
+        self,
+        project: int,
+        prev: dict[str, Sample],
+        new: dict[str, Sample],
+        counts: _SyncCounts,
+        reason: str,
+        read: int,
+        t0: float,
+    ) -> SyncReport:
         removed = len(set(prev) - set(new))
-        cursor = iso_time(now) if now is not None else ""
-        manifest = Manifest(
-            project,
-            labels,
-            asdict(target),
-            new,
-            time.time(),
-            cursor=cursor,
-            full_at=time.time() if reason or old is None else old.full_at,
-            retry=sorted(set(retry_next)),
-        )
-        self._save_manifest(manifest)
-        self._drop_unused_masks(project, manifest)
         report = SyncReport(
             project,
             len(new),
-            added,
-            updated,
+            counts.added,
+            counts.updated,
             removed,
-            failed,
+            counts.failed,
             time.monotonic() - t0,
             mode="full" if reason else "incremental",
             reason=reason,
-            read=len(tasks),
+            read=read,
             prompts=self._prompt_report(project, new),
         )
         log.info(
@@ -370,10 +411,10 @@ class DatasetCache(SampleDerivation):
             report.mode,
             report.read,
             report.samples,
-            added,
-            updated,
+            counts.added,
+            counts.updated,
             removed,
-            failed,
+            counts.failed,
             report.seconds,
         )
         return report
