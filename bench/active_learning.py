@@ -241,9 +241,9 @@ def acquisition_costs(opts: Options) -> dict[str, float]:
     random model of ``cost_size`` at ``cost_image_size`` on 480 x 640 images, one image
     per forward pass as a CPU worker runs."""
     from sam2unet.acquisition import STRATEGIES, acquire
-    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.predictor import Predictor
+    from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
 
     loaded = random_model(ModelConfig(size=opts.cost_size, image_size=opts.cost_image_size))

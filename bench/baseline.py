@@ -75,9 +75,9 @@ def run_baseline(
     warmup_paths: list[Path],
 ) -> dict[str, Any]:
     """Images/s of both loops on ``paths`` (after one untimed pass over ``warmup_paths``)."""
-    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.predictor import Predictor
+    from sam2unet.random_weights import random_model
 
     config = ModelConfig(size=size, image_size=image_size)
     model = random_model(config, seed=0).model.to(device).eval()

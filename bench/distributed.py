@@ -32,11 +32,11 @@ def measure(
 ) -> dict[str, Any]:
     import torch
 
-    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.distributed.launcher import parse_devices
     from sam2unet.parallel_training import train_parallel
+    from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
     from sam2unet.training import TrainConfig, train
 

@@ -17,8 +17,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.measure import repeat_timed, sync
-from sam2unet.checkpoints import random_model
 from sam2unet.config import ModelConfig
+from sam2unet.random_weights import random_model
 
 log = logging.getLogger(__name__)
 

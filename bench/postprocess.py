@@ -14,10 +14,10 @@ from PIL import Image
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.evaluate import evaluate_model
+    from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
     from sam2unet.training import TrainConfig, train
 

@@ -136,7 +136,8 @@ def run_prompts(
     size: str, images: int, hw: tuple[int, int], cache_mb: int, threads: int, tmp: Path
 ) -> dict[str, Any]:
     """Time first vs second prompts on ``images`` images of ``hw`` with a ``size`` base."""
-    from sam2unet.promptable import head_image_size, write_random_sam2_checkpoint
+    from sam2unet.promptable import head_image_size
+    from sam2unet.random_weights import write_random_sam2_checkpoint
 
     model_dir = tmp / f"prompts-{size}"
     write_random_sam2_checkpoint(model_dir / "base" / f"sam2.1_hiera_{size}.pt", size)
@@ -216,7 +217,7 @@ def run_backend_prompts(
     from launcher.redis_server import EmbeddedRedis
     from modelstore.bootstrap import ensure_current_version
     from modelstore.registry import ModelRegistry
-    from sam2unet.promptable import write_random_sam2_checkpoint
+    from sam2unet.random_weights import write_random_sam2_checkpoint
 
     model_dir = tmp / f"backend-prompts-{size}"
     write_random_sam2_checkpoint(model_dir / "base" / f"sam2.1_hiera_{size}.pt", size)

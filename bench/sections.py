@@ -73,8 +73,8 @@ class SectionRunner:
     def _raw_now(self, size: str, batch: int, dtype: str, images: int) -> float:
         """Raw forward images/s of a model size and batch, measured now in this process over
         at least as many images as ``images``."""
-        from sam2unet.checkpoints import random_model
         from sam2unet.config import ModelConfig
+        from sam2unet.random_weights import random_model
 
         o = self.opts
         model = random_model(ModelConfig(size=size, image_size=o.image_size)).model

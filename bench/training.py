@@ -76,10 +76,11 @@ def run(
     bf16: bool,
 ) -> dict[str, Any]:
     """Both measurements in this process; returns the section's numbers."""
-    from sam2unet.checkpoints import BaseRef, LoadedModel, random_model
+    from sam2unet.checkpoints import BaseRef, LoadedModel
     from sam2unet.config import ModelConfig
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.predictor import pick_device
+    from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
     from sam2unet.training import TrainConfig, train
 

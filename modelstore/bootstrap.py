@@ -59,12 +59,12 @@ def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
         load_any,
         load_released,
         load_sam2_trunk,
-        random_model,
         trunk_state_of,
         write_sam2_checkpoint,
     )
     from sam2unet.config import ModelConfig
     from sam2unet.exceptions import CheckpointError
+    from sam2unet.random_weights import random_model
 
     registry.base_dir.mkdir(parents=True, exist_ok=True)
     released = None if settings.init_checkpoint else find_downloaded(registry.base_dir)

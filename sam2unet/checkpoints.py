@@ -383,14 +383,6 @@ def load_any(
     return build_from_sam2(path, **overrides)
 
 
-def random_model(config: ModelConfig, seed: int = 0) -> LoadedModel:
-    """A model whose trunk is randomly initialised (no SAM2 weights), reproducibly from ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_sam2unet(config)
-    return LoadedModel(model, config, None, "random", meta={"init_seed": seed})
-
-
 def write_sam2_checkpoint(
     path: str | os.PathLike[str],
     trunk_state: Mapping[str, torch.Tensor],

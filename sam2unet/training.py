@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from sam2unet.checkpoints import LoadedModel, build_from_sam2, load_any, random_model, save_delta
+from sam2unet.checkpoints import LoadedModel, build_from_sam2, load_any, save_delta
 from sam2unet.config import ModelConfig
 from sam2unet.data import SegmentationDataset
 from sam2unet.distributed import collectives, ddp
@@ -36,6 +36,7 @@ from sam2unet.metrics import LOWER_IS_BETTER, METRIC_NAMES
 from sam2unet.modeling.loss import BCEMode, deep_supervision_loss
 from sam2unet.modeling.sam2unet import SAM2UNet
 from sam2unet.predictor import pick_device
+from sam2unet.random_weights import random_model
 from sam2unet.validation import EXTRA_VAL_METRICS, validate
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""Shared builders for the model package's tests: small configs, fake official checkpoints,
-image/mask folders."""
+"""Shared builders for the model package's tests: small configs, seeded models, released-format
+state dicts, image/mask folders (random official checkpoints: :mod:`sam2unet.random_weights`)."""
 
 from __future__ import annotations
 
@@ -11,27 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam2unet.build import build_sam2unet
-from sam2unet.checkpoints import trunk_state_of, write_sam2_checkpoint
 from sam2unet.config import ModelConfig
 from sam2unet.modeling.decoder import Up
 from sam2unet.modeling.sam2unet import SAM2UNet
-
-# Extra non-trunk keys of an official checkpoint (a few of each family), and those that only
-# SAM2.1 checkpoints have.
-SAM2_EXTRA_SHAPES = {
-    "image_encoder.neck.convs.0.conv.weight": (32, 128, 1, 1),
-    "image_encoder.neck.convs.0.conv.bias": (32,),
-    "sam_mask_decoder.iou_token.weight": (1, 32),
-    "sam_prompt_encoder.point_embeddings.0.weight": (1, 32),
-    "memory_encoder.out_proj.weight": (8, 32, 1, 1),
-    "maskmem_tpos_enc": (7, 1, 1, 8),
-}
-SAM21_EXTRA_SHAPES = {
-    "no_obj_embed_spatial": (1, 8),
-    "obj_ptr_tpos_proj.weight": (8, 32),
-    "obj_ptr_tpos_proj.bias": (8,),
-}
+from sam2unet.random_weights import random_model
 
 
 def cpu_config(**changes) -> ModelConfig:
@@ -41,9 +24,7 @@ def cpu_config(**changes) -> ModelConfig:
 
 def seeded_model(config: ModelConfig, seed: int = 0) -> SAM2UNet:
     """A randomly initialised model, reproducible from ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_sam2unet(config)
+    return random_model(config, seed).model
 
 
 def perturb_trainable(model: SAM2UNet, seed: int = 1) -> None:
@@ -58,19 +39,6 @@ def perturb_trainable(model: SAM2UNet, seed: int = 1) -> None:
                     t.copy_(1.0 + noise.abs())
                 else:
                     t.add_(noise)
-
-
-def write_official_checkpoint(
-    path: Path, model: SAM2UNet, version: str = "sam2", seed: int = 0
-) -> Path:
-    """``model``'s trunk written as an official SAM2 ("sam2") or SAM2.1 ("sam2.1") checkpoint,
-    with some of the non-trunk keys such checkpoints carry."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = dict(SAM2_EXTRA_SHAPES)
-    if version == "sam2.1":
-        shapes.update(SAM21_EXTRA_SHAPES)
-    extra = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
-    return write_sam2_checkpoint(path, trunk_state_of(model), extra)
 
 
 def released_state(model: SAM2UNet) -> dict[str, torch.Tensor]:

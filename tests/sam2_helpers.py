@@ -1,20 +1,14 @@
-"""Official-format SAM2 / SAM2.1 checkpoints with random weights (the whole SAM2Base, built by
-the ``sam2`` package's own configs: :func:`sam2unet.promptable.random_sam2_model`), and the
-reference ``SAM2ImagePredictor`` on the same weights."""
+"""The reference ``SAM2ImagePredictor`` on the weights of a random official-format checkpoint
+(:func:`sam2unet.random_weights.write_random_sam2_checkpoint`)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from sam2unet.promptable import head_image_size, write_random_sam2_checkpoint
+from sam2unet.promptable import head_image_size
 
 STUB = Path(__file__).parent / "torchvision_stub"
-
-
-def write_official(path: Path, size: str, sam21: bool = True, seed: int = 0):
-    """A random official-format checkpoint at ``path``; returns its SAM2Base."""
-    return write_random_sam2_checkpoint(path, size, sam21, seed)
 
 
 def reference_predictor(model, size: str):

@@ -30,6 +30,7 @@ import requests
 
 from labelstudio.codecs import rle_to_mask
 from modelstore.registry import ModelRegistry
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.browser import (
     VIEWPORT,
     Interactive,
@@ -45,7 +46,7 @@ from tests.browser import (
     sign_up,
 )
 from tests.lstudio import running_label_studio
-from tests.sam2_helpers import reference_predictor, write_official
+from tests.sam2_helpers import reference_predictor
 from tests.services import (
     connected_stack,
     png_bytes,
@@ -85,7 +86,7 @@ def day0(tmp_path_factory, redis_server):
 
     tmp = tmp_path_factory.mktemp("day0")
     model_dir = tmp / "models"
-    sam2_model = write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    sam2_model = write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     version = make_runtime(model_dir, "test").version
     redis_url = f"redis://127.0.0.1:{redis_server.port}/14"
     conn = redis.Redis.from_url(redis_url)

@@ -28,7 +28,6 @@ import torch
 
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
-from sam2unet.checkpoints import random_model
 from sam2unet.config import ModelConfig
 from sam2unet.data import ArraySource, SegmentationDataset
 from sam2unet.distributed import collectives, launcher
@@ -36,6 +35,7 @@ from sam2unet.distributed.ddp import sync_batchnorm, wrap_ddp
 from sam2unet.distributed.launcher import DevicePlan, parse_devices
 from sam2unet.exceptions import ConfigError
 from sam2unet.parallel_training import train_parallel
+from sam2unet.random_weights import random_model
 from sam2unet.synthetic import generate
 from sam2unet.training import LAST_NAME, TrainConfig, train
 from tests.services import round_settings

@@ -22,9 +22,9 @@ from labelstudio.codecs import brush_result, rle_to_mask
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import EmbeddedRedis
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from sam2unet.transforms import decode_image
 from tests.lstudio import running_label_studio
-from tests.sam2_helpers import write_official
 from tests.services import (
     LabelStudioLikeFiles,
     connected_stack,
@@ -90,7 +90,7 @@ def stacks(model_dir, tmp_path_factory):
     prompts answered by crop-and-segment) and ``sam2`` (an official-format SAM2.1 checkpoint:
     prompts answered by SAM2's promptable head)."""
     sam2_dir = tmp_path_factory.mktemp("sam2-models")
-    write_official(sam2_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    write_random_sam2_checkpoint(sam2_dir / "base" / "sam2.1_hiera_test.pt", "test")
     make_runtime(sam2_dir, "test")  # its first version, on the official base
     files = LabelStudioLikeFiles(tmp_path_factory.mktemp("photos"))
     logs = tmp_path_factory.mktemp("exif-logs")

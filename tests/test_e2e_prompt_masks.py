@@ -20,8 +20,8 @@ from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from labelstudio.codecs import results_to_masks
 from labelstudio.fetch import FetchPolicy, ImageFetcher
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.lstudio import running_label_studio
-from tests.sam2_helpers import write_official
 from tests.services import png_bytes, service_env
 from tests.test_promptable import LABEL_CONFIG, TARGET, image, kp, make_runtime, predict, rect
 from tests.test_untrained_decoder import versions_cli
@@ -56,7 +56,7 @@ def test_a_round_over_prompt_only_annotations_trains_on_derived_masks(
 ):
     conn = redis.Redis.from_url(redis_url)
     model_dir = tmp_path / "models"
-    write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     rt = make_runtime(model_dir, "test")  # the first version, on the official base
     images = [image(H, W, seed=40 + i) for i in range(N)]
     # what the worker answers to each task's prompts: the masks the round must train on

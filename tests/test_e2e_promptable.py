@@ -12,8 +12,9 @@ import redis
 import requests
 
 from labelstudio.codecs import rle_to_mask
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.lstudio import running_label_studio
-from tests.sam2_helpers import reference_predictor, write_official
+from tests.sam2_helpers import reference_predictor
 from tests.services import (
     connected_stack,
     png_bytes,
@@ -26,7 +27,7 @@ AUTH = ("ls-backend", "b4ckend-pass")
 
 def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_server):
     model_dir = tmp_path / "models"
-    sam2_model = write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    sam2_model = write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     version = make_runtime(model_dir, "test").version  # first version, on the official base
     redis_url = f"redis://127.0.0.1:{redis_server.port}/13"
     conn = redis.Redis.from_url(redis_url)

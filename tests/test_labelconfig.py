@@ -377,12 +377,12 @@ def test_a_named_prompt_gets_the_label_it_names_from_sams_head(tmp_path) -> None
     ``Click: Background`` keypoint, as the backend passes it on, brings a ``Background`` mask,
     not a mask of the first label the model predicts."""
     from contracts.jobs import PredictItem, PredictPayload
-    from tests.sam2_helpers import write_official
+    from sam2unet.random_weights import write_random_sam2_checkpoint
     from tests.services import png_bytes
     from tests.test_promptable import image, kp, make_runtime
     from worker.pipeline import run_predict
 
-    write_official(tmp_path / "base" / "sam2.1_hiera_test.pt", "test")
+    write_random_sam2_checkpoint(tmp_path / "base" / "sam2.1_hiera_test.pt", "test")
     runtime = make_runtime(tmp_path, "test")
     target = parse_label_config(NAMED)
     img = image(75, 101, seed=21)

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from model_helpers import cpu_config, seeded_model, torch_threads, write_official_checkpoint
+from model_helpers import cpu_config, seeded_model, torch_threads
 
 from cli import main
 from sam2unet.checkpoints import read_delta
 from sam2unet.data import FolderSource, train_val_datasets
+from sam2unet.random_weights import write_official_checkpoint
 from sam2unet.training import TrainConfig, initial_model, train
 
 

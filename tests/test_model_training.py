@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_helpers import cpu_config, torch_threads, write_official_checkpoint
+from model_helpers import cpu_config, torch_threads
 
-from sam2unet.checkpoints import load_delta, random_model, read_delta, save_delta
+from sam2unet.checkpoints import load_delta, read_delta, save_delta
 from sam2unet.data import ArraySource, SegmentationDataset, train_val_datasets
 from sam2unet.exceptions import ConfigError
 from sam2unet.modeling.sam2unet import is_frozen_key
+from sam2unet.random_weights import random_model, write_official_checkpoint
 from sam2unet.synthetic import SHAPE_CLASSES, generate
 from sam2unet.training import (
     TrainConfig,

@@ -23,13 +23,13 @@ from modelstore.registry import ModelRegistry
 from modelstore.version_heads import CROP_HEAD, decoder_trained, heads_json
 from sam2unet.checkpoints import load_released
 from sam2unet.predictor import Predictor
+from sam2unet.random_weights import write_official_checkpoint
 from sam2unet.synthetic import generate
 from tests.model_helpers import (
     cpu_config,
     perturb_trainable,
     released_state,
     seeded_model,
-    write_official_checkpoint,
 )
 from tests.services import ROOT, file_server
 

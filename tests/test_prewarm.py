@@ -22,7 +22,7 @@ from rq import Queue, Worker
 from contracts.routing import remember_route, route_key
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
-from tests.sam2_helpers import write_official
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.services import png_bytes, service_env, workers
 from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, predict, rect
 
@@ -30,7 +30,7 @@ from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, predict
 @pytest.fixture(scope="module")
 def official_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sam2-prewarm")
-    write_official(d / "base" / "sam2.1_hiera_test.pt", "test")
+    write_random_sam2_checkpoint(d / "base" / "sam2.1_hiera_test.pt", "test")
     make_runtime(d, "test")  # the registry's first version, on the official base
     return d
 

@@ -22,7 +22,8 @@ from labelstudio.prompts import annotation_prompts, mask_labels, parse_context, 
 from modelstore.registry import ModelRegistry
 from sam2unet.checkpoints import build_from_sam2
 from sam2unet.config import ModelConfig
-from tests.sam2_helpers import reference_predictor, write_official
+from sam2unet.random_weights import write_random_sam2_checkpoint
+from tests.sam2_helpers import reference_predictor
 from tests.services import png_bytes
 from tests.test_promptable import (
     LABEL_CONFIG,
@@ -94,7 +95,7 @@ def worker_masks(rt: ModelRuntime, tid: int, items: list[dict]) -> np.ndarray:
 @pytest.fixture
 def official_dir(tmp_path):
     model_dir = tmp_path / "models"
-    sam2 = write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    sam2 = write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     rt = make_runtime(model_dir, "test")
     return model_dir, sam2, rt
 
@@ -158,7 +159,9 @@ def test_the_version_that_served_the_prompts_answers_them(tmp_path, official_dir
     v1 = rt.version
     items = PROMPT_ONLY[2]
     first = worker_masks(rt, 2, items)
-    other = write_official(model_dir / "base" / "sam2.1_hiera_test_b.pt", "test", seed=5)
+    other = write_random_sam2_checkpoint(
+        model_dir / "base" / "sam2.1_hiera_test_b.pt", "test", seed=5
+    )
     del other
     registry = ModelRegistry(model_dir, None)
     loaded = build_from_sam2(
@@ -253,7 +256,7 @@ def test_a_task_model_with_an_official_trunk_derives_the_workers_mask(tmp_path, 
     from tests.test_task_model_prompts import _released_version
 
     model_dir = tmp_path / "models"
-    write_official(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
+    write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     rt = _released_version(model_dir, model_dir / "base" / "sam2.1_hiera_test.pt")
     assert rt.prompt_head == "sam2"
     want = worker_masks(rt, 2, PROMPT_ONLY[2])

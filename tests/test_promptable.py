@@ -26,7 +26,8 @@ from labelstudio.labelconfig import parse_label_config, target_to_json
 from modelstore.bootstrap import ensure_current_version
 from modelstore.registry import ModelRegistry
 from sam2unet.promptable import PromptObject, preprocess_image
-from tests.sam2_helpers import reference_predictor, write_official
+from sam2unet.random_weights import write_random_sam2_checkpoint
+from tests.sam2_helpers import reference_predictor
 from tests.services import png_bytes
 from worker.embeddings import EmbeddingCache
 from worker.pipeline import run_predict
@@ -159,7 +160,7 @@ def official(tmp_path_factory):
     def get(size: str):
         if size not in made:
             d = tmp_path_factory.mktemp(f"sam2-{size}")
-            model = write_official(d / "base" / f"sam2.1_hiera_{size}.pt", size)
+            model = write_random_sam2_checkpoint(d / "base" / f"sam2.1_hiera_{size}.pt", size)
             made[size] = (d, model)
         return made[size]
 
@@ -355,7 +356,9 @@ def test_cache_key_includes_the_base_checkpoint(official, tmp_path):
     ctx = {"result": [rect(20.0, 20.0, 50.0, 50.0)]}
     predict(rt, img, ctx)
     first_base = rt.base_sha
-    other = write_official(model_dir / "base" / "sam2.1_hiera_test-b.pt", "test", seed=7)
+    other = write_random_sam2_checkpoint(
+        model_dir / "base" / "sam2.1_hiera_test-b.pt", "test", seed=7
+    )
     loaded = build_from_sam2(model_dir / "base" / "sam2.1_hiera_test-b.pt")
     with torch.no_grad():
         info = rt.registry.create_version(loaded.model, loaded.config, loaded.base)

@@ -447,9 +447,9 @@ def test_malformed_context_is_a_bad_request(context, message):
 
 @pytest.fixture(scope="module")
 def predictor():
-    from sam2unet.checkpoints import random_model
     from sam2unet.config import ModelConfig
     from sam2unet.predictor import Predictor
+    from sam2unet.random_weights import random_model
 
     loaded = random_model(ModelConfig(size="test", image_size=64))
     return Predictor(loaded.model, loaded.config, device="cpu", batch_size=4)

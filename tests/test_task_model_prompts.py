@@ -14,8 +14,8 @@ from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
 from modelstore.version_heads import official_trunk_digest, trunk_digest
 from sam2unet.checkpoints import build_from_sam2, load_released, trunk_state_of
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.model_helpers import perturb_trainable, released_state
-from tests.sam2_helpers import write_official
 from tests.test_promptable import context, image, kp, predict, rect
 from worker.runtime import ModelRuntime
 
@@ -44,7 +44,7 @@ def _released_version(model_dir: Path, official: Path, perturb_trunk: bool = Fal
 @pytest.fixture(scope="module")
 def official_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("official")
-    write_official(d / "base" / "sam2.1_hiera_test.pt", "test")
+    write_random_sam2_checkpoint(d / "base" / "sam2.1_hiera_test.pt", "test")
     return d
 
 

@@ -19,7 +19,7 @@ from contracts.settings import Settings
 from labelstudio.codecs import rle_to_mask
 from modelstore.registry import ModelRegistry
 from modelstore.version_heads import SAM2_HEAD
-from sam2unet.promptable import write_random_sam2_checkpoint
+from sam2unet.random_weights import write_random_sam2_checkpoint
 from sam2unet.synthetic import generate
 from tests.model_helpers import cpu_config, seeded_model
 from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
