@@ -8,8 +8,11 @@ import itertools
 import numpy as np
 import pytest
 
-from trainer.dataset import DatasetCache
+from contracts.settings import Settings
+from modelstore.bootstrap import ensure_current_version
+from modelstore.registry import ModelRegistry
 from trainer.promotion import TRAIN, VAL, assign_sides, paired_bootstrap
+from trainer.round import load_sides, run_round, save_sides
 
 
 def test_a_clear_gain_is_promoted_with_its_interval():
@@ -77,10 +80,29 @@ def test_without_previous_sides_both_sides_get_a_task():
     assert set(assign_sides([1, 2], 1.0).values()) == {TRAIN, VAL}
 
 
-def test_the_dataset_cache_keeps_sides(tmp_path):
-    cache = DatasetCache(tmp_path)
-    assert cache.load_sides(3) == {}
-    cache.save_sides(3, {5: VAL, 7: TRAIN})
-    assert cache.load_sides(3) == {5: VAL, 7: TRAIN}
-    (cache.project_dir(3) / "sides.json").write_text("not json")
-    assert cache.load_sides(3) == {}  # logged, and the next round starts afresh
+def test_the_round_keeps_sides(tmp_path):
+    d = tmp_path / "projects" / "3"
+    assert load_sides(d, 3) == {}
+    save_sides(d, {5: VAL, 7: TRAIN})
+    assert load_sides(d, 3) == {5: VAL, 7: TRAIN}
+    (d / "sides.json").write_text("not json")
+    assert load_sides(d, 3) == {}  # logged, and the next round starts afresh
+
+
+def test_a_round_reads_and_writes_its_sides_itself(tmp_path):
+    """A round (here one with too few tasks to train) takes the sides kept in its folder and
+    writes back the old ones with those of its new tasks; a task keeps its side."""
+    settings = Settings(model_dir=tmp_path / "models", model_size="test", image_size=32,
+                        device="cpu", train_min_samples=50, train_holdout=0.5)  # fmt: skip
+    registry = ModelRegistry(tmp_path / "models", None)
+    ensure_current_version(registry, settings)
+    d = tmp_path / "projects" / "1"
+    save_sides(d, {1: VAL, 99: TRAIN})
+    img, mask = np.zeros((32, 32, 3), np.uint8), np.zeros((1, 32, 32), np.uint8)
+    samples = [(t, img, mask) for t in (1, 2, 3)]
+    report = run_round(registry, settings, samples, ["object"], project=1, sides_dir=d)
+    assert report.status == "skipped" and report.sides[1] == VAL
+    kept = load_sides(d, 1)
+    assert kept == {99: TRAIN, **report.sides} and set(kept) == {1, 2, 3, 99}
+    again = run_round(registry, settings, samples[1:], ["object"], project=1, sides_dir=d)
+    assert again.sides == {t: kept[t] for t in (2, 3)}

@@ -216,24 +216,6 @@ class DatasetCache(SampleDerivation):
             out.append((s, self.image(s.image), self.masks(project, s)))
         return out
 
-    def load_sides(self, project: int) -> dict[int, str]:
-        """Each task's held-out side from earlier rounds (``{task: "train" | "val"}``)."""
-        path = self.project_dir(project) / "sides.json"
-        try:
-            return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, AttributeError) as e:
-            log.error("project %s: unreadable %s (%s); sides start afresh", project, path, e)
-            return {}
-
-    def save_sides(self, project: int, sides: dict[int, str]) -> None:
-        d = self.project_dir(project)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "sides.json.tmp"
-        tmp.write_text(json.dumps({str(k): v for k, v in sorted(sides.items())}))
-        os.replace(tmp, d / "sides.json")
-
     # ---------------------------------------------------------------- sync
     def _full_reason(
         self, old: Manifest | None, target: dict[str, Any], now: dt.datetime | None, full: bool

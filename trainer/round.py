@@ -7,18 +7,22 @@ Promotion rule (``SAM2UNET_PROMOTE_METRIC``, ``SAM2UNET_PROMOTE_TOLERANCE``,
 the candidate is promoted when a paired bootstrap of the per-image differences says it is not
 worse by more than the tolerance with that confidence (:mod:`trainer.promotion`). The held-out
 set has at least ``SAM2UNET_HOLDOUT_MIN`` tasks and each task keeps its side across rounds
-(``sides``: the previous rounds' assignment; the report returns the new one). Every candidate is kept as
-a version with its metrics, promoted or not; only the pointer flip makes it current, after the
-evaluation, so a crash at any point never leaves an unevaluated model current.
+(kept in the project's ``sides.json``, see :func:`run_round`; the report returns the new
+assignment). Every candidate is kept as a version with its metrics, promoted or not; only the
+pointer flip makes it current, after the evaluation, so a crash at any point never leaves an
+unevaluated model current.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,6 +42,8 @@ from trainer.round_training import (
 )
 
 log = logging.getLogger(__name__)
+
+SIDES_NAME = "sides.json"
 
 
 @dataclass
@@ -102,11 +108,16 @@ def run_round(
     progress: Callable[[Any], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     sides: dict[int, str] | None = None,
+    sides_dir: str | os.PathLike[str] | None = None,
     cluster: Callable[[RoundPlan], Any] | None = None,
     prompt_masks: dict[str, Any] | None = None,
 ) -> RoundReport:
     """Train a candidate from the current version on ``samples`` ((task id, H x W x 3 image,
     K x H x W mask) with channels in ``labels`` order) and promote it if it is not worse.
+
+    ``sides_dir``: the folder whose ``sides.json`` keeps each task's held-out side across
+    rounds; the round reads it before the split and writes the new assignment once it is
+    done (not when it fails). Without it, ``sides`` gives the previous assignment.
 
     ``cluster``: when the round spans several machines (``SAM2UNET_TRAIN_NODES`` > 1), called
     with the round's :class:`RoundPlan` before training; it tells the other machines (see
@@ -116,6 +127,61 @@ def run_round(
     ``prompt_masks``: the sync's count of annotations holding prompts but no mask
     (:attr:`trainer.dataset.SyncReport.prompts`), carried into the report and its log line.
     """
+    held = load_sides(sides_dir, project) if sides_dir is not None else dict(sides or {})
+    report = _round(
+        registry,
+        settings,
+        samples,
+        labels,
+        held,
+        project=project,
+        reason=reason,
+        progress=progress,
+        should_stop=should_stop,
+        cluster=cluster,
+        prompt_masks=prompt_masks,
+    )
+    if sides_dir is not None and report.sides:
+        save_sides(sides_dir, {**held, **report.sides})
+    return report
+
+
+def load_sides(sides_dir: str | os.PathLike[str], project: int | None = None) -> dict[int, str]:
+    """Each task's held-out side from earlier rounds (``{task: "train" | "val"}``); an
+    unreadable file is logged and the sides start afresh."""
+    path = Path(sides_dir) / SIDES_NAME
+    try:
+        return {int(k): str(v) for k, v in json.loads(path.read_text()).items()}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, AttributeError) as e:
+        log.error("project %s: unreadable %s (%s); sides start afresh", project, path, e)
+        return {}
+
+
+def save_sides(sides_dir: str | os.PathLike[str], sides: dict[int, str]) -> None:
+    d = Path(sides_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (SIDES_NAME + ".tmp")
+    tmp.write_text(json.dumps({str(k): v for k, v in sorted(sides.items())}))
+    os.replace(tmp, d / SIDES_NAME)
+
+
+def _round(
+    registry: ModelRegistry,
+    settings: Settings,
+    samples: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    labels: Sequence[str],
+    sides: dict[int, str],
+    *,
+    project: int | None,
+    reason: str,
+    progress: Callable[[Any], None] | None,
+    should_stop: Callable[[], bool] | None,
+    cluster: Callable[[RoundPlan], Any] | None,
+    prompt_masks: dict[str, Any] | None,
+) -> RoundReport:
+    """The round's stages; ``sides``: the previous rounds' assignment."""
     t0 = time.monotonic()
     start = registry.pointer()  # promotion is a compare-and-set against it
     report = RoundReport("skipped", "", project, start.version, metric=settings.promote_metric)
@@ -178,7 +244,7 @@ def _prepare(
 ) -> None:
     """Load the current version (with the round's labels), build the datasets and the
     training configuration."""
-    from sam2unet.checkpoints import relabel  # imports torch
+    from sam2unet.relabel import relabel  # imports torch
     from sam2unet.training import TrainConfig  # imports torch
 
     settings = rnd.settings

@@ -258,7 +258,6 @@ class TrainerService:
         self, project: int, reason: str, labels: list[str], samples: list[Any]
     ) -> RoundReport:
         self._status("training", project)
-        sides = self.cache.load_sides(project)
         try:
             report = run_round(
                 self.registry,
@@ -269,7 +268,7 @@ class TrainerService:
                 reason=reason,
                 progress=self._progress,
                 should_stop=self.stop_event.is_set,
-                sides=sides,
+                sides_dir=self.cache.project_dir(project),
                 cluster=self.publisher,
                 prompt_masks=self.last_sync.prompts if self.last_sync is not None else None,
             )
@@ -280,8 +279,6 @@ class TrainerService:
         finally:
             if self.publisher is not None:
                 self.publisher.withdraw()
-        if report.sides:
-            self.cache.save_sides(project, {**sides, **report.sides})
         return report
 
     @contextlib.contextmanager
