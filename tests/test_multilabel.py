@@ -26,9 +26,10 @@ from modelstore.bootstrap import ensure_current_version
 from modelstore.registry import ModelRegistry
 from modelstore.versions import version_table, versions_json
 from sam2unet.acquisition import prediction_score
-from sam2unet.checkpoints import read_delta, relabel
+from sam2unet.checkpoints import read_delta
 from sam2unet.modeling.loss import BCEMode, structure_loss
 from sam2unet.predictor import Predictor
+from sam2unet.relabel import relabel
 from sam2unet.synthetic import generate
 from trainer.round import run_round
 from worker.pipeline import label_channels, run_predict

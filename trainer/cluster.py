@@ -248,7 +248,7 @@ class TrainAgent:
     def load(self, spec: ClusterRound) -> tuple[Any, Any, Any, Any]:
         """The parent version and the round's datasets, built exactly as the trainer builds
         them; raises :class:`ClusterDataError` when the shared data differs from the trainer's."""
-        from sam2unet.checkpoints import relabel
+        from sam2unet.relabel import relabel
         from sam2unet.training import TrainConfig
 
         plan = spec.plan
