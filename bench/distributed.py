@@ -38,7 +38,8 @@ def measure(
     from sam2unet.parallel_training import train_parallel
     from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
-    from sam2unet.training import TrainConfig, train
+    from sam2unet.train_config import TrainConfig
+    from sam2unet.training import train
 
     plan = parse_devices(devices)
     if plan is None:

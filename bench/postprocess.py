@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     from sam2unet.evaluate import evaluate_model
     from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
-    from sam2unet.training import TrainConfig, train
+    from sam2unet.train_config import TrainConfig
+    from sam2unet.training import train
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--train-epochs", type=int, default=6)

@@ -266,7 +266,8 @@ def trained_model_dir(root: Path) -> Path:
     from modelstore.registry import ModelRegistry
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.synthetic import generate
-    from sam2unet.training import TrainConfig, train
+    from sam2unet.train_config import TrainConfig
+    from sam2unet.training import train
 
     registry = ModelRegistry(root, None)
     first = ensure_current_version(

@@ -82,7 +82,8 @@ def run(
     from sam2unet.predictor import pick_device
     from sam2unet.random_weights import random_model
     from sam2unet.synthetic import generate
-    from sam2unet.training import TrainConfig, train
+    from sam2unet.train_config import TrainConfig
+    from sam2unet.training import train
 
     torch.set_num_threads(threads)
     device = pick_device(device_name)

@@ -123,7 +123,8 @@ def _train(args: argparse.Namespace) -> int:
     from sam2unet.distributed import collectives, launcher
     from sam2unet.exceptions import Sam2UnetError
     from sam2unet.parallel_training import train_parallel
-    from sam2unet.training import TrainConfig, initial_model, resume_config, train
+    from sam2unet.train_config import TrainConfig, resume_config
+    from sam2unet.training import initial_model, train
 
     if bool(args.val_images) != bool(args.val_masks):
         return _fail("--val-images and --val-masks go together")

@@ -15,7 +15,8 @@ from sam2unet.checkpoints import LoadedModel
 from sam2unet.data import SegmentationDataset
 from sam2unet.distributed import collectives, launcher
 from sam2unet.exceptions import ConfigError
-from sam2unet.training import EpochRecord, TrainConfig, TrainEvent, TrainResult, train
+from sam2unet.train_config import EpochRecord, TrainConfig, TrainEvent
+from sam2unet.training import TrainResult, train
 
 
 @dataclass

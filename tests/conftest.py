@@ -53,7 +53,8 @@ def model_dir(tmp_path_factory) -> Path:
     from modelstore.registry import ModelRegistry
     from sam2unet.data import ArraySource, SegmentationDataset
     from sam2unet.synthetic import generate
-    from sam2unet.training import TrainConfig, train
+    from sam2unet.train_config import TrainConfig
+    from sam2unet.training import train
 
     d = tmp_path_factory.mktemp("models")
     settings = Settings(model_size="test", image_size=64, model_dir=d)

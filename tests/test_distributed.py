@@ -37,7 +37,8 @@ from sam2unet.exceptions import ConfigError
 from sam2unet.parallel_training import train_parallel
 from sam2unet.random_weights import random_model
 from sam2unet.synthetic import generate
-from sam2unet.training import LAST_NAME, TrainConfig, train
+from sam2unet.train_config import TrainConfig
+from sam2unet.training import LAST_NAME, train
 from tests.services import round_settings
 from trainer.service import LOCK_KEY, TrainerService
 

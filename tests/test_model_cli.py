@@ -12,7 +12,8 @@ from cli import main
 from sam2unet.checkpoints import read_delta
 from sam2unet.data import FolderSource, train_val_datasets
 from sam2unet.random_weights import write_official_checkpoint
-from sam2unet.training import TrainConfig, initial_model, train
+from sam2unet.train_config import TrainConfig
+from sam2unet.training import initial_model, train
 
 
 @pytest.fixture(autouse=True, scope="module")

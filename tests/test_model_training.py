@@ -17,13 +17,8 @@ from sam2unet.exceptions import ConfigError
 from sam2unet.modeling.sam2unet import is_frozen_key
 from sam2unet.random_weights import random_model, write_official_checkpoint
 from sam2unet.synthetic import SHAPE_CLASSES, generate
-from sam2unet.training import (
-    TrainConfig,
-    TrainEvent,
-    initial_model,
-    resume_config,
-    train,
-)
+from sam2unet.train_config import TrainConfig, TrainEvent, resume_config
+from sam2unet.training import initial_model, train
 from sam2unet.validation import validate
 
 SIDE = 64  # network input; the synthetic images are 128 x 128

@@ -249,7 +249,7 @@ class TrainAgent:
         """The parent version and the round's datasets, built exactly as the trainer builds
         them; raises :class:`ClusterDataError` when the shared data differs from the trainer's."""
         from sam2unet.relabel import relabel
-        from sam2unet.training import TrainConfig
+        from sam2unet.train_config import TrainConfig
 
         plan = spec.plan
         manifest = self.cache.load_manifest(plan.project) if plan.project is not None else None

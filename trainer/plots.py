@@ -75,7 +75,7 @@ def training_png(
     decision: Mapping[str, Any] | None = None,
 ) -> bytes:
     """One round as a PNG: loss and learning rate per epoch (``history``: the
-    :class:`sam2unet.training.EpochRecord` dicts) and candidate vs current held-out metrics;
+    :class:`sam2unet.train_config.EpochRecord` dicts) and candidate vs current held-out metrics;
     ``decision`` (:class:`trainer.promotion.PairedDecision` as JSON) adds the paired
     interval of the difference, drawn on the candidate's bar of the deciding metric."""
     fig = _figure(11.5, 4.6)

@@ -245,7 +245,7 @@ def _prepare(
     """Load the current version (with the round's labels), build the datasets and the
     training configuration."""
     from sam2unet.relabel import relabel  # imports torch
-    from sam2unet.training import TrainConfig  # imports torch
+    from sam2unet.train_config import TrainConfig  # imports torch
 
     settings = rnd.settings
     by_id = {int(t): (img, m) for t, img, m in samples}

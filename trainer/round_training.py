@@ -101,7 +101,8 @@ def train_and_evaluate(
     carries progress and stop requests, evaluation is sharded, rank 0 returns the outcome)."""
     from sam2unet.distributed import collectives
     from sam2unet.parallel_training import trained_weights
-    from sam2unet.training import TrainConfig, train
+    from sam2unet.train_config import TrainConfig
+    from sam2unet.training import train
     from sam2unet.validation import validate
 
     if parallel:
