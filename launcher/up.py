@@ -45,13 +45,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from contracts.settings import Settings
-from launcher import messages
+from launcher import messages, state_file
 from launcher.messages import redacted
-from launcher.processes import Child, alive, death_signal_hook, group_alive, is_redis_server
+from launcher.processes import Child, death_signal_hook, group_alive
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "up.json"
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class Stack:
         self.force = False
         self.stopping = False
         self._write_lock = threading.Lock()
-        self.state_path = self.settings.model_dir / STATE_FILE
+        self.state_path = self.settings.model_dir / state_file.STATE_FILE
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ output
@@ -128,32 +126,6 @@ class Stack:
         return previous
 
     # ------------------------------------------------------------------ start
-    def _check_not_running(self) -> None:
-        """Refuse to start next to a running `up` of the same MODEL_DIR; stop the embedded
-        Redis that a killed one left behind (its services died with it)."""
-        try:
-            state = json.loads(self.state_path.read_text())
-            pid = int(state["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        if pid != os.getpid() and alive(pid):
-            raise SystemExit(
-                f"`up` already runs for MODEL_DIR {self.settings.model_dir} (pid {pid}); stop it "
-                f"first, or remove {self.state_path} if that process is not `up`"
-            )
-        redis_pid = state.get("redis_pid")
-        if isinstance(redis_pid, int) and is_redis_server(redis_pid):
-            log.warning(
-                "a killed `up` (pid %d) left its Redis (pid %d): stopping it", pid, redis_pid
-            )
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(redis_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while alive(redis_pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if alive(redis_pid):
-                raise SystemExit(f"the Redis left by a killed `up` (pid {redis_pid}) does not stop")
-
     def start_redis(self) -> None:
         import redis
 
@@ -254,17 +226,17 @@ class Stack:
         self.write_state()
 
     def write_state(self) -> None:
-        state = {
-            "pid": os.getpid(),
-            "started_at": time.time(),
-            "redis_url": redacted(self.redis_url),
-            "redis_pid": self.redis.proc.pid if self.redis is not None else None,
-            "backend": f"http://{self.local_host}:{self.options.port}",
-            "children": {c.name: c.pid for c in self.children},
-        }
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_path)
+        state_file.write(
+            self.state_path,
+            {
+                "pid": os.getpid(),
+                "started_at": time.time(),
+                "redis_url": redacted(self.redis_url),
+                "redis_pid": self.redis.proc.pid if self.redis is not None else None,
+                "backend": f"http://{self.local_host}:{self.options.port}",
+                "children": {c.name: c.pid for c in self.children},
+            },
+        )
 
     @property
     def local_host(self) -> str:
@@ -395,7 +367,7 @@ class Stack:
         t0 = time.monotonic()
         status = 0
         try:
-            self._check_not_running()
+            state_file.check_not_running(self.state_path, self.settings.model_dir)
             self.start_redis()
             self.write_state()
             self.model_state()
