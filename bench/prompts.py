@@ -136,7 +136,7 @@ def run_prompts(
     size: str, images: int, hw: tuple[int, int], cache_mb: int, threads: int, tmp: Path
 ) -> dict[str, Any]:
     """Time first vs second prompts on ``images`` images of ``hw`` with a ``size`` base."""
-    from sam2unet.promptable import head_image_size
+    from sam2unet.prompt_head import head_image_size
     from sam2unet.random_weights import write_random_sam2_checkpoint
 
     model_dir = tmp / f"prompts-{size}"

@@ -39,7 +39,7 @@ from contracts.errors import BadRequest
 from labelstudio.labelconfig import Target
 
 if TYPE_CHECKING:
-    from sam2unet.promptable import ImageFeatures, ObjectMask, PromptableSAM2, PromptObject
+    from sam2unet.prompt_head import ImageFeatures, ObjectMask, PromptableSAM2, PromptObject
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def _box_xyxy(box: Box) -> tuple[float, float, float, float]:
 
 def prompt_objects(prompts: Prompts) -> list[tuple[PromptObject, str | None]]:
     """(SAM2 prompt object, label) pairs, one per object of :func:`prompt_groups`."""
-    from sam2unet.promptable import PromptObject
+    from sam2unet.prompt_head import PromptObject
 
     return [
         (

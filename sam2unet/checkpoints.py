@@ -124,7 +124,7 @@ def has_prompt_decoder(
     prompt encoder and mask decoder (``sam_prompt_encoder.*`` and ``sam_mask_decoder.*``), in
     full: the promptable head a worker would build (neck, prompt encoder, mask decoder,
     ``no_mem_embed``) loads from it strictly for the size of its trunk
-    (:func:`sam2unet.promptable.build_prompt_head`), so that what is reported is what workers
+    (:func:`sam2unet.prompt_head.build_prompt_head`), so that what is reported is what workers
     serve. Any other file, or one that cannot be read, is False. Cached per (path, size,
     mtime); the file is memory-mapped, so only the head's tensors are read."""
     try:
@@ -145,7 +145,7 @@ def has_prompt_decoder(
 
 
 def _head_loads(obj: dict[str, Any]) -> bool:
-    from sam2unet.promptable import build_prompt_head
+    from sam2unet.prompt_head import build_prompt_head
 
     try:
         size = infer_size(trunk_state_from_sam2(obj))

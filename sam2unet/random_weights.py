@@ -21,7 +21,7 @@ from sam2unet.build import build_sam2unet
 from sam2unet.checkpoints import LoadedModel, trunk_state_of, write_sam2_checkpoint
 from sam2unet.config import HIERA_SPECS, ModelConfig
 from sam2unet.modeling.sam2unet import SAM2UNet
-from sam2unet.promptable import config_name, head_image_size
+from sam2unet.prompt_head import config_name, head_image_size
 
 # Extra non-trunk keys of an official checkpoint (a few of each family), and those that only
 # SAM2.1 checkpoints have.

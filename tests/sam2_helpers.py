@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sam2unet.promptable import head_image_size
+from sam2unet.prompt_head import head_image_size
 
 STUB = Path(__file__).parent / "torchvision_stub"
 

@@ -25,7 +25,7 @@ from labelstudio.codecs import rle_to_mask
 from labelstudio.labelconfig import parse_label_config, target_to_json
 from modelstore.bootstrap import ensure_current_version
 from modelstore.registry import ModelRegistry
-from sam2unet.promptable import PromptObject, preprocess_image
+from sam2unet.prompt_head import PromptObject, preprocess_image
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.sam2_helpers import reference_predictor
 from tests.services import png_bytes
@@ -248,7 +248,7 @@ def test_parity_needs_the_adapters_bypassed(official, monkeypatch):
     ref.set_image(img)
     objects = CASES["box+points"]
     ((expected, _),) = reference(ref, objects, h, w)
-    monkeypatch.setattr("sam2unet.promptable.adapters_bypassed", lambda trunk: nullcontext())
+    monkeypatch.setattr("sam2unet.prompt_head.adapters_bypassed", lambda trunk: nullcontext())
     (answer,) = rt.promptable.predict(rt.promptable.embed(img), prompt_objects(objects, h, w))
     assert np.abs(answer.logits - expected).max() > 1e-2
     monkeypatch.undo()
@@ -331,7 +331,7 @@ def test_cache_stays_within_its_bytes_and_evicts_least_recently_used(official):
 
 def test_cache_bound_unit():
     """LRU order and the byte bound, on tensors of known size."""
-    from sam2unet.promptable import ImageFeatures
+    from sam2unet.prompt_head import ImageFeatures
 
     def feats(n: int) -> ImageFeatures:
         return ImageFeatures(torch.zeros(n), (torch.zeros(n),), (1, 1))  # 8n bytes

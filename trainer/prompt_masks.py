@@ -110,7 +110,7 @@ class PromptMasks:
         from sam2unet.checkpoints import sha256_file
         from sam2unet.exceptions import CheckpointError
         from sam2unet.predictor import pick_device
-        from sam2unet.promptable import PromptableSAM2, load_prompt_head
+        from sam2unet.prompt_head import PromptableSAM2, load_prompt_head
 
         if self._held is not None and self._held[0] == version:
             return self._held[1]

@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sam2unet.promptable import ImageFeatures
+from sam2unet.prompt_head import ImageFeatures
 
 log = logging.getLogger(__name__)
 

@@ -162,7 +162,7 @@ class ModelRuntime:
         checkpoint: :func:`modelstore.version_heads.head_checkpoint`."""
         from sam2unet.checkpoints import sha256_file
         from sam2unet.exceptions import CheckpointError
-        from sam2unet.promptable import PromptableSAM2, load_prompt_head
+        from sam2unet.prompt_head import PromptableSAM2, load_prompt_head
 
         dirs = [self.registry.base_dir, self.registry.model_dir]
         path, why = head_checkpoint(loaded, dirs)

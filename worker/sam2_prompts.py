@@ -1,5 +1,5 @@
 """Interactive prompts answered by SAM2's own prompt encoder and mask decoder
-(:mod:`sam2unet.promptable`), when the current version's base checkpoint carries them.
+(:mod:`sam2unet.prompt_head`), when the current version's base checkpoint carries them.
 
 The prompts of one call (parsed by :func:`labelstudio.prompts.parse_context`) become objects:
 
@@ -27,7 +27,7 @@ import numpy as np
 from labelstudio.codecs import brush_result, polygon_results
 from labelstudio.labelconfig import Target
 from labelstudio.prompts import Prompts, labels_for, prompt_objects, sam2_masks
-from sam2unet.promptable import ImageFeatures, PromptableSAM2
+from sam2unet.prompt_head import ImageFeatures, PromptableSAM2
 
 __all__ = ["answer_prompts", "prompt_objects"]
 
