@@ -14,6 +14,10 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
+from backend.metrics import init_app as init_metrics
+from backend.openapi import bp as openapi_bp
+from backend.predict import PredictService
+from backend.protocol import bp
 from contracts.connections import redis_client
 from contracts.errors import AssistError
 from contracts.settings import Settings
@@ -24,10 +28,6 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None, connection: redis.Redis | None = None) -> Flask:
     """Build the app. ``settings`` default to the environment; ``connection`` to REDIS_URL."""
-    from backend.metrics import init_app as init_metrics
-    from backend.openapi import bp as openapi_bp
-    from backend.predict import PredictService
-    from backend.protocol import bp
 
     settings = settings or Settings.from_env()
     connection = connection if connection is not None else redis_client(settings.redis_url)

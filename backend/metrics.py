@@ -14,7 +14,16 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
+from flask import Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from rq import Queue
+from rq.registry import FailedJobRegistry
 
+from backend.auth import check_basic_auth
+from contracts import preannotate as runs
+from contracts.errors import NotFound
+from contracts.jobs import QUEUES
 from contracts.metrics import (
     COUNTERS,
     HISTOGRAMS,
@@ -50,7 +59,6 @@ class RedisCollector:
         self.registry = registry
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         with self.conn.pipeline(transaction=False) as pipe:
             for d in (*COUNTERS, *HISTOGRAMS):
@@ -93,12 +101,6 @@ class RedisCollector:
         return fam
 
     def _live(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-        from rq import Queue
-        from rq.registry import FailedJobRegistry
-
-        from contracts.errors import NotFound
-        from contracts.jobs import QUEUES
 
         depth = GaugeMetricFamily(
             "sam2unet_queue_depth", "Jobs waiting per queue.", labels=["queue"]
@@ -133,7 +135,6 @@ class RedisCollector:
             yield info
 
     def _training(self, last_round: bytes | None, status: dict[str, str]) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
 
         state = GaugeMetricFamily(
             "sam2unet_trainer_state_info",
@@ -193,9 +194,6 @@ class RedisCollector:
                 )
 
     def _preannotation(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        from contracts import preannotate as runs
 
         recent = runs.list_runs(self.conn, limit=50)
         by_status = GaugeMetricFamily(
@@ -244,7 +242,6 @@ def _is_number(value: Any) -> bool:
 
 
 def make_registry(collector: Collector) -> Any:
-    from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
@@ -254,10 +251,6 @@ def make_registry(collector: Collector) -> Any:
 def init_app(app: Flask) -> None:
     """Count every request of ``app`` and serve ``GET /metrics`` (behind basic auth when it is
     enabled). Uses ``app.extensions["sam2unet"]`` (settings, redis, registry)."""
-    from flask import Response, g, request
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from backend.auth import check_basic_auth
 
     ext = app.extensions["sam2unet"]
     registry = make_registry(RedisCollector(ext["redis"], ext.get("registry")))

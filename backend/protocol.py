@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 from flask import Blueprint, current_app, jsonify, request
+from rq import Queue
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from backend.auth import (
@@ -20,6 +21,7 @@ from backend.auth import (
 from backend.events import UNAUTHENTICATED_ACTIONS, record_event
 from backend.predict import answer
 from backend.schemas import PredictRequest, SetupRequest, WebhookEvent, parse_project_id
+from contracts import preannotate as runs
 from contracts.agents import train_agents
 from contracts.errors import BadRequest, NotFound, Unauthorized
 from contracts.events import TRAINER_ACTIONS
@@ -31,6 +33,7 @@ from contracts.trainer_state import trainer_summary
 from labelstudio.labelconfig import parse_label_config
 from modelstore.bootstrap import UNTRAINED_SOURCE
 from modelstore.version_heads import decoder_trained, heads_json, untrained_warning
+from modelstore.versions import versions_json
 from sam2unet.acquisition import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,6 @@ def log_health_changes(conn: redis.Redis, warnings: list[str]) -> None:
 @bp.get("/health")
 def health():
     """Liveness for Label Studio (any 2xx JSON means connected) and for operators."""
-    from rq import Queue
 
     ext = _ext()
     conn = ext["redis"]
@@ -270,7 +272,6 @@ def train():
 def versions():
     """Label Studio reads ``versions``; ``details`` has each version's metrics, base
     checkpoint, training data size and correction rate."""
-    from modelstore.versions import versions_json
 
     _require_auth()
     ext = _ext()
@@ -290,7 +291,6 @@ def versions():
 @bp.post("/preannotate")
 def preannotate_start():
     """Start pre-annotating a whole project (``{"project": ID}``); answers the run's status."""
-    from contracts import preannotate as runs
 
     _require_auth()
     body = _json_body()
@@ -317,7 +317,6 @@ def preannotate_start():
 
 @bp.get("/preannotate")
 def preannotate_list():
-    from contracts import preannotate as runs
 
     _require_auth()
     return jsonify({"runs": runs.list_runs(_ext()["redis"])})
@@ -325,7 +324,6 @@ def preannotate_list():
 
 @bp.get("/preannotate/<run_id>")
 def preannotate_status(run_id: str):
-    from contracts import preannotate as runs
 
     _require_auth()
     return jsonify(runs.status(_ext()["redis"], run_id))
@@ -333,7 +331,6 @@ def preannotate_status(run_id: str):
 
 @bp.post("/preannotate/<run_id>/cancel")
 def preannotate_cancel(run_id: str):
-    from contracts import preannotate as runs
 
     _require_auth()
     return jsonify(runs.cancel(_ext()["redis"], run_id))

@@ -7,6 +7,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from backend.app import create_app
 from contracts.settings import Settings
 
 
@@ -21,7 +22,6 @@ class _GunicornApp(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        from backend.app import create_app
 
         return create_app(self.settings)  # in each gunicorn worker, after the fork
 

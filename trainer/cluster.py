@@ -86,7 +86,7 @@ class ClusterRound:
 
 def rendezvous_endpoint(settings: Settings) -> str:
     """``SAM2UNET_TRAIN_RDZV``, or this machine's host name on the default port."""
-    from sam2unet.distributed.launcher import parse_endpoint
+    from sam2unet.distributed.launcher import parse_endpoint  # imports torch
 
     host, port = parse_endpoint(settings.train_rdzv or socket.getfqdn(), DEFAULT_PORT)
     return f"{host}:{port}"
@@ -122,7 +122,7 @@ class RoundPublisher:
 
     def __call__(self, plan: RoundPlan) -> Any:
         """Publish ``plan`` and return the :class:`~sam2unet.distributed.launcher.Cluster` to launch."""
-        from sam2unet.distributed.launcher import Cluster
+        from sam2unet.distributed.launcher import Cluster  # imports torch
 
         manifest = self.cache.load_manifest(plan.project) if plan.project is not None else None
         if manifest is None:
@@ -248,8 +248,8 @@ class TrainAgent:
     def load(self, spec: ClusterRound) -> tuple[Any, Any, Any, Any]:
         """The parent version and the round's datasets, built exactly as the trainer builds
         them; raises :class:`ClusterDataError` when the shared data differs from the trainer's."""
-        from sam2unet.relabel import relabel
-        from sam2unet.train_config import TrainConfig
+        from sam2unet.relabel import relabel  # imports torch
+        from sam2unet.train_config import TrainConfig  # imports torch
 
         plan = spec.plan
         manifest = self.cache.load_manifest(plan.project) if plan.project is not None else None
@@ -275,7 +275,7 @@ class TrainAgent:
 
     def join(self, spec: ClusterRound) -> bool:
         """Take part in one round; True when it completed on every machine."""
-        from sam2unet.distributed import launcher
+        from sam2unet.distributed import launcher  # imports torch
 
         self.joined.append(spec.run_id)
         self.joined = self.joined[-100:]

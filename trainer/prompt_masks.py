@@ -32,6 +32,7 @@ from labelstudio.labelconfig import Target
 from labelstudio.prompts import label_channels, labels_for, parse_context, sam2_masks
 from modelstore.registry import ModelRegistry
 from modelstore.version_heads import head_checkpoint
+from sam2unet.exceptions import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,9 @@ class PromptMasks:
         """SAM2's promptable head for ``version``, chosen as the worker chooses it: its base
         checkpoint's head, else that of an official checkpoint in ``MODEL_DIR/base`` whose
         trunk is the model's (:func:`modelstore.version_heads.matching_official`)."""
-        from sam2unet.checkpoints import sha256_file
-        from sam2unet.exceptions import CheckpointError
-        from sam2unet.predictor import pick_device
-        from sam2unet.prompt_head import PromptableSAM2, load_prompt_head
+        from sam2unet.checkpoints import sha256_file  # imports torch
+        from sam2unet.predictor import pick_device  # imports torch
+        from sam2unet.prompt_head import PromptableSAM2, load_prompt_head  # imports torch
 
         if self._held is not None and self._held[0] == version:
             return self._held[1]

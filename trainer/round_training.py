@@ -18,8 +18,8 @@ from contracts.settings import Settings
 def machine_plan(settings: Settings) -> Any:
     """This machine's processes in a round over several machines: ``SAM2UNET_TRAIN_DEVICES``,
     else one process on ``SAM2UNET_DEVICE`` (a :class:`~sam2unet.distributed.launcher.DevicePlan`)."""
-    from sam2unet.distributed.launcher import DevicePlan, parse_devices
-    from sam2unet.predictor import pick_device
+    from sam2unet.distributed.launcher import DevicePlan, parse_devices  # imports torch
+    from sam2unet.predictor import pick_device  # imports torch
 
     plan = parse_devices(settings.train_devices)
     return plan or DevicePlan((str(pick_device(settings.device)),))
@@ -63,7 +63,7 @@ def round_datasets(
 ) -> tuple[Any, Any]:
     """The training (augmented, seeded) and held-out datasets of a round, in the given task
     order: the same on every machine given the same arguments."""
-    from sam2unet.data import ArraySource, SegmentationDataset
+    from sam2unet.data import ArraySource, SegmentationDataset  # imports torch
 
     labels = tuple(labels)
     val_data = SegmentationDataset(ArraySource([by_id[t] for t in val_ids], labels=labels), size)
@@ -99,11 +99,11 @@ def train_and_evaluate(
     """Evaluate the current version, fine-tune a copy of it, evaluate the copy: in this
     process, or as one rank of several (see :func:`sam2unet.distributed.launcher.launch`: ``relay``
     carries progress and stop requests, evaluation is sharded, rank 0 returns the outcome)."""
-    from sam2unet.distributed import collectives
-    from sam2unet.parallel_training import trained_weights
-    from sam2unet.train_config import TrainConfig
-    from sam2unet.training import train
-    from sam2unet.validation import validate
+    from sam2unet.distributed import collectives  # imports torch
+    from sam2unet.parallel_training import trained_weights  # imports torch
+    from sam2unet.train_config import TrainConfig  # imports torch
+    from sam2unet.training import train  # imports torch
+    from sam2unet.validation import validate  # imports torch
 
     if parallel:
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "device": str(device)})

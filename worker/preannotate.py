@@ -15,6 +15,9 @@ import redis
 
 from contracts import preannotate as runs
 from contracts.errors import AssistError
+from contracts.untrained import is_untrained
+from labelstudio.writeback import PredictionWriter, prediction_of, writable
+from worker.run_order import ordering, rank_scores, remember
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -87,14 +90,10 @@ def after_predict(
     predicted. ``acquired`` (a ``diverse`` run): each result's (uncertainty, feature), stored
     for the order of the whole run, which is applied before the run's predictions are
     written."""
-    from contracts.untrained import is_untrained
-    from labelstudio.writeback import writable
 
     todo = writable(results)
     untrained = sum(1 for r in results if is_untrained(r.model_version))
     if acquired is not None:
-        from worker.run_order import remember
-
         remember(
             ctx.redis,
             run_id,
@@ -112,7 +111,6 @@ def after_predict(
 
 
 def buffer_results(conn: Any, run_id: str, results: list[Any]) -> None:
-    from labelstudio.writeback import prediction_of
 
     if not results:
         return
@@ -191,7 +189,6 @@ def order_and_write(ctx: WorkerContext, run_id: str) -> dict[str, Any]:
     then write the buffer in bulk. Without an order (a stored feature missing, Redis refusing),
     the predictions are written with their uncertainty scores and ``ordering`` is
     ``failed``."""
-    from worker.run_order import ordering, rank_scores
 
     conn = ctx.redis
     s = ctx.settings
@@ -257,7 +254,6 @@ def rescore_buffer(conn: Any, run_id: str, scores: dict[int, float]) -> int:
 
 def write_buffered(ctx: WorkerContext, run_id: str, batch: int, final: bool) -> tuple[int, bool]:
     """One bulk call's worth of the buffer: (written, whether anything left the buffer)."""
-    from labelstudio.writeback import PredictionWriter
 
     conn = ctx.redis
     key = BUFFER_PREFIX + run_id

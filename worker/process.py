@@ -22,6 +22,9 @@ from rq.timeouts import TimerDeathPenalty
 from contracts.jobs import QUEUE_PREWARM, QUEUES
 from contracts.routing import lane_name, rescue_routed, worker_prewarm_queue, worker_queue
 from contracts.settings import Settings
+from labelstudio.client import LabelStudioClient
+from labelstudio.fetch import FetchPolicy, ImageFetcher
+from labelstudio.writeback import make_write_back
 from modelstore.registry import ModelRegistry
 from modelstore.threads import apply_torch_threads
 from worker.runtime import ModelRuntime, WorkerContext, install_context
@@ -253,8 +256,6 @@ class _Lease:
 
 def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     """The job context of a worker process: registry, model runtime, image fetcher."""
-    from labelstudio.client import LabelStudioClient
-    from labelstudio.fetch import FetchPolicy, ImageFetcher
 
     ls_client = None
     if settings.label_studio_url and not settings.label_studio_api_key:
@@ -269,7 +270,6 @@ def make_context(settings: Settings, connection: redis.Redis) -> WorkerContext:
     fetcher = ImageFetcher(ls_client, FetchPolicy.from_settings(settings))
     registry = ModelRegistry(settings.model_dir, connection)
     runtime = ModelRuntime(settings, registry)
-    from labelstudio.writeback import make_write_back
 
     return WorkerContext(
         settings=settings,

@@ -3,6 +3,8 @@ current-version pointer moves."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -17,6 +19,8 @@ from contracts.settings import Settings
 from modelstore.bootstrap import ensure_current_version
 from modelstore.registry import ModelRegistry, VersionInfo
 from modelstore.version_heads import decoder_trained, head_checkpoint
+from sam2unet.acquisition import acquire
+from sam2unet.exceptions import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class ModelRuntime:
         self.promptable: Any = None
         self.base_sha: str | None = None
         self._heads: dict[str, Any] = {}  # base sha256 -> its PromptHead (None: it has none)
-        from worker.embeddings import EmbeddingCache
+        from worker.embeddings import EmbeddingCache  # imports torch
 
         self.embeddings = EmbeddingCache(settings.embedding_cache_mb * 2**20)
         self.worker_name: str | None = None  # set by the worker process: routes prompts here
@@ -86,8 +90,8 @@ class ModelRuntime:
         return self.version or name
 
     def _load(self, name: str) -> None:
-        from sam2unet.checkpoints import trunk_state_of
-        from sam2unet.predictor import Predictor
+        from sam2unet.checkpoints import trunk_state_of  # imports torch
+        from sam2unet.predictor import Predictor  # imports torch
 
         t0 = time.perf_counter()
         try:
@@ -160,9 +164,8 @@ class ModelRuntime:
         """SAM2's promptable head on ``predictor``'s trunk and the sha256 of the checkpoint it
         came from (the embedding cache's key), or (None, None) with a log line why. Which
         checkpoint: :func:`modelstore.version_heads.head_checkpoint`."""
-        from sam2unet.checkpoints import sha256_file
-        from sam2unet.exceptions import CheckpointError
-        from sam2unet.prompt_head import PromptableSAM2, load_prompt_head
+        from sam2unet.checkpoints import sha256_file  # imports torch
+        from sam2unet.prompt_head import PromptableSAM2, load_prompt_head  # imports torch
 
         dirs = [self.registry.base_dir, self.registry.model_dir]
         path, why = head_checkpoint(loaded, dirs)
@@ -233,7 +236,6 @@ class ModelRuntime:
     def acquire(self, images: list[np.ndarray], strategy: str, keys: list[str]) -> list[Any]:
         """Per image, the prediction and its acquisition uncertainty
         (:func:`sam2unet.acquisition.acquire`)."""
-        from sam2unet.acquisition import acquire
 
         if self.predictor is None:
             self.ensure_current()
@@ -266,9 +268,6 @@ _trim: Any = False
 def _malloc_trim() -> Any:
     global _trim
     if _trim is False:
-        import ctypes
-        import ctypes.util
-
         try:
             _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
             _trim.argtypes = [ctypes.c_size_t]
