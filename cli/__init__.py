@@ -14,7 +14,8 @@ COMMAND_MODULES: list[str] = [
     "cli.serve",
     "cli.worker",
     "cli.trainer",
-    "cli.ops",
+    "cli.preannotate",
+    "cli.download",
     "cli.up",
     "cli.model",
 ]
