@@ -171,7 +171,7 @@ def measure_io(ls, conn: redis.Redis, n: int, batches: list[int], one_by_one: in
 def measure_order(ls, conn: redis.Redis, n: int, batch: int, old_max: int) -> dict:
     """The diverse order at ``n`` tasks, applied three ways (the two old ones up to
     ``old_max`` tasks)."""
-    from worker.run_order import ordering, rank_scores, remember
+    from worker.diverse_order import ordering, rank_scores, remember
 
     client = LabelStudioClient(ls.url, ls.pat, timeout=600)
     run = f"bench-order-{n}"

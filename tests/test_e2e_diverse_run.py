@@ -31,7 +31,7 @@ from tests.lstudio import running_label_studio
 from tests.services import ROOT, ServiceProcess, png_bytes, service_env
 from tests.test_e2e_acquisition import sorted_by_prediction_score
 from tests.test_e2e_label_studio import BRUSH
-from worker.run_order import features, stored
+from worker.diverse_order import features, stored
 
 pytestmark = pytest.mark.e2e
 BATCH = 4
@@ -122,9 +122,9 @@ def ordering_run(ls, redis_conn, tmp_path, n: int, label: str):
     uncertainty scores (0.9, 0.8, ...) and whose features are stored: what its predict jobs
     leave behind once every task is predicted. Returns (run id, task ids, worker context)."""
     from contracts.settings import Settings
+    from worker.diverse_order import remember
     from worker.preannotate import BUFFER_PREFIX
     from worker.process import make_context
-    from worker.run_order import remember
 
     project = ls.create_project(BRUSH, title=label)
     ids = ls.import_tasks(project, [{"data": {"image": f"/data/{label}{i}.png"}} for i in range(n)])
@@ -187,8 +187,8 @@ def test_a_task_deleted_before_the_ordered_write_is_refused_the_others_are_order
 def test_a_run_without_an_order_is_written_with_its_uncertainty_scores(
     tmp_path, redis_conn, caplog
 ):
+    from worker.diverse_order import PREFIX
     from worker.preannotate import order_and_write
-    from worker.run_order import PREFIX
 
     with running_label_studio(tmp_path / "ls") as ls:
         run_id, ids, ctx = ordering_run(ls, redis_conn, tmp_path, 3, "unordered")

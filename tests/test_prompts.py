@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from contracts.errors import BadRequest
-from worker.crop_prompts import apply_prompts
-from worker.prompts import parse_context
+from worker.answer_without_head import apply_prompts
+from worker.prompt_parsing import parse_context
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 BG = (40, 40, 40)

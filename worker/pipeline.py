@@ -2,7 +2,7 @@
 
 A prediction's score is its acquisition score (:mod:`sam2unet.acquisition`; the job's strategy or
 ``SAM2UNET_ACQUISITION``): sorting by prediction score ascending lists the tasks to label next.
-A ``diverse`` pre-annotation run rewrites its scores once completed (:mod:`worker.run_order`).
+A ``diverse`` pre-annotation run rewrites its scores once completed (:mod:`worker.diverse_order`).
 
 Per-task failures (unreachable or undecodable image) become an error on that task only.
 Results are cached per (image content hash, model version, target) in Redis.
@@ -34,8 +34,8 @@ from labelstudio.prompts import label_channels
 from sam2unet.acquisition import prediction_score, sort_score
 from sam2unet.exceptions import ImageError
 from sam2unet.transforms import decode_image
-from worker.crop_prompts import apply_prompts
-from worker.prompts import parse_context
+from worker.answer_without_head import apply_prompts
+from worker.prompt_parsing import parse_context
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def answer_with_sam2(
 ) -> tuple[list[dict[str, Any]], float]:
     """One image's interactive call answered by SAM2's promptable head: features from the
     worker's embedding cache or the trunk, then the prompt encoder and mask decoder."""
-    from worker.sam2_prompts import answer_prompts  # imports torch: only for SAM2's head
+    from worker.answer_with_head import answer_prompts  # imports torch: only for SAM2's head
 
     height, width = rgb.shape[:2]
     prompts = parse_context(payload.context, height, width, target.to_name)

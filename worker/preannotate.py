@@ -17,7 +17,7 @@ from contracts import preannotate as runs
 from contracts.errors import AssistError
 from contracts.untrained import is_untrained
 from labelstudio.writeback import PredictionWriter, prediction_of, writable
-from worker.run_order import ordering, rank_scores, remember
+from worker.diverse_order import ordering, rank_scores, remember
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def flush(ctx: WorkerContext, run_id: str, wait: float | None = None) -> int:
 
 def order_and_write(ctx: WorkerContext, run_id: str) -> dict[str, Any]:
     """The ordering job of a ``diverse`` run whose every task is predicted: rank the whole run
-    (:func:`worker.run_order.ordering`), give each buffered prediction the score of its rank,
+    (:func:`worker.diverse_order.ordering`), give each buffered prediction the score of its rank,
     then write the buffer in bulk. Without an order (a stored feature missing, Redis refusing),
     the predictions are written with their uncertainty scores and ``ordering`` is
     ``failed``."""

@@ -14,8 +14,8 @@ from contracts.errors import AssistError
 from contracts.jobs import QUEUE_BACKGROUND, PredictItem, enqueue_predict
 from labelstudio.labelconfig import Target, parse_label_config, target_to_json
 from modelstore.version_heads import untrained_warning
+from worker.diverse_order import remember_labelled
 from worker.preannotate import flush, record
-from worker.run_order import remember_labelled
 from worker.runtime import WorkerContext
 
 log = logging.getLogger(__name__)

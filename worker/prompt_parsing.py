@@ -1,7 +1,7 @@
 """Interactive prompts from Label Studio, parsed into points and boxes in the pixels of the
 image actually fetched: :mod:`labelstudio.prompts`, which the trainer shares for annotations
 that hold prompts but no mask. The crop-and-segment answer to them is in
-:mod:`worker.crop_prompts`, SAM2's in :mod:`worker.sam2_prompts`.
+:mod:`worker.answer_without_head`, SAM2's in :mod:`worker.answer_with_head`.
 """
 
 from __future__ import annotations

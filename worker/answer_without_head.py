@@ -1,4 +1,4 @@
-"""The crop-and-segment answer to interactive prompts (parsed by :mod:`worker.prompts`) around a
+"""The crop-and-segment answer to interactive prompts (parsed by :mod:`worker.prompt_parsing`) around a
 promptless model.
 
 SAM2-UNet takes no prompts, so an interactive call's context (Label Studio's ``params.context``,
@@ -16,7 +16,7 @@ SAM2-UNet takes no prompts, so an interactive call's context (Label Studio's ``p
   Positive points select the components containing them; negative points remove theirs (from the
   selection, or, with only negative points, from the box's mask; negative points with no box
   and no positive point of their object were dropped when parsed, see
-  :func:`worker.prompts.drop_lone_negatives`: no mask for them). A component holding both a
+  :func:`worker.prompt_parsing.drop_lone_negatives`: no mask for them). A component holding both a
   positive and a negative point is split: its pixels nearer to a negative point are removed. A
   positive point on background falls back to a square crop around it (``FALLBACK_FRACTION`` of the
   image's shorter side, at least ``MIN_FALLBACK_PX``): the model runs on that crop and the crop's
@@ -39,7 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from worker.prompts import Box, Point, Prompts, parse_context
+from worker.prompt_parsing import Box, Point, Prompts, parse_context
 
 log = logging.getLogger(__name__)
 

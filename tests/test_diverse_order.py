@@ -13,8 +13,7 @@ from contracts import preannotate as runs
 from contracts.jobs import QUEUE_BACKGROUND
 from contracts.settings import Settings
 from sam2unet.acquisition import run_order, select
-from worker.preannotate import BUFFER_PREFIX, flush
-from worker.run_order import (
+from worker.diverse_order import (
     PREFIX,
     features,
     ordering,
@@ -23,6 +22,7 @@ from worker.run_order import (
     remember_labelled,
     stored,
 )
+from worker.preannotate import BUFFER_PREFIX, flush
 from worker.runtime import WorkerContext
 
 
