@@ -75,11 +75,6 @@ _NOT_FOUND = {"404": _error("no such pre-annotation run")}
 
 def openapi_spec() -> dict[str, Any]:
     """The OpenAPI 3 document of the backend (a JSON-ready dict)."""
-    health = _op(
-        "Liveness, model version, queue depths and worker count",
-        {"200": _json(ref("Health"), "the backend is up (warnings name what is missing)")},
-        auth=False,
-    )
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -91,100 +86,116 @@ def openapi_spec() -> dict[str, Any]:
                 '{"error": code, "message": text}.'
             ),
         },
-        "paths": {
-            "/": {"get": {**health, "operationId": "root"}},
-            "/health": {"get": {**health, "operationId": "health"}},
-            "/setup": {
-                "post": _op(
-                    "Validate the label config and return the current model version",
-                    {"200": _json(ref("SetupResponse"), "the current model version")},
-                    body="SetupRequest",
-                )
-            },
-            "/predict": {
-                "post": _op(
-                    "Predict every task (waits for the workers up to the deadline)",
-                    {"200": _json(ref("PredictResponse"), "one prediction per task")},
-                    body="PredictRequest",
-                )
-            },
-            "/webhook": {
-                "post": _op(
-                    "Record a Label Studio webhook event for the trainer",
-                    {"200": _json(ref("WebhookResponse"), "recorded or ignored")},
-                    body="WebhookRequest",
-                )
-                | {
-                    "description": "Annotation and task events need no auth; START_TRAINING "
-                    "and unknown actions need basic auth when it is configured. With "
-                    "SAM2UNET_WEBHOOK_SECRET set, every call needs the header "
-                    "X-Sam2unet-Webhook-Secret (or Authorization: Bearer <secret>, or basic "
-                    "auth). Bodies over SAM2UNET_WEBHOOK_MAX_BYTES (1 MiB) get 413."
-                }
-            },
-            "/train": {
-                "post": _op(
-                    "Start training (older Label Studio versions): same as START_TRAINING",
-                    {"200": _json(ref("WebhookResponse"), "recorded")},
-                    body="TrainRequest",
-                )
-            },
-            "/versions": {
-                "get": _op(
-                    "Model versions with metrics; the current one",
-                    {"200": _json(ref("Versions"), "all versions")},
-                )
-            },
-            "/preannotate": {
-                "post": _op(
-                    "Start pre-annotating a whole project (or return its run in progress)",
-                    {
-                        "200": _json(ref("PreannotateRun"), "a run was already in progress"),
-                        "202": _json(ref("PreannotateRun"), "a run was started"),
-                    },
-                    body="PreannotateRequest",
-                ),
-                "get": _op(
-                    "Recent pre-annotation runs",
-                    {"200": _json(ref("PreannotateRuns"), "runs, newest first")},
-                ),
-            },
-            "/preannotate/{run_id}": {
-                "get": _op(
-                    "Progress of a pre-annotation run",
-                    {"200": _json(ref("PreannotateRun"), "the run"), **_NOT_FOUND},
-                    parameters=_RUN_ID,
-                )
-            },
-            "/preannotate/{run_id}/cancel": {
-                "post": _op(
-                    "Cancel a pre-annotation run",
-                    {"200": _json(ref("PreannotateRun"), "the run"), **_NOT_FOUND},
-                    parameters=_RUN_ID,
-                )
-            },
-            "/metrics": {
-                "get": _op(
-                    "Prometheus metrics: requests, queues, workers, jobs, model, trainer",
-                    {
-                        "200": {
-                            "description": "Prometheus text exposition format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                )
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": [{}],
-                    "responses": {"200": {"description": "the OpenAPI document"}},
-                }
-            },
-        },
+        "paths": _protocol_paths() | _run_and_operation_paths(),
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {"basicAuth": {"type": "http", "scheme": "basic"}},
+        },
+    }
+
+
+def _protocol_paths() -> dict[str, Any]:
+    """Label Studio's ML backend protocol: health, setup, predict, webhook, train, versions."""
+    health = _op(
+        "Liveness, model version, queue depths and worker count",
+        {"200": _json(ref("Health"), "the backend is up (warnings name what is missing)")},
+        auth=False,
+    )
+    return {
+        "/": {"get": {**health, "operationId": "root"}},
+        "/health": {"get": {**health, "operationId": "health"}},
+        "/setup": {
+            "post": _op(
+                "Validate the label config and return the current model version",
+                {"200": _json(ref("SetupResponse"), "the current model version")},
+                body="SetupRequest",
+            )
+        },
+        "/predict": {
+            "post": _op(
+                "Predict every task (waits for the workers up to the deadline)",
+                {"200": _json(ref("PredictResponse"), "one prediction per task")},
+                body="PredictRequest",
+            )
+        },
+        "/webhook": {
+            "post": _op(
+                "Record a Label Studio webhook event for the trainer",
+                {"200": _json(ref("WebhookResponse"), "recorded or ignored")},
+                body="WebhookRequest",
+            )
+            | {
+                "description": "Annotation and task events need no auth; START_TRAINING "
+                "and unknown actions need basic auth when it is configured. With "
+                "SAM2UNET_WEBHOOK_SECRET set, every call needs the header "
+                "X-Sam2unet-Webhook-Secret (or Authorization: Bearer <secret>, or basic "
+                "auth). Bodies over SAM2UNET_WEBHOOK_MAX_BYTES (1 MiB) get 413."
+            }
+        },
+        "/train": {
+            "post": _op(
+                "Start training (older Label Studio versions): same as START_TRAINING",
+                {"200": _json(ref("WebhookResponse"), "recorded")},
+                body="TrainRequest",
+            )
+        },
+        "/versions": {
+            "get": _op(
+                "Model versions with metrics; the current one",
+                {"200": _json(ref("Versions"), "all versions")},
+            )
+        },
+    }
+
+
+def _run_and_operation_paths() -> dict[str, Any]:
+    """Project-wide pre-annotation runs, metrics and this document."""
+    return {
+        "/preannotate": {
+            "post": _op(
+                "Start pre-annotating a whole project (or return its run in progress)",
+                {
+                    "200": _json(ref("PreannotateRun"), "a run was already in progress"),
+                    "202": _json(ref("PreannotateRun"), "a run was started"),
+                },
+                body="PreannotateRequest",
+            ),
+            "get": _op(
+                "Recent pre-annotation runs",
+                {"200": _json(ref("PreannotateRuns"), "runs, newest first")},
+            ),
+        },
+        "/preannotate/{run_id}": {
+            "get": _op(
+                "Progress of a pre-annotation run",
+                {"200": _json(ref("PreannotateRun"), "the run"), **_NOT_FOUND},
+                parameters=_RUN_ID,
+            )
+        },
+        "/preannotate/{run_id}/cancel": {
+            "post": _op(
+                "Cancel a pre-annotation run",
+                {"200": _json(ref("PreannotateRun"), "the run"), **_NOT_FOUND},
+                parameters=_RUN_ID,
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "Prometheus metrics: requests, queues, workers, jobs, model, trainer",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            )
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [{}],
+                "responses": {"200": {"description": "the OpenAPI document"}},
+            }
         },
     }
 
