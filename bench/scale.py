@@ -227,7 +227,7 @@ def measure_order(ls, conn: redis.Redis, n: int, batch: int, old_max: int) -> di
 def measure_sync(ls, n: int, annotated: float) -> dict:
     """The trainer's sync: full vs incremental after 1% more tasks are annotated."""
     from sam2unet.synthetic import make_domain_sample, sample_rng
-    from tests.services import png_bytes
+    from tests.support.services import png_bytes
     from trainer.dataset import DatasetCache
 
     client = LabelStudioClient(ls.url, ls.pat, timeout=600)
@@ -310,9 +310,9 @@ def measure_e2e(ls, redis_url: str, n: int, workers: int, model_dir: Path, base:
     import requests
 
     from contracts import preannotate as runs
-    from tests.lstudio import free_port
-    from tests.services import backend_process, label_studio_env
-    from tests.services import workers as worker_processes
+    from tests.support.lstudio import free_port
+    from tests.support.services import backend_process, label_studio_env
+    from tests.support.services import workers as worker_processes
 
     conn = redis.Redis.from_url(redis_url)
     conn.flushdb()  # no result cached by an earlier run
@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ls_env = dict(x.split("=", 1) for x in args.ls_env)
     from launcher.redis_server import EmbeddedRedis
-    from tests.lstudio import running_label_studio
-    from tests.services import file_server
+    from tests.support.lstudio import running_label_studio
+    from tests.support.services import file_server
 
     with (
         EmbeddedRedis() as server,

@@ -23,7 +23,7 @@ from sam2unet.acquisition import (
 from sam2unet.exceptions import ConfigError
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import generate
-from tests.model_helpers import cpu_config, perturb_trainable, seeded_model
+from tests.support.model_helpers import cpu_config, perturb_trainable, seeded_model
 
 
 def disc(h: int = 64, w: int = 64, cx: float = 32, cy: float = 32, r: float = 14) -> np.ndarray:

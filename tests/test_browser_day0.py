@@ -31,7 +31,7 @@ import requests
 from labelstudio.codecs import rle_to_mask
 from modelstore.registry import ModelRegistry
 from sam2unet.random_weights import write_random_sam2_checkpoint
-from tests.browser import (
+from tests.support.browser import (
     VIEWPORT,
     Interactive,
     Shots,
@@ -45,9 +45,9 @@ from tests.browser import (
     set_switch,
     sign_up,
 )
-from tests.lstudio import running_label_studio
-from tests.sam2_helpers import reference_predictor
-from tests.services import (
+from tests.support.lstudio import running_label_studio
+from tests.support.sam2_helpers import reference_predictor
+from tests.support.services import (
     connected_stack,
     png_bytes,
 )

@@ -32,8 +32,8 @@ from modelstore.registry import ModelRegistry
 from sam2unet.distributed.launcher import parse_endpoint
 from sam2unet.exceptions import ConfigError
 from sam2unet.synthetic import generate
-from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, annotate_brush, png_bytes, service_env
+from tests.support.lstudio import running_label_studio
+from tests.support.services import ServiceProcess, annotate_brush, png_bytes, service_env
 from tests.test_distributed import assert_same_weights
 from trainer.cluster import ROUND_KEY
 from trainer.dataset import DatasetCache

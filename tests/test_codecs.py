@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,8 +23,7 @@ from labelstudio.codecs import (
     rle_to_mask,
 )
 from labelstudio.labelconfig import Target, parse_label_config
-
-FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
+from tests.support.protocol import FIXTURES
 
 BRUSH = Target("tag", "image", "brush", ("Foreground", "Background"), "image", ("kp", "rect"))
 POLYGON = Target("poly", "image", "polygon", ("Foreground", "Background"), "image")

@@ -39,7 +39,7 @@ from sam2unet.random_weights import random_model
 from sam2unet.synthetic import generate
 from sam2unet.train_config import TrainConfig
 from sam2unet.training import LAST_NAME, train
-from tests.services import round_settings
+from tests.support.services import round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
 TWO_CPUS = DevicePlan(("cpu", "cpu"))

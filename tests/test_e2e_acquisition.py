@@ -16,8 +16,8 @@ from sam2unet.acquisition import acquire, select
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
-from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, annotate_brush, png_bytes, service_env
+from tests.support.lstudio import running_label_studio
+from tests.support.services import ServiceProcess, annotate_brush, png_bytes, service_env
 from tests.test_e2e_label_studio import BRUSH, our_predictions, wait_until
 
 pytestmark = pytest.mark.e2e

@@ -1,6 +1,6 @@
 """End to end: task images in an S3 bucket connected to a real Label Studio 1.23.2.
 
-A real S3-compatible server (moto in server mode, ``tests/storage_servers.py``) on loopback holds the
+A real S3-compatible server (moto in server mode, ``tests/support/storage_servers.py``) on loopback holds the
 images; Label Studio imports them through S3 import storages, one set to presigned URLs and one
 proxying the bytes. Our backend and a worker run as real processes; "Retrieve predictions",
 ``preannotate`` and a training round each read the bucket's images through Label Studio's
@@ -14,7 +14,6 @@ import copy
 import json
 import re
 import shutil
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -29,9 +28,10 @@ from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import free_port
 from sam2unet.transforms import decode_image
-from tests.lstudio import running_label_studio
-from tests.services import ServiceProcess, png_bytes, round_settings, service_env
-from tests.storage_servers import GCSServer, S3Server
+from tests.support.lstudio import running_label_studio
+from tests.support.protocol import FIXTURES
+from tests.support.services import ServiceProcess, png_bytes, round_settings, service_env
+from tests.support.storage_servers import GCSServer, S3Server
 from tests.test_e2e_label_studio import BRUSH, circle_sample, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,6 @@ GCS_BUCKET = "assist-gcs"
 # eight images of two sizes: a mask at the wrong size would show
 SIZES = [(80, 96), (72, 88)] * 4
 TARGET = parse_label_config(BRUSH)
-FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 
 
 def bucket_images() -> dict[str, np.ndarray]:

@@ -27,8 +27,8 @@ from sam2unet.acquisition import acquire, run_order
 from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
-from tests.lstudio import running_label_studio
-from tests.services import ROOT, ServiceProcess, png_bytes, service_env
+from tests.support.lstudio import running_label_studio
+from tests.support.services import ROOT, ServiceProcess, png_bytes, service_env
 from tests.test_e2e_acquisition import sorted_by_prediction_score
 from tests.test_e2e_label_studio import BRUSH
 from worker.diverse_order import features, stored

@@ -24,8 +24,8 @@ from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import EmbeddedRedis
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from sam2unet.transforms import decode_image
-from tests.lstudio import running_label_studio
-from tests.services import (
+from tests.support.lstudio import running_label_studio
+from tests.support.services import (
     LabelStudioLikeFiles,
     connected_stack,
     label_studio_env,

@@ -18,8 +18,8 @@ import requests
 from labelstudio.codecs import brush_result
 from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import free_port
-from tests.lstudio import running_label_studio
-from tests.services import (
+from tests.support.lstudio import running_label_studio
+from tests.support.services import (
     ServiceProcess,
     backend_process,
     label_studio_env,

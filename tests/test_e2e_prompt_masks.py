@@ -21,8 +21,8 @@ from labelstudio.client import LabelStudioClient
 from labelstudio.codecs import results_to_masks
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from sam2unet.random_weights import write_random_sam2_checkpoint
-from tests.lstudio import running_label_studio
-from tests.services import png_bytes, service_env
+from tests.support.lstudio import running_label_studio
+from tests.support.services import png_bytes, service_env
 from tests.test_promptable import LABEL_CONFIG, TARGET, image, kp, make_runtime, predict, rect
 from tests.test_untrained_decoder import versions_cli
 from trainer.service import TrainerService

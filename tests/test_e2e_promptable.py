@@ -13,9 +13,9 @@ import requests
 
 from labelstudio.codecs import rle_to_mask
 from sam2unet.random_weights import write_random_sam2_checkpoint
-from tests.lstudio import running_label_studio
-from tests.sam2_helpers import reference_predictor
-from tests.services import (
+from tests.support.lstudio import running_label_studio
+from tests.support.sam2_helpers import reference_predictor
+from tests.support.services import (
     connected_stack,
     png_bytes,
 )

@@ -25,8 +25,8 @@ from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from launcher.redis_server import free_port
 from sam2unet.synthetic import generate
-from tests.lstudio import running_label_studio
-from tests.services import annotate_brush, png_bytes, round_settings
+from tests.support.lstudio import running_label_studio
+from tests.support.services import annotate_brush, png_bytes, round_settings
 from trainer.inbox import GROUP
 from trainer.service import LOCK_KEY, TrainerService
 

@@ -24,7 +24,7 @@ from labelstudio.addresses import address_kind
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.urls import redact_url
-from tests.sockets import connections, rebind
+from tests.support.sockets import connections, rebind
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 

@@ -18,8 +18,8 @@ from labelstudio.codecs import brush_result
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.labelconfig import parse_label_config
 from sam2unet.synthetic import make_domain_sample, sample_rng
-from tests.lstudio import running_label_studio
-from tests.services import png_bytes
+from tests.support.lstudio import running_label_studio
+from tests.support.services import png_bytes
 from tests.test_e2e_label_studio import BRUSH
 from trainer.dataset import DatasetCache
 

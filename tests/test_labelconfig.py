@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -18,8 +17,7 @@ from labelstudio.labelconfig import (
     target_from_json,
     target_to_json,
 )
-
-FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
+from tests.support.protocol import FIXTURES
 
 BRUSH = Target(
     from_name="tag",
@@ -378,7 +376,7 @@ def test_a_named_prompt_gets_the_label_it_names_from_sams_head(tmp_path) -> None
     not a mask of the first label the model predicts."""
     from contracts.jobs import PredictItem, PredictPayload
     from sam2unet.random_weights import write_random_sam2_checkpoint
-    from tests.services import png_bytes
+    from tests.support.services import png_bytes
     from tests.test_promptable import image, kp, make_runtime
     from worker.pipeline import run_predict
 

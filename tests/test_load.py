@@ -24,8 +24,14 @@ import requests
 
 from launcher.redis_server import free_port
 from modelstore.registry import ModelRegistry
-from tests.services import LabelStudioLikeFiles, ServiceProcess, png_bytes, service_env, workers
-from tests.test_serving import fixture, red_circle
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import (
+    LabelStudioLikeFiles,
+    ServiceProcess,
+    png_bytes,
+    service_env,
+    workers,
+)
 
 pytestmark = pytest.mark.slow
 

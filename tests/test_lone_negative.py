@@ -38,7 +38,7 @@ def test_crop_head_answers_a_lone_negative_click_with_no_mask(model_dir, caplog)
     rt = ModelRuntime(settings, ModelRegistry(model_dir, None))
     rt.ensure_current()
     assert rt.prompt_head == "crop"
-    from tests.test_serving import red_circle
+    from tests.support.protocol import red_circle
 
     img = red_circle(seed=1)
     whole = predict(rt, img, {"result": []}).result

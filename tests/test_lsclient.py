@@ -18,14 +18,14 @@ from PIL import Image
 from contracts.errors import ImageFetchError, LabelStudioError
 from labelstudio.client import LabelStudioClient, jwt_claims
 from labelstudio.fetch import FetchPolicy, ImageFetcher
-from tests.lstudio import (
+from tests.support.lstudio import (
     ADMIN_EMAIL,
     LabelStudio,
     ensure_template,
     free_port,
     running_label_studio,
 )
-from tests.sockets import connections
+from tests.support.sockets import connections
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>

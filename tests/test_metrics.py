@@ -21,8 +21,14 @@ from contracts import preannotate as runs
 from contracts.jobs import QUEUE_BACKGROUND, QUEUE_BATCH
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis, free_port
-from tests.services import LabelStudioLikeFiles, annotate_brush, png_bytes, service_env, workers
-from tests.test_serving import fixture, red_circle
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import (
+    LabelStudioLikeFiles,
+    annotate_brush,
+    png_bytes,
+    service_env,
+    workers,
+)
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 
@@ -220,7 +226,7 @@ def test_training_round_gauges_from_real_trainer_rounds(own_redis, model_dir, tm
     from labelstudio.client import LabelStudioClient
     from labelstudio.fetch import FetchPolicy, ImageFetcher
     from sam2unet.synthetic import generate
-    from tests.lstudio import running_label_studio
+    from tests.support.lstudio import running_label_studio
     from trainer.service import ROUNDS_KEY, TrainerService
 
     url = f"redis://127.0.0.1:{own_redis.port}/5"

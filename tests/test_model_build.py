@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import cpu_config, seeded_model
 
 from sam2unet.build import SIZES, build_trunk, count_parameters
 from sam2unet.config import HIERA_SPECS, ModelConfig
 from sam2unet.exceptions import ConfigError, ImageError
 from sam2unet.modeling.sam2unet import is_frozen_key
+from tests.support.model_helpers import cpu_config, seeded_model
 
 
 def block_input_dims(stages: tuple[int, ...], dims: tuple[int, ...]) -> list[int]:

@@ -6,12 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import (
-    cpu_config,
-    perturb_trainable,
-    released_state,
-    seeded_model,
-)
 
 from sam2unet.checkpoints import (
     BaseRef,
@@ -27,6 +21,12 @@ from sam2unet.checkpoints import (
 from sam2unet.exceptions import CheckpointError
 from sam2unet.modeling.sam2unet import SAM2UNet, is_frozen_key
 from sam2unet.random_weights import SAM21_EXTRA_SHAPES, write_official_checkpoint
+from tests.support.model_helpers import (
+    cpu_config,
+    perturb_trainable,
+    released_state,
+    seeded_model,
+)
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from model_helpers import cpu_config, seeded_model, torch_threads
 
 from cli import main
 from sam2unet.checkpoints import read_delta
@@ -14,6 +13,7 @@ from sam2unet.data import FolderSource, train_val_datasets
 from sam2unet.random_weights import write_official_checkpoint
 from sam2unet.train_config import TrainConfig
 from sam2unet.training import initial_model, train
+from tests.support.model_helpers import cpu_config, seeded_model, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")

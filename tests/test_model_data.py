@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_helpers import write_pngs
 from PIL import Image
 
 from sam2unet.data import (
@@ -22,6 +21,7 @@ from sam2unet.data import (
 from sam2unet.exceptions import ConfigError, DatasetError
 from sam2unet.synthetic import SHAPE_CLASSES, generate, write_synthetic_dataset
 from sam2unet.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tests.support.model_helpers import write_pngs
 
 # ----------------------------------------------------------------------------- pairing
 

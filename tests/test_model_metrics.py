@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_helpers import cpu_config, seeded_model
 from PIL import Image
 
 from sam2unet.checkpoints import LoadedModel
@@ -15,6 +14,7 @@ from sam2unet.evaluate import evaluate_dirs, evaluate_model, label_channel
 from sam2unet.exceptions import ConfigError, DatasetError
 from sam2unet.metrics import METRIC_NAMES, MetricSuite, dice, format_table, iou
 from sam2unet.synthetic import write_synthetic_dataset
+from tests.support.model_helpers import cpu_config, seeded_model
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_helpers import cpu_config, seeded_model
 from PIL import Image
 
 from sam2unet.predictor import Predictor
+from tests.support.model_helpers import cpu_config, seeded_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_helpers import cpu_config, torch_threads
 
 from sam2unet.checkpoints import load_delta, read_delta, save_delta
 from sam2unet.data import ArraySource, SegmentationDataset, train_val_datasets
@@ -20,6 +19,7 @@ from sam2unet.synthetic import SHAPE_CLASSES, generate
 from sam2unet.train_config import TrainConfig, TrainEvent, resume_config
 from sam2unet.training import initial_model, train
 from sam2unet.validation import validate
+from tests.support.model_helpers import cpu_config, torch_threads
 
 SIDE = 64  # network input; the synthetic images are 128 x 128
 

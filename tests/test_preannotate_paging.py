@@ -20,8 +20,8 @@ from contracts.jobs import QUEUE_BACKGROUND
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from sam2unet.synthetic import make_domain_sample, sample_rng
-from tests.lstudio import running_label_studio
-from tests.services import png_bytes, service_env, workers
+from tests.support.lstudio import running_label_studio
+from tests.support.services import png_bytes, service_env, workers
 from tests.test_bulk_writes import versions_per_task
 from tests.test_e2e_label_studio import BRUSH
 from worker.process import make_context

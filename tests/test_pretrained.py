@@ -25,13 +25,13 @@ from sam2unet.checkpoints import load_released
 from sam2unet.predictor import Predictor
 from sam2unet.random_weights import write_official_checkpoint
 from sam2unet.synthetic import generate
-from tests.model_helpers import (
+from tests.support.model_helpers import (
     cpu_config,
     perturb_trainable,
     released_state,
     seeded_model,
 )
-from tests.services import ROOT, file_server
+from tests.support.services import ROOT, file_server
 
 
 def download(model_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

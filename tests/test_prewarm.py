@@ -23,7 +23,7 @@ from contracts.routing import remember_route, route_key
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
 from sam2unet.random_weights import write_random_sam2_checkpoint
-from tests.services import png_bytes, service_env, workers
+from tests.support.services import png_bytes, service_env, workers
 from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, predict, rect
 
 

@@ -3,7 +3,7 @@ suggestion was accepted): the trainer derives their masks with SAM2's head of th
 served them, the mask the worker answers for the same prompts and weights, marks the samples
 as derived and counts them; ``SAM2UNET_DERIVE_PROMPT_MASKS=false`` skips and counts them.
 
-Checkpoints are official-format files with random weights (tests/sam2_helpers.py); the trainer
+Checkpoints are official-format files with random weights (tests/support/sam2_helpers.py); the trainer
 reads the project through the API answers Label Studio gives (the project and its export).
 """
 
@@ -23,8 +23,8 @@ from modelstore.registry import ModelRegistry
 from sam2unet.checkpoints import build_from_sam2
 from sam2unet.config import ModelConfig
 from sam2unet.random_weights import write_random_sam2_checkpoint
-from tests.sam2_helpers import reference_predictor
-from tests.services import png_bytes
+from tests.support.sam2_helpers import reference_predictor
+from tests.support.services import png_bytes
 from tests.test_promptable import (
     LABEL_CONFIG,
     TARGET,

@@ -3,8 +3,8 @@ worker path, the embedding cache, and the interactive call's routing to the work
 image's features.
 
 Checkpoints are official-format files with random weights, made by the ``sam2`` package's own
-configs (tests/sam2_helpers.py). The reference predictor's three torchvision transforms come
-from the test-only stand-in in tests/torchvision_stub.
+configs (tests/support/sam2_helpers.py). The reference predictor's three torchvision transforms come
+from the test-only stand-in in tests/support/torchvision_stub.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from modelstore.bootstrap import ensure_current_version
 from modelstore.registry import ModelRegistry
 from sam2unet.prompt_head import PromptObject, preprocess_image
 from sam2unet.random_weights import write_random_sam2_checkpoint
-from tests.sam2_helpers import reference_predictor
-from tests.services import png_bytes
+from tests.support.sam2_helpers import reference_predictor
+from tests.support.services import png_bytes
 from worker.embeddings import EmbeddingCache
 from worker.pipeline import run_predict
 from worker.runtime import ModelRuntime
@@ -261,7 +261,7 @@ def test_preprocessing_matches_torchvision_semantics():
     odd sizes up and down."""
     import sys
 
-    from tests.sam2_helpers import STUB
+    from tests.support.sam2_helpers import STUB
 
     sys.path.insert(0, str(STUB))
     try:
@@ -382,7 +382,7 @@ def test_prompts_go_to_the_worker_holding_the_features(redis_server, official, t
     from its cache; once that worker is killed, the prompt still completes on the other."""
     from backend.app import create_app
     from contracts.routing import route_key, worker_queue
-    from tests.services import LabelStudioLikeFiles, service_env, workers
+    from tests.support.services import LabelStudioLikeFiles, service_env, workers
 
     model_dir, _ = official("test")
     make_runtime(model_dir, "test")  # the registry's first version, on the official base

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,10 +17,10 @@ import pytest
 from PIL import Image
 
 from contracts.errors import BadRequest
+from tests.support.protocol import FIXTURES
 from worker.answer_without_head import apply_prompts
 from worker.prompt_parsing import parse_context
 
-FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 BG = (40, 40, 40)
 RED = (220, 30, 30)
 GREEN = (30, 200, 40)

@@ -15,7 +15,7 @@ import redis
 
 from contracts import preannotate as runs
 from modelstore.registry import ModelRegistry
-from tests.services import ROOT, round_settings
+from tests.support.services import ROOT, round_settings
 
 
 def own_registry(model_dir, tmp_path, redis_url):

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import cpu_config, perturb_trainable, released_state, seeded_model
 from PIL import Image
 
 from cli import main
 from sam2unet.checkpoints import load_released
 from sam2unet.evaluate import evaluate_dirs
 from sam2unet.transforms import preprocess
+from tests.support.model_helpers import cpu_config, perturb_trainable, released_state, seeded_model
 
 SIZES = [(37, 53), (64, 41), (29, 29), (80, 120)]
 

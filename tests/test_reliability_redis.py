@@ -23,8 +23,8 @@ from contracts.jobs import QUEUE_BATCH
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis
 from modelstore.registry import POINTER_KEY, ModelRegistry
-from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
-from tests.test_serving import fixture, red_circle
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 

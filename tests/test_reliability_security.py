@@ -35,7 +35,8 @@ from backend.app import create_app
 from contracts.connections import redis_client
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis, free_port
-from tests.services import (
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import (
     LabelStudioLikeFiles,
     ServiceProcess,
     backend_process,
@@ -43,8 +44,7 @@ from tests.services import (
     service_env,
     workers,
 )
-from tests.sockets import RecordingServer
-from tests.test_serving import fixture, red_circle
+from tests.support.sockets import RecordingServer
 from tests.test_url_credentials import KINDS, expand
 
 CFG = fixture("post_setup.json")["json"]["schema"]

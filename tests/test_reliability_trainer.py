@@ -23,7 +23,7 @@ import redis
 
 from contracts.settings import Settings
 from modelstore.registry import POINTER_KEY, ModelRegistry
-from tests.services import ROOT, round_settings
+from tests.support.services import ROOT, round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
 SCRIPT = textwrap.dedent(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import json
 import shutil
 import time
 from pathlib import Path
@@ -19,21 +18,8 @@ from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from labelstudio.codecs import polygons_to_mask, rle_to_mask
 from modelstore.registry import ModelRegistry
-from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
-
-FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
-
-
-def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
-
-
-def red_circle(h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = (rng.random((h, w, 3)) * 60 + 100).astype(np.uint8)
-    yy, xx = np.mgrid[:h, :w]
-    img[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2] = (220, 30, 30)
-    return img
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from contracts.errors import ImageFetchError
 from labelstudio import storage
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
-from tests.sockets import rebind
+from tests.support.sockets import rebind
 from tests.test_fetch import IMAGE, Server, body, redirect
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

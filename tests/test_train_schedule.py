@@ -22,7 +22,7 @@ from contracts.schedule import JOB_PREFIX, SCHEDULE_QUEUE, parse_schedule, sched
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
 from sam2unet.synthetic import generate
-from tests.services import round_settings
+from tests.support.services import round_settings
 from trainer.service import LOCK_KEY, TrainerService
 
 EVERY_2S = "* * * * * */2"  # croniter: a sixth field is seconds

@@ -21,7 +21,7 @@ from contracts.metrics import ROUNDS, ROUNDS_KEY, TRAINER_STATUS_KEY
 from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from launcher.redis_server import free_port
-from tests.services import ROOT, service_env
+from tests.support.services import ROOT, service_env
 from trainer.inbox import GROUP
 from trainer.service import LOCK_KEY, TrainerService
 

@@ -13,7 +13,7 @@ import pytest
 from backend.app import create_app
 from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
-from tests.test_serving import fixture
+from tests.support.protocol import fixture
 from trainer.inbox import GROUP
 from trainer.round import RoundReport
 from trainer.service import TrainerService

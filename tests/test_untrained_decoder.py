@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,12 +20,11 @@ from modelstore.registry import ModelRegistry
 from modelstore.version_heads import SAM2_HEAD
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from sam2unet.synthetic import generate
-from tests.model_helpers import cpu_config, seeded_model
-from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.support.model_helpers import cpu_config, seeded_model
+from tests.support.protocol import FIXTURES
+from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 from tests.test_serving import expected_masks
 from trainer.round import run_round
-
-FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
 
 
 def fixture(name: str) -> dict:

@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backend.metrics import RedisCollector
 from launcher.redis_server import EmbeddedRedis, free_port
-from tests.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env
-from tests.test_serving import fixture, red_circle
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env
 
 
 class Up:

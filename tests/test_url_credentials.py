@@ -26,7 +26,7 @@ from contracts.errors import ImageFetchError, LabelStudioError
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.urls import origin
-from tests.sockets import Received, RecordingServer
+from tests.support.sockets import Received, RecordingServer
 
 KEY = "ls-key-5f0c1e9a7b3d2c4e6f8a0b1c2d3e4f50"
 SENT_KEY = f"Token {KEY}"
@@ -276,7 +276,7 @@ def test_a_reused_connection_never_carries_the_key_to_another_name(servers) -> N
     """Connections are pooled per (scheme, host, port) as the prepared URL names them, the same
     reading the key is decided on: after Label Studio's keep-alive connection, the same socket
     address under another name gets a connection of its own and no key."""
-    from tests.sockets import connections
+    from tests.support.sockets import connections
 
     ls, _ = servers
     f = ImageFetcher(LabelStudioClient(ls.url, KEY), FetchPolicy(allow_hosts=("localhost",)))
@@ -318,7 +318,7 @@ def test_a_slow_resolver_is_an_error_within_the_time_limit(monkeypatch) -> None:
 
 @pytest.mark.parametrize("address", ["169.254.169.254", "169.254.1.1", "[fe80::1]"])
 def test_link_local_needs_an_explicit_allow_entry(address: str) -> None:
-    from tests.sockets import connections
+    from tests.support.sockets import connections
 
     for policy in (FetchPolicy(allow_private=True), FetchPolicy(allow_private_storage=True)):
         with connections() as opened, pytest.raises(ImageFetchError, match="link-local"):
@@ -332,7 +332,7 @@ def test_link_local_needs_an_explicit_allow_entry(address: str) -> None:
 def test_presigned_storage_redirect_to_link_local_is_refused(servers) -> None:
     """``SAM2UNET_ALLOW_PRIVATE_STORAGE`` admits a private or loopback storage host that Label
     Studio's storage endpoint redirects to, never the metadata service's link-local range."""
-    from tests.sockets import connections
+    from tests.support.sockets import connections
 
     ls, other = servers
     client = LabelStudioClient(ls.url, KEY)

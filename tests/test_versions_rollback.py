@@ -14,8 +14,8 @@ import redis
 from backend.app import create_app
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
-from tests.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env, workers
-from tests.test_serving import fixture, red_circle
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env, workers
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 

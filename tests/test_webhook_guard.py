@@ -20,8 +20,8 @@ from backend.app import create_app
 from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from launcher.redis_server import free_port
-from tests.services import backend_process, service_env
-from tests.test_serving import fixture
+from tests.support.protocol import fixture
+from tests.support.services import backend_process, service_env
 
 SECRET = "hook-9f2c1e7a55d04b3d"
 HEADER = "X-Sam2unet-Webhook-Secret"

@@ -16,8 +16,8 @@ from rq.registry import StartedJobRegistry
 from backend.app import create_app
 from contracts.jobs import QUEUE_BATCH
 from contracts.settings import Settings
-from tests.services import LabelStudioLikeFiles, png_bytes, service_env, workers
-from tests.test_serving import fixture, red_circle
+from tests.support.protocol import fixture, red_circle
+from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
 
 
 def test_kill_9_worker_mid_batch_every_task_still_predicted(redis_server, model_dir, tmp_path):
@@ -89,7 +89,7 @@ def run_leased_job(redis_url: str, lease: int, queues: list[str], seconds: float
     from rq import Queue, Retry
 
     from contracts.jobs import reap_abandoned
-    from tests.services import ROOT
+    from tests.support.services import ROOT
 
     conn = redis.Redis.from_url(redis_url)
     job = Queue(queues[0], connection=conn).enqueue("time.sleep", seconds, retry=Retry(max=1))

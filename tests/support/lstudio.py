@@ -46,7 +46,7 @@ import requests
 logger = logging.getLogger(__name__)
 
 LS_VERSION = "1.23.2"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LS_VENV = REPO_ROOT / ".lsvenv"
 _INSTALLED_MARKER = LS_VENV / f".installed-label-studio-{LS_VERSION}"
 _INSTALL_LOCK = Path(tempfile.gettempdir()) / "sam2unet-assist-lsvenv.lock"

@@ -22,7 +22,7 @@ from rq import Worker
 
 from launcher.redis_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
