@@ -24,6 +24,7 @@ from labelstudio.labelconfig import parse_label_config
 from launcher.redis_server import EmbeddedRedis
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from sam2unet.transforms import decode_image
+from tests.labelstudio.test_exif import displayed, jpeg
 from tests.support.lstudio import running_label_studio
 from tests.support.services import (
     LabelStudioLikeFiles,
@@ -33,7 +34,6 @@ from tests.support.services import (
     service_env,
     workers,
 )
-from tests.test_exif import displayed, jpeg
 from tests.test_promptable import LABEL_CONFIG, kp, make_runtime, rect
 from trainer.dataset import DatasetCache
 

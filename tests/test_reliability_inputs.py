@@ -21,9 +21,9 @@ from backend.app import create_app
 from contracts.events import EVENTS_STREAM
 from contracts.settings import Settings
 from launcher.redis_server import free_port
+from tests.labelstudio.test_fetch import Server, body, bomb_png, redirect
 from tests.support.protocol import fixture, red_circle
 from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
-from tests.test_fetch import Server, body, bomb_png, redirect
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 MAX_BYTES = 400_000

@@ -35,6 +35,7 @@ from backend.app import create_app
 from contracts.connections import redis_client
 from contracts.settings import Settings
 from launcher.redis_server import EmbeddedRedis, free_port
+from tests.labelstudio.test_url_credentials import KINDS, expand
 from tests.support.protocol import fixture, red_circle
 from tests.support.services import (
     LabelStudioLikeFiles,
@@ -45,7 +46,6 @@ from tests.support.services import (
     workers,
 )
 from tests.support.sockets import RecordingServer
-from tests.test_url_credentials import KINDS, expand
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 SECRETS = {

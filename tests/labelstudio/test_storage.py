@@ -15,8 +15,8 @@ from contracts.errors import ImageFetchError
 from labelstudio import storage
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
+from tests.labelstudio.test_fetch import IMAGE, Server, body, redirect
 from tests.support.sockets import rebind
-from tests.test_fetch import IMAGE, Server, body, redirect
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 URI = "s3://bucket/dir/a b.png"
