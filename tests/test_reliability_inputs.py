@@ -300,6 +300,6 @@ def test_bodies_over_the_limit_are_413_json(stack):
         assert r.status_code == 413, (path, r.status_code)
         assert r.get_json()["error"] == "request_entity_too_large"
     # just under the limit is parsed (and refused for what it says, not for its size); webhooks
-    # have a limit of their own (SAM2UNET_WEBHOOK_MAX_BYTES, tests/test_webhook_guard.py)
+    # have a limit of their own (SAM2UNET_WEBHOOK_MAX_BYTES, tests/backend/test_webhook_guard.py)
     r = client.post("/setup", data=b" " * (limit - 20) + b'{"project":"x"}')
     assert r.status_code == 400  # content type is not JSON

@@ -22,9 +22,9 @@ from contracts.jobs import PredictItem, PredictPayload, decode_reply
 from contracts.settings import Settings
 from labelstudio.labelconfig import parse_label_config, target_to_json
 from modelstore.registry import ModelRegistry
+from tests.backend.test_metrics import scrape, value
 from tests.support.protocol import fixture, red_circle
 from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env
-from tests.test_metrics import scrape, value
 from worker import jobs
 from worker.process import make_context
 
