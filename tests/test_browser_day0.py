@@ -51,7 +51,7 @@ from tests.support.services import (
     connected_stack,
     png_bytes,
 )
-from tests.test_promptable import image, make_runtime, reference
+from tests.worker.test_pipeline import image, make_runtime, reference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 

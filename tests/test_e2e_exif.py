@@ -34,7 +34,7 @@ from tests.support.services import (
     service_env,
     workers,
 )
-from tests.test_promptable import LABEL_CONFIG, kp, make_runtime, rect
+from tests.worker.test_pipeline import LABEL_CONFIG, kp, make_runtime, rect
 from trainer.dataset import DatasetCache
 
 ORIENTATIONS = range(2, 9)

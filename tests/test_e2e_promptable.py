@@ -19,7 +19,7 @@ from tests.support.services import (
     connected_stack,
     png_bytes,
 )
-from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, rect, reference
+from tests.worker.test_pipeline import LABEL_CONFIG, image, kp, make_runtime, rect, reference
 
 pytestmark = pytest.mark.e2e
 AUTH = ("ls-backend", "b4ckend-pass")

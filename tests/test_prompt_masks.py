@@ -25,7 +25,7 @@ from sam2unet.config import ModelConfig
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.support.sam2_helpers import reference_predictor
 from tests.support.services import png_bytes
-from tests.test_promptable import (
+from tests.worker.test_pipeline import (
     LABEL_CONFIG,
     TARGET,
     image,
@@ -253,7 +253,7 @@ def test_a_version_answering_by_crop_derives_nothing(tmp_path, model_dir, redis_
 def test_a_task_model_with_an_official_trunk_derives_the_workers_mask(tmp_path, redis_conn):
     """A version made from released SAM2-UNet weights whose trunk is an official checkpoint's:
     the worker answers its prompts with that checkpoint's head, and so does the trainer."""
-    from tests.test_task_model_prompts import _released_version
+    from tests.worker.test_task_model_prompts import _released_version
 
     model_dir = tmp_path / "models"
     write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")

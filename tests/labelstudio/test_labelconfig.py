@@ -377,7 +377,7 @@ def test_a_named_prompt_gets_the_label_it_names_from_sams_head(tmp_path) -> None
     from contracts.jobs import PredictItem, PredictPayload
     from sam2unet.random_weights import write_random_sam2_checkpoint
     from tests.support.services import png_bytes
-    from tests.test_promptable import image, kp, make_runtime
+    from tests.worker.test_pipeline import image, kp, make_runtime
     from worker.pipeline import run_predict
 
     write_random_sam2_checkpoint(tmp_path / "base" / "sam2.1_hiera_test.pt", "test")

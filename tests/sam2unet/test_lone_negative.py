@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.test_promptable import TARGET, image, kp, make_runtime, official, predict, rect
+from tests.worker.test_pipeline import TARGET, image, kp, make_runtime, official, predict, rect
 
 __all__ = ["official"]  # the module fixture, used here
 

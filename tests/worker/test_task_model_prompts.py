@@ -16,7 +16,7 @@ from modelstore.version_heads import official_trunk_digest, trunk_digest
 from sam2unet.checkpoints import build_from_sam2, load_released, trunk_state_of
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.support.model_helpers import perturb_trainable, released_state
-from tests.test_promptable import context, image, kp, predict, rect
+from tests.worker.test_pipeline import context, image, kp, predict, rect
 from worker.runtime import ModelRuntime
 
 

@@ -24,7 +24,7 @@ from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.support.services import png_bytes, service_env, workers
-from tests.test_promptable import LABEL_CONFIG, image, kp, make_runtime, predict, rect
+from tests.worker.test_pipeline import LABEL_CONFIG, image, kp, make_runtime, predict, rect
 
 
 @pytest.fixture(scope="module")
