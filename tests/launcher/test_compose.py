@@ -32,7 +32,7 @@ from contracts.settings import _ENV_NAMES, Settings
 from launcher.redis_server import free_port, redis_server_binary
 from tests.support.lstudio import EFFICIENT_PREDICTION_IMPORT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -626,7 +626,7 @@ def test_dockerignore_keeps_build_inputs() -> None:
         for ln in (ROOT / ".dockerignore").read_text().splitlines()
         if ln.strip() and not ln.startswith("#")
     ]
-    for must in (".git", ".venv", ".lsvenv", "models", ".env", "tests/test_compose.py"):
+    for must in (".git", ".venv", ".lsvenv", "models", ".env", "tests/launcher/test_compose.py"):
         assert _dockerignored(must, patterns), f"{must} would be sent to the build"
     sources = ["pyproject.toml", "README.md", "docker/verify_image.py"]
     for instr, args in dockerfile_instructions():
