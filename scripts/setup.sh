@@ -16,7 +16,7 @@ if python -m pip show torchvision >/dev/null 2>&1; then
   echo "error: torchvision is installed in .venv; it is not needed and pulls a CUDA torch" >&2
   exit 1
 fi
-# Chromium from the distribution's packages for the browser test (tests/test_browser_day0.py,
+# Chromium from the distribution's packages for the browser test (tests/system/test_browser_day0.py,
 # driven by Playwright with executable_path; Playwright's own browser download is not used)
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
   :

@@ -1,6 +1,6 @@
 """Cloud storage URIs and presigned redirects: the address rule, the API key's reach and the
 per-task errors, against real HTTP servers on 127.0.0.1 answering as Label Studio's storage
-endpoint and as a storage host do (Label Studio and S3 themselves: tests/test_e2e_cloud_storage.py).
+endpoint and as a storage host do (Label Studio and S3 themselves: tests/system/test_e2e_cloud_storage.py).
 """
 
 from __future__ import annotations

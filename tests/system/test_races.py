@@ -243,7 +243,9 @@ def test_a_job_taken_by_a_worker_that_then_reloads_its_model_runs_once(
             assert taker.poll() is None, output("worker-reloading")
             time.sleep(0.1)
         registry.rollback(older)  # the taker reloads before its next job
-        job = Queue(queues[1], connection=conn).enqueue("tests.test_races.record_run", "races:runs")
+        job = Queue(queues[1], connection=conn).enqueue(
+            "tests.system.test_races.record_run", "races:runs"
+        )
         deadline = time.monotonic() + 30
         while conn.llen(f"rq:queue:{queues[1]}") and time.monotonic() < deadline:
             time.sleep(0.01)

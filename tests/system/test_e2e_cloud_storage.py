@@ -32,7 +32,7 @@ from tests.support.lstudio import running_label_studio
 from tests.support.protocol import FIXTURES
 from tests.support.services import ServiceProcess, png_bytes, round_settings, service_env
 from tests.support.storage_servers import GCSServer, S3Server
-from tests.test_e2e_label_studio import BRUSH, circle_sample, wait_until
+from tests.system.test_e2e_label_studio import BRUSH, circle_sample, wait_until
 
 pytestmark = pytest.mark.e2e
 

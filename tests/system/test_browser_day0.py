@@ -14,7 +14,7 @@ test checkpoint whose U-Net decoder was never trained:
 
 Screenshots go to ``SAM2UNET_SCREENSHOTS`` (``docs/day0`` regenerates the docs' pictures):
 
-    SAM2UNET_SCREENSHOTS=docs/day0 ./scripts/test.sh tests/test_browser_day0.py -s
+    SAM2UNET_SCREENSHOTS=docs/day0 ./scripts/test.sh tests/system/test_browser_day0.py -s
 
 Click-to-suggestion latencies (ms, as the page saw them) are printed.
 """

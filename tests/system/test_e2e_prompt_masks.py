@@ -23,7 +23,7 @@ from labelstudio.fetch import FetchPolicy, ImageFetcher
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.support.lstudio import running_label_studio
 from tests.support.services import png_bytes, service_env
-from tests.test_untrained_decoder import versions_cli
+from tests.system.test_untrained_decoder import versions_cli
 from tests.worker.test_pipeline import LABEL_CONFIG, TARGET, image, kp, make_runtime, predict, rect
 from trainer.service import TrainerService
 

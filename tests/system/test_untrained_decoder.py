@@ -23,7 +23,7 @@ from sam2unet.synthetic import generate
 from tests.support.model_helpers import cpu_config, seeded_model
 from tests.support.protocol import FIXTURES
 from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
-from tests.test_serving import expected_masks
+from tests.system.test_serving import expected_masks
 from trainer.round import run_round
 
 

@@ -20,7 +20,7 @@ from labelstudio.labelconfig import parse_label_config
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from tests.support.lstudio import running_label_studio
 from tests.support.services import png_bytes
-from tests.test_e2e_label_studio import BRUSH
+from tests.system.test_e2e_label_studio import BRUSH
 from trainer.dataset import DatasetCache
 
 pytestmark = pytest.mark.e2e

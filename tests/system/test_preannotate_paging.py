@@ -22,8 +22,8 @@ from labelstudio.client import LabelStudioClient
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from tests.support.lstudio import running_label_studio
 from tests.support.services import png_bytes, service_env, workers
-from tests.test_bulk_writes import versions_per_task
-from tests.test_e2e_label_studio import BRUSH
+from tests.system.test_bulk_writes import versions_per_task
+from tests.system.test_e2e_label_studio import BRUSH
 from worker.process import make_context
 from worker.run_pages import process_page
 

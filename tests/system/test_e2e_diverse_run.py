@@ -29,8 +29,8 @@ from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
 from tests.support.lstudio import running_label_studio
 from tests.support.services import ROOT, ServiceProcess, png_bytes, service_env
-from tests.test_e2e_acquisition import sorted_by_prediction_score
-from tests.test_e2e_label_studio import BRUSH
+from tests.system.test_e2e_acquisition import sorted_by_prediction_score
+from tests.system.test_e2e_label_studio import BRUSH
 from worker.diverse_order import features, stored
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ from labelstudio.writeback import PredictionWriter
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from tests.support.lstudio import EFFICIENT_PREDICTION_IMPORT, running_label_studio
 from tests.support.services import png_bytes, service_env, workers
-from tests.test_e2e_label_studio import BRUSH
+from tests.system.test_e2e_label_studio import BRUSH
 from worker.preannotate import BUFFER_PREFIX, FLUSH_LOCK_PREFIX
 
 pytestmark = pytest.mark.e2e

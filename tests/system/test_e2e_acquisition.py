@@ -18,7 +18,7 @@ from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
 from tests.support.lstudio import running_label_studio
 from tests.support.services import ServiceProcess, annotate_brush, png_bytes, service_env
-from tests.test_e2e_label_studio import BRUSH, our_predictions, wait_until
+from tests.system.test_e2e_label_studio import BRUSH, our_predictions, wait_until
 
 pytestmark = pytest.mark.e2e
 STRATEGY = "tta"

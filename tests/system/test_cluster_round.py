@@ -8,7 +8,7 @@ dataset cache in it), a real Label Studio as the source of the labels.
 - With the agent: the round completes, and its candidate's weights equal those of a round on
   one machine with two processes (``cpu:2``) over the same data and split: the same global
   batch of 4, two ranks of 2 samples, so the same computation (tolerance as in
-  tests/test_distributed.py: float summation order only).
+  tests/system/test_distributed_training.py: float summation order only).
 - The agent killed during training: the round fails cleanly and the trainer goes on.
 """
 
@@ -34,7 +34,7 @@ from sam2unet.exceptions import ConfigError
 from sam2unet.synthetic import generate
 from tests.support.lstudio import running_label_studio
 from tests.support.services import ServiceProcess, annotate_brush, png_bytes, service_env
-from tests.test_distributed import assert_same_weights
+from tests.system.test_distributed_training import assert_same_weights
 from trainer.cluster import ROUND_KEY
 from trainer.dataset import DatasetCache
 from trainer.round import run_round
