@@ -30,7 +30,7 @@ import yaml
 from cli import build_parser
 from contracts.settings import _ENV_NAMES, Settings
 from launcher.redis_server import free_port, redis_server_binary
-from tests.support.lstudio import EFFICIENT_PREDICTION_IMPORT
+from tests.support.protocol import EFFICIENT_PREDICTION_IMPORT
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -43,6 +43,8 @@ from typing import Any
 
 import requests
 
+from tests.support.tier import require_system_test
+
 logger = logging.getLogger(__name__)
 
 LS_VERSION = "1.23.2"
@@ -55,12 +57,6 @@ _STATE = "harness-tokens.json"  # the admin's tokens, kept in the data directory
 _DB = "label_studio.sqlite3"
 
 ADMIN_EMAIL = "admin@example.com"
-# Label Studio's feature flag (an environment variable of its process) for the prediction
-# import that recounts only the tasks of the call instead of the whole project
-# (docs/deployment.md, "Large projects")
-EFFICIENT_PREDICTION_IMPORT = {
-    "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true"
-}
 START_TIMEOUT = 300.0  # seconds; the first start on an empty data dir migrates (40-150 s)
 
 # Environment variables Label Studio reads that must not leak in from the caller's environment:
@@ -413,6 +409,7 @@ def running_label_studio(
         template: start an empty ``tmp_dir`` from a copy of a freshly migrated data directory
             made once (``ensure_template``): about 5-15 s instead of 40-150 s.
     """
+    require_system_test("Label Studio")
     exe = ensure_installed()
     data_dir = Path(tmp_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Label Studio's requests as it really sends them (tests/support/fixtures/protocol, captured
-from Label Studio 1.23.2) and the test image the serving tests send through them."""
+from Label Studio 1.23.2), the feature flag the deployment sets on it, and the test image the
+serving tests send through them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from pathlib import Path
 import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures" / "protocol"
+
+# Label Studio's feature flag (an environment variable of its process) for the prediction
+# import that recounts only the tasks of the call instead of the whole project
+# (docs/deployment.md, "Large projects")
+EFFICIENT_PREDICTION_IMPORT = {
+    "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true"
+}
 
 
 def fixture(name: str) -> dict:

@@ -21,6 +21,7 @@ from PIL import Image
 from rq import Worker
 
 from launcher.redis_server import free_port
+from tests.support.tier import require_system_test
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,6 +100,7 @@ def label_studio_env(
 
 def backend_process(env: dict[str, str], port: int, log_dir: Path) -> ServiceProcess:
     """`sam2unet-assist backend` (gunicorn, one worker) on 127.0.0.1:``port``."""
+    require_system_test("a backend process")
     return ServiceProcess(
         ["backend", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         env,
@@ -131,6 +133,7 @@ def connected_stack(
 
 def worker_process(env: dict[str, str], name: str, log_dir: Path) -> ServiceProcess:
     """One `sam2unet-assist worker` subprocess."""
+    require_system_test("a worker process")
     return ServiceProcess(["worker", "--name", name], env, name, log_dir)
 
 

@@ -17,7 +17,8 @@ from contracts import preannotate as runs
 from labelstudio.client import LabelStudioClient
 from labelstudio.writeback import PredictionWriter
 from sam2unet.synthetic import make_domain_sample, sample_rng
-from tests.support.lstudio import EFFICIENT_PREDICTION_IMPORT, running_label_studio
+from tests.support.lstudio import running_label_studio
+from tests.support.protocol import EFFICIENT_PREDICTION_IMPORT
 from tests.support.services import png_bytes, service_env, workers
 from tests.system.test_e2e_label_studio import BRUSH
 from worker.preannotate import BUFFER_PREFIX, FLUSH_LOCK_PREFIX
