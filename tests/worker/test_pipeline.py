@@ -257,15 +257,10 @@ def test_parity_needs_the_adapters_bypassed(official, monkeypatch):
 def test_preprocessing_matches_torchvision_semantics():
     """Our preprocessing and the stand-in's ToTensor + Resize + Normalize agree exactly, on
     odd sizes up and down."""
-    import sys
+    from tests.support.sam2_helpers import torchvision_stub
 
-    from tests.support.sam2_helpers import STUB
-
-    sys.path.insert(0, str(STUB))
-    try:
+    with torchvision_stub():
         from torchvision.transforms import Normalize, Resize, ToTensor
-    finally:
-        sys.path.remove(str(STUB))
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     for h, w in ((37, 53), (300, 1500), (256, 256)):
         img = image(h, w, seed=h)
@@ -414,3 +409,17 @@ def test_status_reports_the_head_workers_serve(official, model_dir, tmp_path):
     (partial_dir / "base").mkdir(parents=True)
     (tmp_path / "partial.pt").rename(partial_dir / "base" / "sam2.1_hiera_test.pt")
     assert make_runtime(partial_dir, "test").prompt_head == "crop"
+
+
+def test_torchvision_is_absent_after_the_reference_tests():
+    """Last in this module, after every test that imported the torchvision stand-in (the
+    reference predictor, the preprocessing check): neither its path nor its modules are left,
+    so torchvision cannot be imported, as in the product's environment."""
+    import importlib.util
+    import sys
+
+    from tests.support.sam2_helpers import STUB
+
+    assert str(STUB) not in sys.path
+    assert not [m for m in sys.modules if m.split(".")[0] == "torchvision"]
+    assert importlib.util.find_spec("torchvision") is None
