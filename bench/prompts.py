@@ -62,7 +62,7 @@ def _child(
     from modelstore.bootstrap import ensure_current_version
     from modelstore.registry import ModelRegistry
     from worker.pipeline import run_predict
-    from worker.runtime import ModelRuntime
+    from worker.runtime import ModelRuntime, set_mmap_threshold
 
     torch.set_num_threads(threads)
     start = proc_memory_mb(os.getpid())
@@ -70,6 +70,7 @@ def _child(
         model_size=size, image_size=352, model_dir=Path(model_dir), device="cpu",
         embedding_cache_mb=cache_mb,
     )  # fmt: skip
+    set_mmap_threshold(settings.mmap_threshold_mb)  # as a worker process does at its start
     registry = ModelRegistry(model_dir, None)
     ensure_current_version(registry, settings)
     rt = ModelRuntime(settings, registry)

@@ -65,6 +65,9 @@ class Settings:
     cache_ttl: int = 7 * 24 * 3600  # result cache per (image hash, model version)
     threshold: float = 0.5
     embedding_cache_mb: int = 256  # SAM2 image features kept per worker for later prompts
+    # glibc: allocations from this size (MiB) get mappings of their own, returned whole when
+    # freed (an image encode's activations); 0 keeps glibc's sliding default
+    mmap_threshold_mb: int = 16
     # compute an image's SAM2 features when its task is opened, before the first click
     prewarm: bool = True
     # a thread per worker answering clicks on images whose features it holds during encodes

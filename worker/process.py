@@ -27,7 +27,7 @@ from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.writeback import make_write_back
 from modelstore.registry import ModelRegistry
 from modelstore.threads import apply_torch_threads
-from worker.runtime import ModelRuntime, WorkerContext, install_context
+from worker.runtime import ModelRuntime, WorkerContext, install_context, set_mmap_threshold
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,7 @@ def run_worker(
 ) -> None:
     """Load the model, then work on ``queues`` (in priority order) until stopped."""
     apply_torch_threads(settings)
+    set_mmap_threshold(settings.mmap_threshold_mb)  # before the model's first allocations
     context = make_context(settings, connection)
     install_context(context)
     version = context.runtime.ensure_current()

@@ -257,23 +257,43 @@ def release_freed_memory() -> None:
     """Return the heap's free pages to the system (glibc ``malloc_trim``): an image encode's
     activations (hundreds of MiB at SAM2's 1024 input) are freed to the allocator, which
     otherwise keeps them in the process's resident memory. A no-op without glibc."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-_trim: Any = False
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
-def _malloc_trim() -> Any:
-    global _trim
-    if _trim is False:
+def set_mmap_threshold(mb: int) -> bool:
+    """Serve allocations of ``mb`` MiB and more from mappings of their own (glibc ``mallopt``;
+    0 or without glibc: nothing changes). glibc's default threshold slides up to 32 MiB after
+    the first large free, so later 4-32 MiB blocks (an encode's activations) come from the
+    heap, where the long-lived blocks allocated among them keep whole stretches resident; a
+    fixed threshold gives such blocks back whole when freed. True when it was set."""
+    libc = _libc()
+    if mb <= 0 or libc is None:
+        return False
+    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mb) * 2**20))
+    if not ok:
+        log.warning("mallopt refused an mmap threshold of %d MiB; glibc's default stays", mb)
+    return ok
+
+
+_libc_handle: Any = False
+
+
+def _libc() -> Any:
+    global _libc_handle
+    if _libc_handle is False:
         try:
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-            _trim.argtypes = [ctypes.c_size_t]
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            _libc_handle = libc
         except (OSError, AttributeError):
-            _trim = None
-    return _trim
+            _libc_handle = None
+    return _libc_handle
 
 
 RELOAD_RETRY_FIRST = 1.0  # seconds before the first retry of a version that failed to load
