@@ -392,7 +392,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted(rows, key=lambda r: r["tasks"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5.2))
     for key, label in (
         ("e2e_w1_tasks_per_s", "pre-annotation, 1 worker"),
         ("e2e_w2_tasks_per_s", "pre-annotation, 2 workers"),
@@ -420,6 +420,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ),
         "trainer sync, incremental (per task)": lambda r: r["sync_incremental_s"] / r["tasks"],
         "trainer sync, full (per task)": lambda r: r["sync_full_s"] / r["tasks"],
+        "diverse order, computed": lambda r: r["order_compute_s"] / r["tasks"],
+        "diverse order, then written": lambda r: r["order_then_bulk_write_s"] / r["tasks"],
+        "end to end, 1 worker": lambda r: 1 / r["e2e_w1_tasks_per_s"],
+        "end to end, 2 workers": lambda r: 1 / r["e2e_w2_tasks_per_s"],
     }
     for label, f in stages.items():
         pts = []
@@ -430,7 +434,7 @@ def plot(rows: list[dict], path: Path) -> None:
             b.plot(*zip(*pts, strict=True), marker="o", label=label)
     b.set(xscale="log", yscale="log", xlabel="tasks in the project", ylabel="ms per task")
     b.set_title("time per task of each stage")
-    b.legend(fontsize=7)
+    b.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
