@@ -1,5 +1,5 @@
 """Pre-annotation and the trainer's sync at project scale, against a real Label Studio 1.23.2
-(SQLite).
+(SQLite, or PostgreSQL with ``--postgres``).
 
 ``python -m bench.scale --tasks 1000 10000`` starts a Label Studio with the test harness
 (tests/lstudio.py) and an embedded Redis, and per size:
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], choices=["io", "order", "sync", "e2e"])
     ap.add_argument("--ls-env", nargs="*", default=[], metavar="NAME=VALUE",
                     help="environment for Label Studio, e.g. its feature flags")  # fmt: skip
+    ap.add_argument("--postgres", action="store_true",
+                    help="Label Studio on a fresh PostgreSQL (the distribution's) instead of SQLite")  # fmt: skip
     ap.add_argument("--out", type=Path, help="append the JSON lines to this file")
     ap.add_argument("--plot", type=Path, help="PNG of the --out file's rows")
     args = ap.parse_args(argv)
@@ -463,12 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     ls_env = dict(x.split("=", 1) for x in args.ls_env)
     from launcher.redis_server import EmbeddedRedis
     from tests.support.lstudio import running_label_studio
+    from tests.support.postgres import running_postgres
     from tests.support.services import file_server
 
     with (
         EmbeddedRedis() as server,
         tempfile.TemporaryDirectory() as tmp,
-        running_label_studio(Path(tmp) / "ls", extra_env=ls_env) as ls,
+        running_postgres() if args.postgres else contextlib.nullcontext({}) as db_env,
+        # a fresh PostgreSQL database is migrated by this start (the template is SQLite's)
+        running_label_studio(
+            Path(tmp) / "ls", extra_env=ls_env | db_env, template=not args.postgres
+        ) as ls,
     ):
         redis_url = f"redis://127.0.0.1:{server.port}/0"
         conn = redis.Redis.from_url(redis_url)
@@ -479,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         with file_server(Path(tmp) / "images") as base:
             for n in args.tasks:
                 conn.flushdb()
-                row: dict = {"tasks": n} | ({"ls_env": ls_env} if ls_env else {})
+                row: dict = {"tasks": n, "database": "postgresql" if args.postgres else "sqlite"}
+                row |= {"ls_env": ls_env} if ls_env else {}
                 if "io" not in args.skip:
                     row |= measure_io(ls, conn, n, args.batch, args.one_by_one, args.old_max)
                 if "order" not in args.skip and n <= args.order_max:
