@@ -39,10 +39,11 @@ ALLOWED: dict[str, set[str]] = {
     "bench": PACKAGES,
 }
 
-#: Modules of tests/ that a package may import: the scale benchmark runs a real Label Studio and
-#: real workers started by the suite's own harnesses, so both measure the same services.
+#: Modules of tests/ that a package may import: the scale benchmark runs a real Label Studio (on
+#: SQLite or a PostgreSQL cluster) and real workers started by the suite's own harnesses, so both
+#: measure the same services.
 ALLOWED_TEST_MODULES: dict[str, set[str]] = {
-    "bench": {"tests.support.lstudio", "tests.support.services"}
+    "bench": {"tests.support.lstudio", "tests.support.services", "tests.support.postgres"}
 }
 
 

@@ -17,8 +17,8 @@ from tests.test_layers import PACKAGES, REPO, imported_modules
 
 TESTS = REPO / "tests"
 FOLDERS = PACKAGES | {"bench", "system", "support"}
-#: Modules only tests/system may import: they start Label Studio or a browser.
-SYSTEM_ONLY_MODULES = {"tests.support.lstudio", "tests.support.browser"}
+#: Modules only tests/system may import: they start Label Studio, its PostgreSQL or a browser.
+SYSTEM_ONLY_MODULES = {"tests.support.lstudio", "tests.support.postgres", "tests.support.browser"}
 #: What of tests.support.services starts service processes.
 STACK_STARTERS = {"workers", "worker_process", "backend_process", "connected_stack"}
 
