@@ -9,11 +9,7 @@ import io
 import logging
 import math
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +18,7 @@ import torch
 from PIL import Image
 
 from bench.measure import module_bytes, proc_memory_mb
+from tests.support.services import ServiceProcess
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +152,12 @@ def worker_env(
 PRODUCTION_WORKER = ("cli", "worker")
 
 
-class BenchWorker:
+class BenchWorker(ServiceProcess):
     """One ``python -m bench.worker`` subprocess (own process group), its log in a file;
     ``module=PRODUCTION_WORKER`` runs ``sam2unet-assist worker`` itself instead."""
+
+    stop_waits = (30.0, 30.0)
+    ready_poll = 0.05
 
     def __init__(
         self,
@@ -167,42 +167,10 @@ class BenchWorker:
         *args: str,
         module: tuple[str, ...] = ("bench.worker",),
     ) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *module, "--name", name, *args],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(["--name", name, *args], env, name, log_dir, module=module)
 
     def wait_ready(self, conn: redis.Redis, timeout: float = 600.0) -> None:
-        from rq import Worker
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bench worker {self.name} exited:\n{self.log()[-3000:]}")
-            if any(w.name == self.name for w in Worker.all(connection=conn)):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"bench worker {self.name} not ready:\n{self.log()[-3000:]}")
+        super().wait_ready(conn, timeout)
 
     def memory_mb(self) -> dict[str, float]:
         return proc_memory_mb(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        self._log.close()

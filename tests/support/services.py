@@ -231,14 +231,28 @@ class LabelStudioLikeFiles:
 
 
 class ServiceProcess:
-    """A `sam2unet-assist <args>` subprocess (own process group), its log in a file."""
+    """A `sam2unet-assist <args>` subprocess (own process group), its log in a file; ``module``
+    names another ``python -m`` entry point to run instead of the command line's."""
 
-    def __init__(self, args: list[str], env: dict[str, str], name: str, log_dir: Path) -> None:
+    #: Seconds :meth:`stop` waits after SIGTERM, then after SIGKILL.
+    stop_waits: tuple[float, float] = (20.0, 10.0)
+    #: Seconds between two looks of :meth:`wait_ready`.
+    ready_poll = 0.1
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        name: str,
+        log_dir: Path,
+        *,
+        module: tuple[str, ...] = ("cli",),
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
+            [sys.executable, "-m", *module, *args],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -272,7 +286,7 @@ class ServiceProcess:
                 raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
             if any(w.name == self.name for w in Worker.all(connection=conn)):
                 return
-            time.sleep(0.1)
+            time.sleep(self.ready_poll)
         raise TimeoutError(f"worker {self.name} not ready:\n{self.log()[-3000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -294,8 +308,8 @@ class ServiceProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=self.stop_waits[0])
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=self.stop_waits[1])
         self._log.close()
