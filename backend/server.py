@@ -7,7 +7,6 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from backend.app import create_app
 from contracts.settings import Settings
 
 
@@ -22,8 +21,12 @@ class _GunicornApp(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
+        # imported here, in each gunicorn worker after the fork: the master process, which
+        # only supervises, then never loads the app's modules (label_studio_sdk, numpy:
+        # about 50 MB of resident memory)
+        from backend.app import create_app
 
-        return create_app(self.settings)  # in each gunicorn worker, after the fork
+        return create_app(self.settings)
 
 
 def serve(
