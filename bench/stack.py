@@ -4,12 +4,10 @@ benchmark worker subprocesses (``python -m bench.worker``)."""
 
 from __future__ import annotations
 
-import http.server
 import io
 import logging
 import math
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 from PIL import Image
 
 from bench.measure import module_bytes, proc_memory_mb
-from tests.support.services import ServiceProcess
+from tests.support.services import ServiceProcess, folder_server
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +47,19 @@ def write_images(
     return paths
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 class FileServer:
     """Serves a folder on 127.0.0.1 (a stand-in for Label Studio's upload URLs)."""
 
     def __init__(self, directory: Path) -> None:
-        def handler(*args, **kwargs):  # type: ignore[no-untyped-def]
-            return _Quiet(*args, directory=str(directory), **kwargs)
-
         self.directory = directory
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = folder_server(directory)
+        self.url = self._server.url
 
     def url_of(self, path: Path) -> str:
         return f"{self.url}/{path.relative_to(self.directory).as_posix()}"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
 
 def prepare_model_dir(

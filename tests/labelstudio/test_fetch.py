@@ -24,7 +24,7 @@ from labelstudio.addresses import address_kind
 from labelstudio.client import LabelStudioClient
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from labelstudio.urls import redact_url
-from tests.support.sockets import connections, rebind
+from tests.support.sockets import LoopbackServer, QuietHandler, connections, rebind
 
 Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -51,7 +51,7 @@ def bomb_png(width: int, height: int) -> bytes:
 IMAGE = png_bytes()
 
 
-class Server:
+class Server(LoopbackServer):
     """A threaded HTTP server on 127.0.0.1 answering GETs from a route table; it records each
     request's path and headers."""
 
@@ -61,11 +61,8 @@ class Server:
         self.stop = threading.Event()
         owner = self
 
-        class _Handler(http.server.BaseHTTPRequestHandler):
+        class _Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
 
             def do_GET(self) -> None:
                 owner.requests.append((self.path, dict(self.headers)))
@@ -76,20 +73,11 @@ class Server:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     route(self)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self.thread.start()
+        super().__init__(_Handler, poll_interval=0.02, block_on_close=False)
 
     def close(self) -> None:
         self.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().close()
 
 
 def body(data: bytes, ctype: str = "image/png", length: int | None = None) -> Handler:

@@ -3,13 +3,13 @@ against a real Redis, and a loopback HTTP server for task images."""
 
 from __future__ import annotations
 
+import functools
 import http.server
 import io
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +21,7 @@ from PIL import Image
 from rq import Worker
 
 from launcher.redis_server import free_port
+from tests.support.sockets import LoopbackServer, QuietHandler
 from tests.support.tier import require_system_test
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,24 +160,19 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def folder_server(directory: Path) -> LoopbackServer:
+    """A :class:`LoopbackServer` answering GETs with the files of ``directory``."""
+    return LoopbackServer(functools.partial(_QuietHandler, directory=str(directory)))
+
+
 @contextmanager
 def file_server(directory: Path) -> Iterator[str]:
     """Serve ``directory`` on 127.0.0.1; yields the base URL."""
-
-    def handler(*args, **kwargs):
-        return _QuietHandler(*args, directory=str(directory), **kwargs)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with folder_server(directory) as server:
+        yield server.url
 
 
-class LabelStudioLikeFiles:
+class LabelStudioLikeFiles(LoopbackServer):
     """A loopback server answering Label Studio's image paths from a folder:
     ``/data/upload/<path>`` -> ``root/upload/<path>``, ``/data/local-files/?d=<path>`` ->
     ``root/local/<path>``, any other path -> ``root/<path>``. ``delay`` slows every answer."""
@@ -187,10 +183,7 @@ class LabelStudioLikeFiles:
         self.requests: list[str] = []
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -208,26 +201,15 @@ class LabelStudioLikeFiles:
                 if owner.root.resolve() not in path.parents or not path.is_file():
                     self.send_error(404)
                     return
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(path.read_bytes())
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def add(self, rel: str, data: bytes) -> str:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         return rel
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class ServiceProcess:

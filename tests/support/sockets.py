@@ -1,7 +1,8 @@
 """The connections this process opens, seen through Python's audit hooks (``socket.connect``
 events): tests use it to show that a refused address is never contacted and that a failed call
-is not retried, without timing anything. Also a DNS-rebinding resolver for such tests, and a
-loopback HTTP server that records who sent it what (``RecordingServer``)."""
+is not retried, without timing anything. Also a DNS-rebinding resolver for such tests, the
+loopback HTTP servers the tests run (``LoopbackServer`` with a ``QuietHandler``), and one that
+records who sent it what (``RecordingServer``)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,55 @@ def rebind(monkeypatch, host: str, public: str = "93.184.216.34") -> list[str]:
     return calls
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler that logs nothing; :meth:`send_body` answers with a whole body."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def send_body(self, data: bytes, content_type: str = "image/png", status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class LoopbackServer:
+    """``handler`` behind a threaded HTTP server on ``host`` (a loopback address, a free port),
+    serving from a daemon thread that looks for a shutdown every ``poll_interval`` seconds:
+    ``url``, ``authority`` and ``port`` say where; :meth:`close` (or leaving a ``with``) stops
+    it, waiting for requests in flight unless ``block_on_close`` is False."""
+
+    def __init__(
+        self,
+        handler: type[http.server.BaseHTTPRequestHandler],
+        host: str = "127.0.0.1",
+        poll_interval: float = 0.5,
+        block_on_close: bool = True,
+    ) -> None:
+        self.httpd = http.server.ThreadingHTTPServer((host, 0), handler)
+        self.httpd.block_on_close = block_on_close
+        self.host = host
+        self.port = self.httpd.server_address[1]
+        self.authority = f"{host}:{self.port}"
+        self.url = f"http://{self.authority}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> LoopbackServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class Received:
     """One request a RecordingServer received."""
@@ -68,7 +118,7 @@ class Received:
     authorization: str | None
 
 
-class RecordingServer:
+class RecordingServer(LoopbackServer):
     """A threaded HTTP/1.1 server on ``host`` (any loopback address) that records every request
     (path, ``Host`` and ``Authorization`` headers) in ``received``.
 
@@ -85,11 +135,8 @@ class RecordingServer:
         self._lock = threading.Lock()
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
 
             def do_GET(self) -> None:
                 from urllib.parse import unquote
@@ -119,11 +166,7 @@ class RecordingServer:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.send_body(body)
 
             def do_POST(self) -> None:
                 with owner._lock:
@@ -138,16 +181,7 @@ class RecordingServer:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.httpd = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False
-        self.host = host
-        self.port = self.httpd.server_address[1]
-        self.authority = f"{host}:{self.port}"
-        self.url = f"http://{self.authority}"
-        threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+        super().__init__(Handler, host, poll_interval=0.05, block_on_close=False)
 
     def snapshot(self) -> int:
         with self._lock:
@@ -156,7 +190,3 @@ class RecordingServer:
     def since(self, mark: int) -> list[Received]:
         with self._lock:
             return list(self.received[mark:])
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

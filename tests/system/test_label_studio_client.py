@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
 
@@ -24,6 +22,7 @@ from tests.support.lstudio import (
     ensure_template,
     running_label_studio,
 )
+from tests.support.sockets import LoopbackServer, QuietHandler
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -108,17 +107,9 @@ def test_each_fresh_label_studio_makes_its_own_personal_token(ls: LabelStudio, t
 def test_harness_registers_an_ml_backend(ls: LabelStudio) -> None:
     calls: list[tuple[str, str, str | None]] = []
 
-    class Backend(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
+    class Backend(QuietHandler):
         def answer(self, obj: dict) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_body(json.dumps(obj).encode(), "application/json")
 
         def do_GET(self) -> None:
             calls.append(("GET", self.path, self.headers.get("Authorization")))
@@ -129,18 +120,12 @@ def test_harness_registers_an_ml_backend(ls: LabelStudio) -> None:
             calls.append(("POST", self.path, self.headers.get("Authorization")))
             self.answer({"model_version": "stub-1"})
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with LoopbackServer(Backend) as server:
         pid = ls.create_project(LABEL_CONFIG, title="ml backend")
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        backend = ls.add_ml_backend(pid, url, basic_auth=("user", "pw"))
-        assert backend["url"] == url and backend["model_version"] == "stub-1"
+        backend = ls.add_ml_backend(pid, server.url, basic_auth=("user", "pw"))
+        assert backend["url"] == server.url and backend["model_version"] == "stub-1"
         basic = "Basic " + base64.b64encode(b"user:pw").decode()
         assert ("GET", "/health", basic) in calls and ("POST", "/setup", basic) in calls
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.e2e

@@ -9,7 +9,6 @@ next task loads; these come whether or not the task has a prediction)."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from contracts.routing import remember_route
 from contracts.settings import Settings
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.support.services import png_bytes
+from tests.support.sockets import LoopbackServer, QuietHandler
 from tests.worker.test_pipeline import LABEL_CONFIG, image, kp, make_runtime, predict
 
 
@@ -33,7 +33,7 @@ def official_dir(tmp_path_factory) -> Path:
     return d
 
 
-class GatedFiles:
+class GatedFiles(LoopbackServer):
     """Task images on loopback; a path holding ``slow`` is answered once ``gate`` is set."""
 
     def __init__(self) -> None:
@@ -42,10 +42,7 @@ class GatedFiles:
         self.requests: list[str] = []
         owner = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 owner.requests.append(self.path)
                 if "slow" in self.path:
@@ -54,15 +51,9 @@ class GatedFiles:
                 if data is None:
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(data)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__(Handler)
 
     def add(self, name: str, data: bytes) -> str:
         self.files[name] = data
@@ -70,8 +61,7 @@ class GatedFiles:
 
     def close(self) -> None:
         self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def _body(url: str, context=None) -> dict:
