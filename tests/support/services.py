@@ -84,18 +84,18 @@ def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]
 
 
 def label_studio_env(
-    redis_url: str, model_dir: Path, ls, auth: tuple[str, str], **extra: str
+    redis_url: str,
+    model_dir: Path,
+    ls,
+    auth: tuple[str, str] | None = None,
+    **extra: str,
 ) -> dict[str, str]:
     """:func:`service_env` for services talking to a running Label Studio ``ls`` (its URL and
-    personal access token), with the backend's basic auth ``auth``."""
+    personal access token), with the backend's basic auth ``auth`` when one is given."""
+    if auth is not None:
+        extra = {"BASIC_AUTH_USER": auth[0], "BASIC_AUTH_PASS": auth[1], **extra}
     return service_env(
-        redis_url,
-        model_dir,
-        LABEL_STUDIO_URL=ls.url,
-        LABEL_STUDIO_API_KEY=ls.pat,
-        BASIC_AUTH_USER=auth[0],
-        BASIC_AUTH_PASS=auth[1],
-        **extra,
+        redis_url, model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat, **extra
     )
 
 

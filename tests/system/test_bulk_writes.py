@@ -19,7 +19,7 @@ from labelstudio.writeback import PredictionWriter
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from tests.support.lstudio import running_label_studio
 from tests.support.protocol import EFFICIENT_PREDICTION_IMPORT
-from tests.support.services import png_bytes, service_env, workers
+from tests.support.services import label_studio_env, png_bytes, workers
 from tests.system.test_e2e_label_studio import BRUSH
 from worker.preannotate import BUFFER_PREFIX, FLUSH_LOCK_PREFIX
 
@@ -189,11 +189,10 @@ def test_a_run_with_a_worker_killed_while_writing_predicts_each_task_once(
     pngs = [png_bytes(make_domain_sample(sample_rng(61, i), 64, "easy")[0]) for i in range(n)]
     files = [(f"k{i}.png", b) for i, b in enumerate(pngs)]
     ids = [t for s in range(0, n, 80) for t in ls.import_images(project, files[s : s + 80])]
-    env = service_env(
+    env = label_studio_env(
         redis_url,
         model_dir,
-        LABEL_STUDIO_URL=ls.url,
-        LABEL_STUDIO_API_KEY=ls.pat,
+        ls,
         SAM2UNET_WRITE_BATCH="40",
     )
     deleted = killed = None

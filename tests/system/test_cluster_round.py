@@ -33,7 +33,12 @@ from sam2unet.distributed.launcher import parse_endpoint
 from sam2unet.exceptions import ConfigError
 from sam2unet.synthetic import generate
 from tests.support.lstudio import running_label_studio
-from tests.support.services import ServiceProcess, annotate_brush, png_bytes, service_env
+from tests.support.services import (
+    ServiceProcess,
+    annotate_brush,
+    label_studio_env,
+    png_bytes,
+)
 from tests.system.test_distributed_training import assert_same_weights
 from trainer.cluster import ROUND_KEY
 from trainer.dataset import DatasetCache
@@ -78,11 +83,10 @@ def test_a_round_over_two_machines(tmp_path, redis_url, model_dir):
         ids = ls.import_images(project, [(f"s{i}.png", png_bytes(im)) for i, (im, _) in
                                          enumerate(samples)])  # fmt: skip
         annotate_brush(ls, CONFIG, ids, [m[0] > 127 for _, m in samples], "object")
-        env = service_env(
+        env = label_studio_env(
             redis_url,
             models,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.pat,
+            ls,
             SAM2UNET_DEVICE="cpu",
             SAM2UNET_TRAIN_EPOCHS="2",
             SAM2UNET_TRAIN_BATCH_SIZE="4",

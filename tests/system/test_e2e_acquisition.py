@@ -17,7 +17,12 @@ from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
 from tests.support.lstudio import running_label_studio
-from tests.support.services import ServiceProcess, annotate_brush, png_bytes, service_env
+from tests.support.services import (
+    ServiceProcess,
+    annotate_brush,
+    label_studio_env,
+    png_bytes,
+)
 from tests.system.test_e2e_label_studio import BRUSH, our_predictions, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -63,11 +68,10 @@ def test_sorting_by_prediction_score_lists_the_strategys_order(
         project = ls.create_project(BRUSH, title="acquisition order")
         ids = ls.import_images(project, [(f"a{i}.png", b) for i, b in enumerate(pngs)])
         annotate_brush(ls, BRUSH, ids[:4], [m[0] > 0 for _, m in samples[:4]], "Circle")
-        env = service_env(
+        env = label_studio_env(
             redis_url,
             models,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.pat,
+            ls,
             SAM2UNET_ACQUISITION=STRATEGY,
         )
         logs = tmp_path / "logs"

@@ -30,7 +30,12 @@ from launcher.redis_server import free_port
 from sam2unet.transforms import decode_image
 from tests.support.lstudio import running_label_studio
 from tests.support.protocol import FIXTURES
-from tests.support.services import ServiceProcess, png_bytes, round_settings, service_env
+from tests.support.services import (
+    ServiceProcess,
+    label_studio_env,
+    png_bytes,
+    round_settings,
+)
 from tests.support.storage_servers import GCSServer, S3Server
 from tests.system.test_e2e_label_studio import BRUSH, circle_sample, wait_until
 
@@ -69,11 +74,10 @@ def cloud(tmp_path_factory, redis_server, model_dir):
     try:
         with running_label_studio(root / "ls", extra_env=gcs.label_studio_env()) as ls:
             port = free_port()
-            env = service_env(
+            env = label_studio_env(
                 redis_url,
                 root / "models",
-                LABEL_STUDIO_URL=ls.url,
-                LABEL_STUDIO_API_KEY=ls.pat,
+                ls,
                 BASIC_AUTH_USER=AUTH[0],
                 BASIC_AUTH_PASS=AUTH[1],
                 SAM2UNET_ALLOW_HOSTS="",

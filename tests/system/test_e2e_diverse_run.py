@@ -28,7 +28,7 @@ from sam2unet.predictor import Predictor
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from sam2unet.transforms import decode_image
 from tests.support.lstudio import running_label_studio
-from tests.support.services import ROOT, ServiceProcess, png_bytes, service_env
+from tests.support.services import ROOT, ServiceProcess, label_studio_env, png_bytes
 from tests.system.test_e2e_acquisition import sorted_by_prediction_score
 from tests.system.test_e2e_label_studio import BRUSH
 from worker.diverse_order import features, stored
@@ -51,11 +51,10 @@ def test_a_diverse_run_lists_no_near_duplicates_in_a_batch(
     with running_label_studio(tmp_path / "ls") as ls:
         project = ls.create_project(BRUSH, title="diverse run")
         ids = ls.import_images(project, [(f"d{i}.png", b) for i, b in enumerate(pngs)])
-        env = service_env(
+        env = label_studio_env(
             redis_url,
             models,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.pat,
+            ls,
             SAM2UNET_DIVERSE_BATCH=str(BATCH),
         )
         logs = tmp_path / "logs"

@@ -24,7 +24,6 @@ from tests.support.services import (
     backend_process,
     label_studio_env,
     png_bytes,
-    service_env,
 )
 
 pytestmark = pytest.mark.e2e
@@ -227,11 +226,10 @@ def test_predict_past_the_deadline_answers_in_time_and_writes_the_rest_back(e2e,
     of the current version."""
     ls = e2e["ls"]
     port = free_port()
-    env = service_env(
+    env = label_studio_env(
         e2e["redis_url"],
         e2e["model_dir"],
-        LABEL_STUDIO_URL=ls.url,
-        LABEL_STUDIO_API_KEY=ls.pat,
+        ls,
         SAM2UNET_PREDICT_DEADLINE="0.3",
         SAM2UNET_BATCH_SIZE="2",
     )

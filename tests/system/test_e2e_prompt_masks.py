@@ -22,7 +22,7 @@ from labelstudio.codecs import results_to_masks
 from labelstudio.fetch import FetchPolicy, ImageFetcher
 from sam2unet.random_weights import write_random_sam2_checkpoint
 from tests.support.lstudio import running_label_studio
-from tests.support.services import png_bytes, service_env
+from tests.support.services import label_studio_env, png_bytes
 from tests.system.test_untrained_decoder import versions_cli
 from tests.worker.test_pipeline import LABEL_CONFIG, TARGET, image, kp, make_runtime, predict, rect
 from trainer.service import TrainerService
@@ -76,11 +76,10 @@ def test_a_round_over_prompt_only_annotations_trains_on_derived_masks(
         assert [r["type"] for r in stored] == ["keypointlabels", "keypointlabels"]
         assert [r.get("is_positive", True) for r in stored] == [True, False]
 
-        env = service_env(
+        env = label_studio_env(
             redis_url,
             model_dir,
-            LABEL_STUDIO_URL=ls.url,
-            LABEL_STUDIO_API_KEY=ls.pat,
+            ls,
             SAM2UNET_DEVICE="cpu",
             SAM2UNET_DATA_DIR=str(tmp_path / "data"),
             SAM2UNET_TRAIN_EPOCHS="1",

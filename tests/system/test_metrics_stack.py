@@ -20,6 +20,7 @@ from tests.support.protocol import fixture, red_circle
 from tests.support.services import (
     LabelStudioLikeFiles,
     annotate_brush,
+    label_studio_env,
     png_bytes,
     service_env,
     workers,
@@ -156,7 +157,7 @@ def test_training_round_gauges_from_real_trainer_rounds(own_redis, model_dir, tm
         bare = ls.create_project(cfg, title="nothing annotated")
         ls.import_images(bare, [("b.png", png_bytes(samples[0][0]))])
 
-        env = service_env(url, models, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat)
+        env = label_studio_env(url, models, ls)
         settings = Settings.from_env(env).with_(
             train_epochs=1, train_min_samples=4, train_holdout=0.25, promote_tolerance=1.0
         )

@@ -21,7 +21,7 @@ from contracts.settings import Settings
 from labelstudio.client import LabelStudioClient
 from sam2unet.synthetic import make_domain_sample, sample_rng
 from tests.support.lstudio import running_label_studio
-from tests.support.services import png_bytes, service_env, workers
+from tests.support.services import label_studio_env, png_bytes, workers
 from tests.system.test_bulk_writes import versions_per_task
 from tests.system.test_e2e_label_studio import BRUSH
 from worker.process import make_context
@@ -44,11 +44,10 @@ def test_a_task_deleted_mid_run_makes_no_other_task_unread(
     project = ls.create_project(BRUSH, title="paging")
     pngs = [png_bytes(make_domain_sample(sample_rng(71, i), 64, "easy")[0]) for i in range(n)]
     ids = ls.import_images(project, [(f"p{i}.png", b) for i, b in enumerate(pngs)])
-    env = service_env(
+    env = label_studio_env(
         redis_url,
         model_dir,
-        LABEL_STUDIO_URL=ls.url,
-        LABEL_STUDIO_API_KEY=ls.pat,
+        ls,
         SAM2UNET_WRITE_BATCH="5",
     )
     settings = Settings.from_env(
@@ -103,7 +102,7 @@ def test_every_task_present_at_the_start_is_read_once(
     project = ls.create_project(BRUSH, title="paging property")
     tasks = [{"data": {"image": f"/data/q{i}.png"}} for i in range(n)]
     ids = ls.import_tasks(project, tasks) if tasks else []  # Label Studio refuses none
-    env = service_env(redis_url, model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.pat)
+    env = label_studio_env(redis_url, model_dir, ls)
     settings_ = Settings.from_env(
         {k: v for k, v in env.items() if k.startswith(("SAM2UNET_", "LABEL_STUDIO"))},
         model_dir=model_dir,
