@@ -64,6 +64,15 @@ def round_settings(model_dir: Path, **overrides: object):
     return Settings(**{**fields, **overrides})
 
 
+def fresh_redis_db(server, n: int) -> tuple[str, redis.Redis]:
+    """Database ``n`` of the running Redis ``server`` (its ``port``), emptied: its URL and a
+    connection to it."""
+    url = f"redis://127.0.0.1:{server.port}/{n}"
+    conn = redis.Redis.from_url(url)
+    conn.flushdb()
+    return url, conn
+
+
 def service_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM2UNET_", "LABEL_STUDIO"))}
     env.update(

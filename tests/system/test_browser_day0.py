@@ -25,7 +25,6 @@ import re
 
 import numpy as np
 import pytest
-import redis
 import requests
 
 from labelstudio.codecs import rle_to_mask
@@ -49,6 +48,7 @@ from tests.support.lstudio import running_label_studio
 from tests.support.sam2_helpers import reference_predictor
 from tests.support.services import (
     connected_stack,
+    fresh_redis_db,
     png_bytes,
 )
 from tests.worker.test_pipeline import image, make_runtime, reference
@@ -88,9 +88,7 @@ def day0(tmp_path_factory, redis_server):
     model_dir = tmp / "models"
     sam2_model = write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     version = make_runtime(model_dir, "test").version
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/14"
-    conn = redis.Redis.from_url(redis_url)
-    conn.flushdb()
+    redis_url, conn = fresh_redis_db(redis_server, 14)
     images = [image(H, W, seed=s) for s in (21, 22, 23)]
     with (
         running_label_studio(tmp / "ls") as ls,

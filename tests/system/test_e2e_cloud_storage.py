@@ -32,6 +32,7 @@ from tests.support.lstudio import running_label_studio
 from tests.support.protocol import FIXTURES
 from tests.support.services import (
     ServiceProcess,
+    fresh_redis_db,
     label_studio_env,
     png_bytes,
     round_settings,
@@ -60,8 +61,7 @@ def cloud(tmp_path_factory, redis_server, model_dir):
     allow-listed hosts)."""
     root = tmp_path_factory.mktemp("cloud")
     shutil.copytree(model_dir, root / "models")
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/13"
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url, _ = fresh_redis_db(redis_server, 13)
     s3 = S3Server()
     gcs = GCSServer()
     images = bucket_images()

@@ -22,6 +22,7 @@ from tests.support.lstudio import running_label_studio
 from tests.support.services import (
     ServiceProcess,
     backend_process,
+    fresh_redis_db,
     label_studio_env,
     png_bytes,
 )
@@ -67,10 +68,7 @@ def e2e(tmp_path_factory, redis_server, model_dir):
     root = tmp_path_factory.mktemp("e2e")
     shutil.copytree(model_dir, root / "models")
     model_dir = root / "models"
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/11"
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url, _ = fresh_redis_db(redis_server, 11)
     with running_label_studio(root / "ls") as ls:
         port = free_port()
         env = label_studio_env(

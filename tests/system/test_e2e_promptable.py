@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import redis
 import requests
 
 from labelstudio.codecs import rle_to_mask
@@ -17,6 +16,7 @@ from tests.support.lstudio import running_label_studio
 from tests.support.sam2_helpers import reference_predictor
 from tests.support.services import (
     connected_stack,
+    fresh_redis_db,
     png_bytes,
 )
 from tests.worker.test_pipeline import LABEL_CONFIG, image, kp, make_runtime, rect, reference
@@ -29,9 +29,7 @@ def test_smart_keypoint_and_rectangle_answered_by_sam2s_head(tmp_path, redis_ser
     model_dir = tmp_path / "models"
     sam2_model = write_random_sam2_checkpoint(model_dir / "base" / "sam2.1_hiera_test.pt", "test")
     version = make_runtime(model_dir, "test").version  # first version, on the official base
-    redis_url = f"redis://127.0.0.1:{redis_server.port}/13"
-    conn = redis.Redis.from_url(redis_url)
-    conn.flushdb()
+    redis_url, conn = fresh_redis_db(redis_server, 13)
     h, w = 75, 101
     img = image(h, w, seed=21)
     ref = reference_predictor(sam2_model, "test")

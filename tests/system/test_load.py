@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 import pytest
-import redis
 import requests
 
 from launcher.redis_server import free_port
@@ -28,6 +27,7 @@ from tests.support.protocol import fixture, red_circle
 from tests.support.services import (
     LabelStudioLikeFiles,
     ServiceProcess,
+    fresh_redis_db,
     png_bytes,
     service_env,
     workers,
@@ -49,9 +49,7 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def load_stack(redis_server, model_dir, tmp_path_factory):
-    url = f"redis://127.0.0.1:{redis_server.port}/8"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 8)
     root = tmp_path_factory.mktemp("load")
     files = LabelStudioLikeFiles(root / "files")
     env = service_env(url, model_dir)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import redis
 from rq import Queue
 
 from contracts.routing import route_key
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
-from tests.support.services import png_bytes, service_env, workers
+from tests.support.services import fresh_redis_db, png_bytes, service_env, workers
 from tests.worker.test_pipeline import image, kp, rect
 from tests.worker.test_prewarm import GatedFiles, _body, _wait_for, official_dir
 
@@ -25,9 +24,7 @@ def test_opening_a_task_prewarms_its_image_on_a_worker(redis_server, official_di
     from backend.app import create_app
     from contracts.jobs import QUEUE_PREWARM
 
-    url = f"redis://127.0.0.1:{redis_server.port}/12"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 12)
     ModelRegistry(official_dir, conn).current()
     files = GatedFiles()
     env = service_env(url, official_dir)
@@ -65,9 +62,7 @@ def test_a_cache_hit_overtakes_another_images_encode(redis_server, official_dir,
     answered meanwhile, by the worker's prompt lane, and A's answer comes once released."""
     from backend.app import create_app
 
-    url = f"redis://127.0.0.1:{redis_server.port}/13"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 13)
     ModelRegistry(official_dir, conn).current()
     files = GatedFiles()
     env = service_env(url, official_dir, SAM2UNET_PREWARM="off")

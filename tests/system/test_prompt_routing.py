@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import time
 
-import redis
-
 from contracts.settings import Settings
 from modelstore.registry import ModelRegistry
-from tests.support.services import png_bytes
+from tests.support.services import fresh_redis_db, png_bytes
 from tests.worker.test_pipeline import (
     LABEL_CONFIG,
     image,
@@ -30,9 +28,7 @@ def test_prompts_go_to_the_worker_holding_the_features(redis_server, official, t
 
     model_dir, _ = official("test")
     make_runtime(model_dir, "test")  # the registry's first version, on the official base
-    url = f"redis://127.0.0.1:{redis_server.port}/11"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 11)
     ModelRegistry(model_dir, conn).current()  # the pointer, from the promotion log
     files = LabelStudioLikeFiles(tmp_path / "files")
     env = service_env(url, model_dir, SAM2UNET_JOB_LEASE="3")

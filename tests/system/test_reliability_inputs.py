@@ -23,7 +23,13 @@ from contracts.settings import Settings
 from launcher.redis_server import free_port
 from tests.labelstudio.test_fetch import Server, body, bomb_png, redirect
 from tests.support.protocol import fixture, red_circle
-from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.support.services import (
+    LabelStudioLikeFiles,
+    fresh_redis_db,
+    png_bytes,
+    service_env,
+    workers,
+)
 
 CFG = fixture("post_setup.json")["json"]["schema"]
 MAX_BYTES = 400_000
@@ -32,9 +38,7 @@ LS_KEY = "ls-api-key-0123456789abcdef"
 
 @pytest.fixture(scope="module")
 def stack(redis_server, model_dir, tmp_path_factory):
-    url = f"redis://127.0.0.1:{redis_server.port}/9"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 9)
     root = tmp_path_factory.mktemp("inputs")
     files = LabelStudioLikeFiles(root / "files")
     server = Server({})

@@ -41,6 +41,7 @@ from tests.support.services import (
     LabelStudioLikeFiles,
     ServiceProcess,
     backend_process,
+    fresh_redis_db,
     png_bytes,
     service_env,
     workers,
@@ -359,9 +360,7 @@ def test_crafted_image_urls_through_predict_never_carry_the_key_elsewhere(
     each crafted URL, directly and behind a redirect from Label Studio's origin."""
     image = png_bytes(red_circle(seed=40))
     ls, other = RecordingServer("127.0.0.1", image), RecordingServer("127.0.0.2", image)
-    url = f"redis://127.0.0.1:{redis_server.port}/11"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 11)
     env = service_env(
         url,
         model_dir,

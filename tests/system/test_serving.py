@@ -19,15 +19,19 @@ from contracts.settings import Settings
 from labelstudio.codecs import polygons_to_mask, rle_to_mask
 from modelstore.registry import ModelRegistry
 from tests.support.protocol import fixture, red_circle
-from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.support.services import (
+    LabelStudioLikeFiles,
+    fresh_redis_db,
+    png_bytes,
+    service_env,
+    workers,
+)
 
 
 @pytest.fixture(scope="module")
 def stack(redis_server, model_dir, tmp_path_factory):
     """Two real workers on a Redis database of their own, and Label Studio-like image paths."""
-    url = f"redis://127.0.0.1:{redis_server.port}/14"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 14)
     root = tmp_path_factory.mktemp("ls-files")
     files = LabelStudioLikeFiles(root)
     # the files the captured requests refer to
@@ -277,9 +281,7 @@ def test_redis_down_gives_503_json_quickly(model_dir):
 def test_workers_reload_a_promoted_version_between_jobs(redis_server, model_dir, tmp_path):
     import torch
 
-    url = f"redis://127.0.0.1:{redis_server.port}/13"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 13)
     mdir = tmp_path / "models"
     shutil.copytree(model_dir, mdir)
     root = tmp_path / "files"

@@ -22,7 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from backend.metrics import RedisCollector
 from launcher.redis_server import EmbeddedRedis, free_port
 from tests.support.protocol import fixture, red_circle
-from tests.support.services import ROOT, LabelStudioLikeFiles, png_bytes, service_env
+from tests.support.services import (
+    ROOT,
+    LabelStudioLikeFiles,
+    fresh_redis_db,
+    png_bytes,
+    service_env,
+)
 
 
 class Up:
@@ -205,9 +211,7 @@ def test_up_serves_a_prediction_and_ctrl_c_stops_everything(model_dir, tmp_path)
 
 
 def test_a_dying_service_stops_everything_with_exit_1(model_dir, redis_server, tmp_path):
-    url = f"redis://127.0.0.1:{redis_server.port}/11"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 11)
     up = Up.on_copy(tmp_path, model_dir, {**up_env(), "REDIS_URL": url}, "--backend-processes", "1")
     try:
         up.wait_for("worker(s) ready after")

@@ -17,13 +17,17 @@ from backend.app import create_app
 from contracts.jobs import QUEUE_BATCH
 from contracts.settings import Settings
 from tests.support.protocol import fixture, red_circle
-from tests.support.services import LabelStudioLikeFiles, png_bytes, service_env, workers
+from tests.support.services import (
+    LabelStudioLikeFiles,
+    fresh_redis_db,
+    png_bytes,
+    service_env,
+    workers,
+)
 
 
 def test_kill_9_worker_mid_batch_every_task_still_predicted(redis_server, model_dir, tmp_path):
-    url = f"redis://127.0.0.1:{redis_server.port}/12"
-    conn = redis.Redis.from_url(url)
-    conn.flushdb()
+    url, conn = fresh_redis_db(redis_server, 12)
     files = LabelStudioLikeFiles(tmp_path / "files", delay=0.6)  # slow images: long jobs
     refs = [files.add(f"upload/1/k{i}.png", png_bytes(red_circle(seed=i))) for i in range(24)]
     env = service_env(url, model_dir, SAM2UNET_JOB_LEASE="3")
