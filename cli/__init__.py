@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,8 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str | None) -> None:
-    import os
-
     level = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
     logging.basicConfig(
         level=level,

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _download(args: argparse.Namespace) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
     import requests
     from tqdm.auto import tqdm
 
@@ -75,6 +76,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _download_pretrained(args: argparse.Namespace, settings) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
     from modelstore.pretrained import PretrainedError, fetch_released
 
     if args.size:

@@ -117,6 +117,7 @@ def _fail(message: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # torch, sam2: imported only when a command trains
     from sam2unet.checkpoints import load_delta
     from sam2unet.config import ModelConfig
     from sam2unet.data import FolderSource, train_val_datasets
@@ -198,6 +199,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # torch, scipy, OpenCV: imported only when a command evaluates
     from sam2unet.checkpoints import load_any
     from sam2unet.evaluate import evaluate_dirs, evaluate_model
     from sam2unet.exceptions import Sam2UnetError
@@ -241,6 +243,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    # numpy, Pillow: imported only when the command runs
     from sam2unet.exceptions import Sam2UnetError
     from sam2unet.synthetic import write_synthetic_dataset
 

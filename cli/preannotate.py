@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 
@@ -31,8 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _preannotate(args: argparse.Namespace) -> int:
-    import json
-
+    # imported when the command runs, so that --help and the other commands start fast
     from tqdm.auto import tqdm
 
     from contracts import preannotate as runs
@@ -72,8 +72,7 @@ def _preannotate(args: argparse.Namespace) -> int:
 
 
 def _follow(conn, run_id: str, tqdm) -> int:
-    import json
-
+    # imported when the command runs, so that --help and the other commands start fast
     from contracts import preannotate as runs
 
     bar = tqdm(desc=f"pre-annotating ({run_id})", unit="task", total=None)

@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
     from backend.server import serve
     from contracts.settings import Settings
 

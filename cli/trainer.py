@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _services(settings):
+    # imported when the command runs, so that --help and the other commands start fast
     from contracts.connections import redis_client
     from labelstudio.client import LabelStudioClient
     from labelstudio.fetch import FetchPolicy, ImageFetcher
@@ -41,6 +42,7 @@ def _services(settings):
 
 
 def _trainer(args: argparse.Namespace) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
     from contracts.settings import Settings
     from modelstore.bootstrap import ensure_current_version
     from modelstore.threads import apply_torch_threads
@@ -63,15 +65,19 @@ def _trainer(args: argparse.Namespace) -> int:
 
 
 def _versions(args: argparse.Namespace) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
+    import redis
+
+    from contracts.agents import train_agents
     from contracts.errors import NotFound
+    from contracts.schedule import scheduled_rounds
     from contracts.settings import Settings
+    from contracts.trainer_state import trainer_summary
     from modelstore.registry import ModelRegistry
     from modelstore.versions import version_table, versions_json
 
     settings = Settings.from_env()
     try:
-        import redis
-
         conn = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
         conn.ping()
     except redis.exceptions.ConnectionError:
@@ -99,17 +105,11 @@ def _versions(args: argparse.Namespace) -> int:
             else version_table(data)
         )
         if args.action == "list" and not args.json and conn is not None:
-            from contracts.schedule import scheduled_rounds
-
             for r in scheduled_rounds(conn):
                 print(f"next scheduled round: project {r['project']} at {r['next']} ({r['cron']})")
-            from contracts.agents import train_agents
-
             for a in train_agents(conn):
                 doing = f" ({a['run_id']})" if a.get("state") == "training" else ""
                 print(f"train agent {a['name']}: {a['state']}{doing} on {','.join(a['devices'])}")
-            from contracts.trainer_state import trainer_summary
-
             trainer = trainer_summary(conn)
             last = trainer["last_round"]
             if last:
@@ -127,6 +127,7 @@ def _versions(args: argparse.Namespace) -> int:
 
 
 def _train_agent(args: argparse.Namespace) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
     from contracts.connections import redis_client
     from contracts.settings import Settings
     from modelstore.threads import apply_torch_threads

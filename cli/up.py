@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -39,8 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-
+    # imported when the command runs, so that --help and the other commands start fast
     from contracts.settings import Settings
     from launcher.up import UpOptions, run_up
 

@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # imported when the command runs, so that --help and the other commands start fast
     from contracts.connections import redis_client
     from contracts.settings import Settings
     from worker.process import run_worker
