@@ -17,7 +17,10 @@ import logging
 from pathlib import Path
 
 from contracts.settings import Settings
+from modelstore.pretrained import find_downloaded
 from modelstore.registry import ModelRegistry, VersionInfo
+from sam2unet.config import ModelConfig
+from sam2unet.exceptions import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +53,9 @@ def ensure_current_version(registry: ModelRegistry, settings: Settings) -> Versi
 
 
 def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
+    # torch: loaded only when a first version is made; the backend imports this module
     import torch
 
-    from modelstore.pretrained import find_downloaded
     from sam2unet.checkpoints import (
         BaseRef,
         build_from_sam2,
@@ -62,8 +65,6 @@ def _create_initial(registry: ModelRegistry, settings: Settings) -> VersionInfo:
         trunk_state_of,
         write_sam2_checkpoint,
     )
-    from sam2unet.config import ModelConfig
-    from sam2unet.exceptions import CheckpointError
     from sam2unet.random_weights import random_model
 
     registry.base_dir.mkdir(parents=True, exist_ok=True)

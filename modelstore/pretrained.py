@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.errors import AssistError
+from sam2unet.exceptions import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def pick_file(name: str, files: list[tuple[str, str]]) -> tuple[str, str]:
 
 
 def _list_folder(timeout: float) -> list[tuple[str, str]]:
+    # gdown, requests: loaded only when downloading; the backend imports this module
     import gdown
     import requests
     from gdown.exceptions import FileURLRetrievalError
@@ -113,12 +115,12 @@ def fetch_released(
 
     Every failure (unknown name, download, corrupt or foreign file) is a
     :class:`PretrainedError` with a reason; no partial file is left behind."""
+    # gdown, requests, torch: loaded only when downloading; the backend imports this module
     import gdown
     import requests
     from gdown.exceptions import DownloadCancelled, DownloadError, FileURLRetrievalError
 
     from sam2unet.checkpoints import load_released
-    from sam2unet.exceptions import CheckpointError
 
     check_name(name)
     base = Path(base_dir)
@@ -192,6 +194,7 @@ def _write_manifest(base: Path, record: PretrainedRecord) -> None:
 def find_downloaded(base_dir: str | os.PathLike[str]) -> tuple[str, Path] | None:
     """``(name, path)`` of the latest released model recorded in ``base_dir``, if its file is
     there with the recorded sha256; a missing or changed file is logged and skipped."""
+    # torch (through sam2unet.checkpoints): loaded only when a first version is made
     from sam2unet.checkpoints import sha256_file
 
     data = read_manifest(base_dir)

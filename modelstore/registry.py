@@ -253,6 +253,7 @@ class ModelRegistry:
         (made from an official SAM2 checkpoint or a random trunk): it makes no automatic
         predictions. Whether the base checkpoint holds SAM2's prompt decoder is read from the
         base file here and recorded too."""
+        # torch: loaded only by the processes that write versions; the backend reads them
         from sam2unet.checkpoints import has_prompt_decoder, save_delta
 
         base_path = None if base is None else self.base_path(base.name)
@@ -375,6 +376,7 @@ class ModelRegistry:
     # ------------------------------------------------------------------ loading
 
     def load(self, name: str, trunk_cache: dict[str, Any] | None = None) -> LoadedModel:
+        # torch: loaded only by the processes that run the model; the backend reads versions
         from sam2unet.checkpoints import load_delta
 
         return load_delta(

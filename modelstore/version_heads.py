@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelstore.bootstrap import SAM2_SOURCE_PREFIX, UNTRAINED_SOURCE
+from sam2unet.exceptions import CheckpointError
 
 if TYPE_CHECKING:
     from modelstore.registry import ModelRegistry, VersionInfo
@@ -54,6 +55,7 @@ def prompt_head_for(info: VersionInfo, registry: ModelRegistry | None = None) ->
     if flag is None and registry is not None and info.base:
         path = registry.base_path(info.base.get("name", ""))
         if path is not None:
+            # torch, for a version without the record (through sam2unet.checkpoints): the backend imports this module and never loads it
             from sam2unet.checkpoints import has_prompt_decoder
 
             flag = has_prompt_decoder(path)
@@ -94,6 +96,7 @@ def trunk_digest(state: Mapping[str, Any]) -> str:
 
 
 def _byte_dtype() -> Any:
+    # torch: the backend imports this module and never loads it
     import torch
 
     return torch.uint8
@@ -112,6 +115,7 @@ def official_trunk_digest(
         return None
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _cache:
+        # torch (through sam2unet.checkpoints): the backend imports this module and never loads it
         from sam2unet.checkpoints import detect_format, load_mapped, trunk_state_from_sam2
 
         digest = None
@@ -134,6 +138,7 @@ def matching_official(
     """The official SAM2/SAM2.1 checkpoint in ``search_dirs`` whose trunk equals
     ``trunk_state`` (by :func:`trunk_digest`) and that holds SAM2's prompt encoder and mask
     decoder, or None. Files are tried in name order; each file's digest is computed once."""
+    # torch (through sam2unet.checkpoints): the backend imports this module and never loads it
     from sam2unet.checkpoints import has_prompt_decoder
 
     wanted: str | None = None
@@ -162,8 +167,8 @@ def head_checkpoint(
     version's base checkpoint when that holds a head, else an official checkpoint in
     ``search_dirs`` whose trunk is the model's own (a version made from the authors' released
     weights). ``(None, why)`` when prompts go to crop-and-segment."""
+    # torch (through sam2unet.checkpoints): the backend imports this module and never loads it
     from sam2unet.checkpoints import find_base, has_prompt_decoder, trunk_state_of
-    from sam2unet.exceptions import CheckpointError
 
     why = "the model has no base checkpoint"
     if loaded.base is not None:

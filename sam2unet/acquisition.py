@@ -299,6 +299,7 @@ def _pooled_hook(model: torch.nn.Module, store: list[torch.Tensor]):
 
 def _augment(x: torch.Tensor, side: int) -> torch.Tensor:
     """B x 3 x S x S -> 4B x 3 x S x S: identity, hflip, vflip, shrunk-and-padded."""
+    # torch: only when predicting; the settings and the backend read this module's names
     import torch
     import torch.nn.functional as F
 
@@ -312,6 +313,7 @@ def _augment(x: torch.Tensor, side: int) -> torch.Tensor:
 
 def _unaugment(p: torch.Tensor, b: int, side: int) -> torch.Tensor:
     """4B x K x S x S pass outputs -> 4 x B x K x S x S aligned with the identity pass."""
+    # torch: only when predicting; the settings and the backend read this module's names
     import torch
     import torch.nn.functional as F
 
@@ -335,6 +337,7 @@ def acquire(
     ``predictor.predict``); ``tta`` adds its augmented passes to the same forward batch;
     ``diverse`` keeps the pooled trunk feature of that pass. ``keys`` seed the ``random``
     scores (default: the image's position)."""
+    # torch: only when predicting; the settings and the backend read this module's names
     import torch
 
     check_strategy(strategy)
@@ -343,6 +346,8 @@ def acquire(
 
 
 def _acquire(predictor, images, strategy, threshold, keys) -> list[Acquired]:
+    # torch, Pillow (through transforms): only when predicting; the settings and the backend
+    # read this module's names
     import torch
     import torch.nn.functional as F
 

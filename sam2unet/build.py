@@ -43,6 +43,7 @@ def _device_context(device: str | torch.device | None):
 def build_trunk(spec: HieraSpec) -> nn.Module:
     """A bare ``sam2`` Hiera trunk for a size's settings (random weights)."""
     try:
+        # sam2 initialises hydra globally: imported only when a trunk is built
         from sam2.modeling.backbones.hieradet import Hiera
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(

@@ -29,6 +29,7 @@ from sam2unet.build import build_sam2unet, key_summary, load_strict
 from sam2unet.config import HIERA_SPECS, ModelConfig
 from sam2unet.exceptions import CheckpointError, ConfigError
 from sam2unet.modeling.sam2unet import SAM2UNet, is_frozen_key
+from sam2unet.prompt_head import build_prompt_head
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ def has_prompt_decoder(
 
 
 def _head_loads(obj: dict[str, Any]) -> bool:
-    from sam2unet.prompt_head import build_prompt_head
-
     try:
         size = infer_size(trunk_state_from_sam2(obj))
         build_prompt_head(size, obj["model"])

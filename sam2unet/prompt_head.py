@@ -76,6 +76,7 @@ def config_name(size: str, sam21: bool) -> str:
 
 def _model_config(size: str, sam21: bool, d_model: int) -> Any:
     """The ``model`` section of the shipped config, adapted to ``size`` and ``d_model``."""
+    # omegaconf (sam2's config library): imported only when a head is built
     from omegaconf import OmegaConf
 
     text = resources.files("sam2").joinpath(config_name(size, sam21)).read_text()
@@ -95,6 +96,7 @@ class PromptHead(nn.Module):
 
     def __init__(self, size: str, sam21: bool, d_model: int) -> None:
         super().__init__()
+        # sam2 initialises hydra globally: imported only when a head is built
         from hydra.utils import instantiate
         from sam2.modeling.sam.mask_decoder import MaskDecoder
         from sam2.modeling.sam.prompt_encoder import PromptEncoder

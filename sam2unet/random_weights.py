@@ -91,6 +91,7 @@ def random_sam2_model(size: str, sam21: bool = True, seed: int = 0) -> nn.Module
     """A whole SAM2Base of ``size`` with random weights, built by ``sam2.build_sam.build_sam2``
     from the shipped config (for tests, benchmarks and demos without downloads). Biases, norms
     and zero-initialised tensors are drawn too, so that no part is at a trivial init."""
+    # sam2 initialises hydra globally: imported only when a whole SAM2 model is built
     from sam2.build_sam import build_sam2
 
     with torch.random.fork_rng(devices=[]):

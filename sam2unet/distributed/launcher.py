@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from sam2unet.exceptions import ConfigError, Sam2UnetError
 
@@ -256,9 +257,6 @@ def launch(
     threads per process (0: this machine's cores divided among the processes). A process that
     fails or dies stops the others and raises :class:`DistributedRunError`.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     if threads <= 0:
         threads = max(1, (os.cpu_count() or 1) // plan.nprocs)
     nodes = cluster.nodes if cluster is not None else 1
