@@ -147,6 +147,7 @@ def decode_reply(raw: bytes | str) -> tuple[str, list[ItemResult]]:
 
 def reap_abandoned(connection: Any, queue_names: tuple[str, ...] = QUEUES) -> None:
     """Retry (or fail, when out of retries) jobs whose worker stopped renewing its lease."""
+    # rq: only where a queue is used; readers of the payloads (labelstudio.writeback) do without
     from rq.registry import StartedJobRegistry
 
     for name in queue_names:
@@ -177,6 +178,7 @@ def requeue_lost(connection: Any, jobs: Sequence[Any], seen: set[str]) -> list[s
     (``seen``: those job ids, kept by the caller between calls, one call a second or less
     often), and the last check and the requeue are one atomic step: a job claimed in between
     is never requeued. Returns the ids requeued."""
+    # rq: only where a queue is used; readers of the payloads (labelstudio.writeback) do without
     from rq import Queue
     from rq.job import JobStatus
 
@@ -216,6 +218,7 @@ def enqueue_predict(
 ) -> list[tuple[Any, tuple[PredictItem, ...]]]:
     """Enqueue ``items`` as predict jobs of ``settings.batch_size`` items each (one device
     batch per job), retried on another worker if theirs dies. Returns (job, items) pairs."""
+    # rq: only where a queue is used; readers of the payloads (labelstudio.writeback) do without
     from rq import Queue, Retry
 
     size = max(1, settings.batch_size)

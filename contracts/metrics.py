@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
@@ -213,8 +214,6 @@ def record_job(
 ) -> None:
     """One finished prediction job (``job``: the rq job, or None outside a worker): its stage
     times, the predictions per model version, the cache hits and the failed tasks by reason."""
-    from datetime import datetime, timezone
-
     queue = getattr(job, "origin", None) or "local"
     started = getattr(job, "started_at", None)
     wait = _seconds(getattr(job, "enqueued_at", None), started)

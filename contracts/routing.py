@@ -30,7 +30,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from contracts.jobs import QUEUE_INTERACTIVE, QUEUE_PREWARM, enqueue_prewarm
+from contracts.jobs import PREWARM_TTL, QUEUE_INTERACTIVE, QUEUE_PREWARM, enqueue_prewarm
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def lane_name(worker_name: str) -> str:
 
 def worker_count(connection: Any) -> int:
     """Live prediction workers (worker processes; their prompt lanes are not counted)."""
+    # rq: only where a queue is used; worker.pipeline reads the routes without it
     from rq.worker import Worker
 
     return sum(1 for key in Worker.all_keys(connection=connection) if not key.endswith(LANE_SUFFIX))
@@ -92,9 +93,8 @@ def prewarm(
     """Enqueue the computation of the image's SAM2 features on the worker that will get its
     clicks (see the module docstring); None when a prewarm of the image is already pending
     (one per image per :data:`contracts.jobs.PREWARM_TTL`)."""
+    # rq: only where a queue is used; worker.pipeline reads the routes without it
     from rq import Queue
-
-    from contracts.jobs import PREWARM_TTL
 
     pending = PREWARM_PENDING_PREFIX + route_key(ls_base, url)[len(ROUTE_PREFIX) :]
     if not connection.set(pending, 1, nx=True, ex=PREWARM_TTL):
@@ -110,6 +110,7 @@ def prewarm_done(connection: Any, ls_base: str | None, url: str) -> None:
 
 
 def _worker_alive(connection: Any, worker_name: str) -> bool:
+    # rq: only where a queue is used; worker.pipeline reads the routes without it
     from rq.worker import Worker
 
     return bool(connection.exists(Worker.redis_worker_namespace_prefix + worker_name))
@@ -124,6 +125,7 @@ def routed_queue(connection: Any, ls_base: str | None, url: str) -> str | None:
 def rescue_routed(connection: Any, grace: float = ROUTE_GRACE) -> list[str]:
     """Move the jobs of worker queues that their worker cannot take (see the module
     docstring) to the shared interactive queue; returns the ids moved."""
+    # rq: only where a queue is used; worker.pipeline reads the routes without it
     from rq import Queue
     from rq.registry import StartedJobRegistry
 

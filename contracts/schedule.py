@@ -49,6 +49,7 @@ class Schedule:
 
 def parse_schedule(text: str | None) -> Schedule:
     """Read ``SAM2UNET_TRAIN_CRON``; a bad entry raises ``ValueError`` naming it."""
+    # croniter: only the trainer parses the schedule; the backend reads it without
     from croniter import croniter
 
     default: str | None = None
@@ -84,6 +85,7 @@ def scheduled_rounds(connection: Any) -> list[dict[str, Any]]:
     """The next scheduled round of each schedule entry, soonest first:
     ``{"project": "all" or id, "cron": EXPR, "next": ISO time (UTC)}``. Empty when no trainer
     runs a schedule (or Redis is unreachable)."""
+    # rq: only where the schedule is read; trainer.projects reads the Schedule type without it
     import redis
     from rq.cron import CronScheduler
 

@@ -124,6 +124,8 @@ class Settings:
     _ENV: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # numpy (through sam2unet.acquisition): not loaded by importing the settings, which the
+        # command line and the backend's gunicorn master do
         from sam2unet.acquisition import STRATEGIES
 
         if self.acquisition not in STRATEGIES:
