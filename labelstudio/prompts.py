@@ -327,6 +327,7 @@ def _box_xyxy(box: Box) -> tuple[float, float, float, float]:
 
 def prompt_objects(prompts: Prompts) -> list[tuple[PromptObject, str | None]]:
     """(SAM2 prompt object, label) pairs, one per object of :func:`prompt_groups`."""
+    # torch (through sam2unet.prompt_head): loaded only where SAM2's head answers prompts
     from sam2unet.prompt_head import PromptObject
 
     return [

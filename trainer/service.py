@@ -43,9 +43,11 @@ from typing import Any
 
 import redis
 
+from contracts.errors import AssistError
 from contracts.events import TrainerEvent
 from contracts.metrics import ROUNDS_KEY, record_round
 from contracts.metrics import TRAINER_STATUS_KEY as STATUS_KEY
+from contracts.preannotate import start_run
 from contracts.schedule import parse_schedule
 from contracts.settings import Settings
 from contracts.trainer_state import FAILING_KEY
@@ -319,8 +321,6 @@ class TrainerService:
     def active_learning(self, project: int) -> str | None:
         """Re-predict the project's tasks with the new version (through the workers); the
         predictions' scores rank the most uncertain tasks first (sort by score, ascending)."""
-        from contracts.preannotate import start_run
-
         run_id, _ = start_run(self.redis, project, reason="active learning after promotion")
         log.info("project %s: re-predicting with the new version (run %s)", project, run_id)
         return run_id
@@ -409,8 +409,6 @@ def _text(value: Any) -> str:
 
 def _unexpected(e: BaseException) -> bool:
     """Whether an error is a bug rather than the world (worth a traceback in the log)."""
-    from contracts.errors import AssistError
-
     expected = (AssistError, redis.exceptions.RedisError, OSError, DistributedRunError,
                 ClusterDataError)  # fmt: skip
     return not isinstance(e, expected)
