@@ -14,6 +14,7 @@ ones alike), so a lazy import inside a function counts too.
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,109 @@ def test_every_job_target_names_a_worker_callable() -> None:
         module, _, name = target.rpartition(".")
         assert module.split(".")[0] == "worker", f"{constant} = {target!r}"
         assert callable(getattr(importlib.import_module(module), name, None)), constant
+
+
+# ------------------------------------------------------------------ function-level imports
+# An ``import`` inside a function body is kept only where it avoids a heavy import at module load
+# (torch, sam2, label_studio_sdk...), a circular import, or where it is platform-specific or
+# optional; it then says why in a ``#`` comment on its line, or on the line directly above it or
+# above the contiguous block of imports it belongs to. Any other import belongs at the top.
+
+#: Folders of product code (``docker`` holds the image's build check).
+PRODUCT = sorted(PACKAGES | {"docker"})
+
+_IMPORT = (ast.Import, ast.ImportFrom)
+_FUNCTION = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+
+
+def unexplained_imports(path: Path, root: Path = REPO) -> list[str]:
+    """``file:line: statement`` of each import inside a function of ``path`` that has no ``#``
+    comment on its own line(s) and none directly above it or above the first import of its
+    block (the imports that precede it in the same body, blank lines between them allowed)."""
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines), filename=str(path))
+
+    def explained(stmt: ast.stmt) -> bool:
+        own = any("#" in lines[i - 1] for i in range(stmt.lineno, stmt.end_lineno + 1))
+        return own or (stmt.lineno > 1 and lines[stmt.lineno - 2].lstrip().startswith("#"))
+
+    bad: list[str] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for _, value in ast.iter_fields(node):
+            if not (in_function and isinstance(value, list)):
+                continue
+            for i, stmt in enumerate(value):
+                if not isinstance(stmt, _IMPORT):
+                    continue
+                j = i
+                while j >= 0 and isinstance(value[j], _IMPORT) and not explained(value[j]):
+                    j -= 1
+                if j < 0 or not isinstance(value[j], _IMPORT):
+                    where = path.relative_to(root)
+                    bad.append(f"{where}:{stmt.lineno}: {lines[stmt.lineno - 1].strip()}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(child, _FUNCTION))
+
+    visit(tree, False)
+    return bad
+
+
+def test_every_function_level_import_says_why() -> None:
+    bad = [
+        hit
+        for folder in PRODUCT
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for hit in unexplained_imports(path)
+    ]
+    assert bad == [], "import these at the top, or say why not:\n" + "\n".join(bad)
+
+
+def test_the_check_finds_unexplained_imports(tmp_path: Path) -> None:
+    """The check itself: an import in a function, a method, a nested block or a lambda's
+    function without a comment is reported; one with a comment on its line, above it or above
+    its block (across a blank line) is not, nor is a module-level import."""
+    source = (
+        "import os\n"  # 1: module level
+        "def a():\n"
+        "    import json\n"  # 3: bad
+        "def b():\n"
+        "    # torch: heavy\n"
+        "    import torch\n"
+        "\n"
+        "    from sam2 import x\n"  # 8: in the commented block
+        "    y = 1\n"
+        "    import numpy\n"  # 10: bad, a new block
+        "class C:\n"
+        "    def m(self):\n"
+        "        if True:\n"
+        "            import redis  # rq: only here\n"
+        "            import rq\n"  # 15: in the block of a commented import
+        "        else:\n"
+        "            import PIL\n"  # 17: bad
+        "def c():\n"
+        "    def inner():\n"
+        "        from tqdm import tqdm\n"  # 20: bad
+        "    return inner\n"
+        "def d(): import gdown\n"  # 22: bad, on the line of its def
+    )
+    (tmp_path / "m.py").write_text(source)
+    found = [hit.split(":")[1] for hit in unexplained_imports(tmp_path / "m.py", tmp_path)]
+    assert found == ["3", "10", "17", "20", "22"]
+
+
+def test_the_command_line_imports_no_command_s_dependencies() -> None:
+    """What the cli's lazy imports are for: building the parser (``--help``) loads no service,
+    no model and none of their libraries."""
+    heavy = ("torch", "sam2", "numpy", "redis", "rq", "requests", "tqdm", "flask")
+    ours = ("backend", "worker", "trainer", "modelstore", "launcher", "contracts", "labelstudio")
+    names = heavy + ours
+    probe = (
+        "import json, sys, cli; cli.build_parser(); "
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({names!r}))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
