@@ -213,14 +213,14 @@ def test_no_secret_in_any_log(own_redis, model_dir, tmp_path, caplog):
     conn.flushdb()
     files = LabelStudioLikeFiles(tmp_path / "files")
     seen_auth: list[str | None] = []
-    handler = files.server.RequestHandlerClass
+    handler = files.httpd.RequestHandlerClass
 
     class Recording(handler):  # type: ignore[misc, valid-type]
         def do_GET(self) -> None:
             seen_auth.append(self.headers.get("Authorization"))
             super().do_GET()
 
-    files.server.RequestHandlerClass = Recording
+    files.httpd.RequestHandlerClass = Recording
     ref = files.add("upload/5/secret-test.png", png_bytes(red_circle(seed=7)))
     env = service_env(
         url,
