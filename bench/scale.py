@@ -44,6 +44,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 import redis
 
 from labelstudio.client import LabelStudioClient
@@ -289,17 +290,16 @@ _STAGES = re.compile(
 
 
 def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (MiB), from /proc."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-            for t in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (t / "children").read_text().split()]
-    return total / 1024
+    """Resident memory of a process and its children (MiB)."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+        total = 0
+        for p in procs:
+            with contextlib.suppress(psutil.Error):  # a child may have ended meanwhile
+                total += p.memory_info().rss
+        return total / 2**20
+    return 0.0
 
 
 def measure_e2e(ls, redis_url: str, n: int, workers: int, model_dir: Path, base: str,
