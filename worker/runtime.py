@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 import time
@@ -280,20 +281,16 @@ def set_mmap_threshold(mb: int) -> bool:
     return ok
 
 
-_libc_handle: Any = False
-
-
+@functools.cache
 def _libc() -> Any:
-    global _libc_handle
-    if _libc_handle is False:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            libc.malloc_trim.argtypes = [ctypes.c_size_t]
-            libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            _libc_handle = libc
-        except (OSError, AttributeError):
-            _libc_handle = None
-    return _libc_handle
+    """The C library with ``malloc_trim`` and ``mallopt`` typed, or None without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 RELOAD_RETRY_FIRST = 1.0  # seconds before the first retry of a version that failed to load
