@@ -310,7 +310,7 @@ def measure_e2e(ls, redis_url: str, n: int, workers: int, model_dir: Path, base:
     import requests
 
     from contracts import preannotate as runs
-    from tests.support.lstudio import free_port
+    from launcher.redis_server import free_port
     from tests.support.services import backend_process, label_studio_env
     from tests.support.services import workers as worker_processes
 

@@ -32,7 +32,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from typing import Any
 
 import requests
 
+from launcher.redis_server import free_port
 from tests.support.tier import require_system_test
 
 logger = logging.getLogger(__name__)
@@ -106,13 +106,6 @@ def ensure_installed(venv: Path = LS_VENV) -> Path:
         marker.write_text(f"{LS_VERSION}\n")
         logger.info("label-studio installed in %.0f s", time.monotonic() - t0)
     return exe
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _json_or_empty(r: requests.Response) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.support.lstudio import free_port
+from launcher.redis_server import free_port
 
 logger = logging.getLogger(__name__)
 
